@@ -124,7 +124,10 @@ func (x *WorkerHeartbeatResponse) GetInterval() *durationpb.Duration {
 type HiveHeartbeatRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The hive's descriptor; state, worker_count and static are the queen's to set.
-	Hive          *Hive `protobuf:"bytes,1,opt,name=hive,proto3" json:"hive,omitempty"`
+	Hive *Hive `protobuf:"bytes,1,opt,name=hive,proto3" json:"hive,omitempty"`
+	// Workers this hive started that exited on their own since the last beat, so that the queen can
+	// fail a pending spawn at once with the reason.
+	Exits         []*WorkerExit `protobuf:"bytes,2,rep,name=exits,proto3" json:"exits,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -162,6 +165,13 @@ func (*HiveHeartbeatRequest) Descriptor() ([]byte, []int) {
 func (x *HiveHeartbeatRequest) GetHive() *Hive {
 	if x != nil {
 		return x.Hive
+	}
+	return nil
+}
+
+func (x *HiveHeartbeatRequest) GetExits() []*WorkerExit {
+	if x != nil {
+		return x.Exits
 	}
 	return nil
 }
@@ -227,9 +237,10 @@ const file_rbee_v1_heartbeat_service_proto_rawDesc = "" +
 	"\x06worker\x18\x01 \x01(\v2\x0f.rbee.v1.WorkerR\x06worker\"k\n" +
 	"\x17WorkerHeartbeatResponse\x12\x19\n" +
 	"\bqueen_id\x18\x01 \x01(\tR\aqueenId\x125\n" +
-	"\binterval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\binterval\"9\n" +
+	"\binterval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\binterval\"d\n" +
 	"\x14HiveHeartbeatRequest\x12!\n" +
-	"\x04hive\x18\x01 \x01(\v2\r.rbee.v1.HiveR\x04hive\"i\n" +
+	"\x04hive\x18\x01 \x01(\v2\r.rbee.v1.HiveR\x04hive\x12)\n" +
+	"\x05exits\x18\x02 \x03(\v2\x13.rbee.v1.WorkerExitR\x05exits\"i\n" +
 	"\x15HiveHeartbeatResponse\x12\x19\n" +
 	"\bqueen_id\x18\x01 \x01(\tR\aqueenId\x125\n" +
 	"\binterval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\binterval2\xc0\x01\n" +
@@ -259,21 +270,23 @@ var file_rbee_v1_heartbeat_service_proto_goTypes = []any{
 	(*Worker)(nil),                  // 4: rbee.v1.Worker
 	(*durationpb.Duration)(nil),     // 5: google.protobuf.Duration
 	(*Hive)(nil),                    // 6: rbee.v1.Hive
+	(*WorkerExit)(nil),              // 7: rbee.v1.WorkerExit
 }
 var file_rbee_v1_heartbeat_service_proto_depIdxs = []int32{
 	4, // 0: rbee.v1.WorkerHeartbeatRequest.worker:type_name -> rbee.v1.Worker
 	5, // 1: rbee.v1.WorkerHeartbeatResponse.interval:type_name -> google.protobuf.Duration
 	6, // 2: rbee.v1.HiveHeartbeatRequest.hive:type_name -> rbee.v1.Hive
-	5, // 3: rbee.v1.HiveHeartbeatResponse.interval:type_name -> google.protobuf.Duration
-	0, // 4: rbee.v1.HeartbeatService.WorkerHeartbeat:input_type -> rbee.v1.WorkerHeartbeatRequest
-	2, // 5: rbee.v1.HeartbeatService.HiveHeartbeat:input_type -> rbee.v1.HiveHeartbeatRequest
-	1, // 6: rbee.v1.HeartbeatService.WorkerHeartbeat:output_type -> rbee.v1.WorkerHeartbeatResponse
-	3, // 7: rbee.v1.HeartbeatService.HiveHeartbeat:output_type -> rbee.v1.HiveHeartbeatResponse
-	6, // [6:8] is the sub-list for method output_type
-	4, // [4:6] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	7, // 3: rbee.v1.HiveHeartbeatRequest.exits:type_name -> rbee.v1.WorkerExit
+	5, // 4: rbee.v1.HiveHeartbeatResponse.interval:type_name -> google.protobuf.Duration
+	0, // 5: rbee.v1.HeartbeatService.WorkerHeartbeat:input_type -> rbee.v1.WorkerHeartbeatRequest
+	2, // 6: rbee.v1.HeartbeatService.HiveHeartbeat:input_type -> rbee.v1.HiveHeartbeatRequest
+	1, // 7: rbee.v1.HeartbeatService.WorkerHeartbeat:output_type -> rbee.v1.WorkerHeartbeatResponse
+	3, // 8: rbee.v1.HeartbeatService.HiveHeartbeat:output_type -> rbee.v1.HiveHeartbeatResponse
+	7, // [7:9] is the sub-list for method output_type
+	5, // [5:7] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_rbee_v1_heartbeat_service_proto_init() }

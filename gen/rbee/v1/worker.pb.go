@@ -433,6 +433,102 @@ func (x *Hive) GetStatic() bool {
 	return false
 }
 
+// WorkerExit reports that a worker process the hive started has exited without being deleted.
+type WorkerExit struct {
+	state            protoimpl.MessageState `protogen:"open.v1"`
+	WorkerId         string                 `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
+	Pid              int32                  `protobuf:"varint,2,opt,name=pid,proto3" json:"pid,omitempty"`
+	ProcessStartTime uint64                 `protobuf:"varint,3,opt,name=process_start_time,json=processStartTime,proto3" json:"process_start_time,omitempty"`
+	// The exit status, or -1 when a signal ended the process.
+	ExitCode int32 `protobuf:"varint,4,opt,name=exit_code,json=exitCode,proto3" json:"exit_code,omitempty"`
+	// The signal's name (e.g. "SIGSEGV") when a signal ended the process.
+	Signal string `protobuf:"bytes,5,opt,name=signal,proto3" json:"signal,omitempty"`
+	// The last lines the worker wrote to stdout and stderr.
+	LogTail       string                 `protobuf:"bytes,6,opt,name=log_tail,json=logTail,proto3" json:"log_tail,omitempty"`
+	ExitTime      *timestamppb.Timestamp `protobuf:"bytes,7,opt,name=exit_time,json=exitTime,proto3" json:"exit_time,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WorkerExit) Reset() {
+	*x = WorkerExit{}
+	mi := &file_rbee_v1_worker_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WorkerExit) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WorkerExit) ProtoMessage() {}
+
+func (x *WorkerExit) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_worker_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WorkerExit.ProtoReflect.Descriptor instead.
+func (*WorkerExit) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_worker_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *WorkerExit) GetWorkerId() string {
+	if x != nil {
+		return x.WorkerId
+	}
+	return ""
+}
+
+func (x *WorkerExit) GetPid() int32 {
+	if x != nil {
+		return x.Pid
+	}
+	return 0
+}
+
+func (x *WorkerExit) GetProcessStartTime() uint64 {
+	if x != nil {
+		return x.ProcessStartTime
+	}
+	return 0
+}
+
+func (x *WorkerExit) GetExitCode() int32 {
+	if x != nil {
+		return x.ExitCode
+	}
+	return 0
+}
+
+func (x *WorkerExit) GetSignal() string {
+	if x != nil {
+		return x.Signal
+	}
+	return ""
+}
+
+func (x *WorkerExit) GetLogTail() string {
+	if x != nil {
+		return x.LogTail
+	}
+	return ""
+}
+
+func (x *WorkerExit) GetExitTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ExitTime
+	}
+	return nil
+}
+
 var File_rbee_v1_worker_proto protoreflect.FileDescriptor
 
 const file_rbee_v1_worker_proto_rawDesc = "" +
@@ -463,7 +559,16 @@ const file_rbee_v1_worker_proto_rawDesc = "" +
 	"\n" +
 	"free_ports\x18\t \x01(\rR\tfreePorts\x12\x16\n" +
 	"\x06static\x18\n" +
-	" \x01(\bR\x06static*\xa8\x01\n" +
+	" \x01(\bR\x06static\"\xf2\x01\n" +
+	"\n" +
+	"WorkerExit\x12\x1b\n" +
+	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x10\n" +
+	"\x03pid\x18\x02 \x01(\x05R\x03pid\x12,\n" +
+	"\x12process_start_time\x18\x03 \x01(\x04R\x10processStartTime\x12\x1b\n" +
+	"\texit_code\x18\x04 \x01(\x05R\bexitCode\x12\x16\n" +
+	"\x06signal\x18\x05 \x01(\tR\x06signal\x12\x19\n" +
+	"\blog_tail\x18\x06 \x01(\tR\alogTail\x127\n" +
+	"\texit_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\bexitTime*\xa8\x01\n" +
 	"\vWorkerState\x12\x1c\n" +
 	"\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15WORKER_STATE_STARTING\x10\x01\x12\x16\n" +
@@ -495,26 +600,28 @@ func file_rbee_v1_worker_proto_rawDescGZIP() []byte {
 }
 
 var file_rbee_v1_worker_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_rbee_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_rbee_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
 var file_rbee_v1_worker_proto_goTypes = []any{
 	(WorkerState)(0),              // 0: rbee.v1.WorkerState
 	(DeleteOutcome)(0),            // 1: rbee.v1.DeleteOutcome
 	(HiveState)(0),                // 2: rbee.v1.HiveState
 	(*Worker)(nil),                // 3: rbee.v1.Worker
 	(*Hive)(nil),                  // 4: rbee.v1.Hive
-	(*timestamppb.Timestamp)(nil), // 5: google.protobuf.Timestamp
+	(*WorkerExit)(nil),            // 5: rbee.v1.WorkerExit
+	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
 }
 var file_rbee_v1_worker_proto_depIdxs = []int32{
 	0, // 0: rbee.v1.Worker.state:type_name -> rbee.v1.WorkerState
-	5, // 1: rbee.v1.Worker.last_heartbeat_time:type_name -> google.protobuf.Timestamp
-	5, // 2: rbee.v1.Worker.create_time:type_name -> google.protobuf.Timestamp
+	6, // 1: rbee.v1.Worker.last_heartbeat_time:type_name -> google.protobuf.Timestamp
+	6, // 2: rbee.v1.Worker.create_time:type_name -> google.protobuf.Timestamp
 	2, // 3: rbee.v1.Hive.state:type_name -> rbee.v1.HiveState
-	5, // 4: rbee.v1.Hive.last_heartbeat_time:type_name -> google.protobuf.Timestamp
-	5, // [5:5] is the sub-list for method output_type
-	5, // [5:5] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	6, // 4: rbee.v1.Hive.last_heartbeat_time:type_name -> google.protobuf.Timestamp
+	6, // 5: rbee.v1.WorkerExit.exit_time:type_name -> google.protobuf.Timestamp
+	6, // [6:6] is the sub-list for method output_type
+	6, // [6:6] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_rbee_v1_worker_proto_init() }
@@ -528,7 +635,7 @@ func file_rbee_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rbee_v1_worker_proto_rawDesc), len(file_rbee_v1_worker_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   2,
+			NumMessages:   3,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
