@@ -1,0 +1,159 @@
+// Package rpcserver sets up the gRPC servers of the queen and the hive the same way: job ids,
+// call logging, panic recovery, keepalive policy, health and reflection, and a shutdown that
+// drains before it stops.
+package rpcserver
+
+import (
+	"context"
+	"errors"
+	"net"
+	"runtime/debug"
+	"time"
+
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/selector"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/reflection"
+	"google.golang.org/grpc/status"
+
+	"github.com/rbee-dev/rbee/internal/jobid"
+	"github.com/rbee-dev/rbee/internal/narrate"
+)
+
+// Options configures New.
+type Options struct {
+	Logger *zap.Logger
+	// Unary and Stream run after job id, logging and recovery (auth goes here).
+	Unary  []grpc.UnaryServerInterceptor
+	Stream []grpc.StreamServerInterceptor
+	// Extra server options (credentials, limits).
+	ServerOptions []grpc.ServerOption
+	// ShutdownTimeout bounds the graceful stop; past it open calls are cut. Default 5s.
+	ShutdownTimeout time.Duration
+}
+
+// Server is a gRPC server with health and reflection registered.
+type Server struct {
+	GRPC    *grpc.Server
+	Health  *health.Server
+	log     *zap.Logger
+	timeout time.Duration
+}
+
+// Keepalive settings shared by servers and their clients: clients ping an idle connection every
+// ClientPingInterval, which the server's enforcement policy permits with room to spare, so idle
+// heartbeat streams live for days without too_many_pings disconnects, and dead peers are noticed.
+const (
+	ClientPingInterval = 30 * time.Second
+	minPingInterval    = 10 * time.Second
+)
+
+// MaxMessageBytes bounds every message the servers accept; rbee's messages are a few hundred bytes.
+const MaxMessageBytes = 1 << 20
+
+// New builds the server. Register services on s.GRPC, then call Serve.
+func New(o Options) *Server {
+	log := o.Logger
+	timeout := o.ShutdownTimeout
+	if timeout == 0 {
+		timeout = 5 * time.Second
+	}
+	logOpts := []logging.Option{
+		logging.WithLogOnEvents(logging.FinishCall),
+		logging.WithFieldsFromContext(func(ctx context.Context) logging.Fields {
+			if id := jobid.FromContext(ctx); id != "" {
+				return logging.Fields{"job_id", id}
+			}
+			return nil
+		}),
+	}
+	// Health probes arrive every few seconds from load balancers and scripts; logging each one
+	// would bury the calls that matter.
+	notHealth := selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool {
+		return c.Service != healthpb.Health_ServiceDesc.ServiceName
+	})
+	recoverOpt := recovery.WithRecoveryHandlerContext(func(ctx context.Context, p any) error {
+		narrate.Logger(ctx).Error("panic in handler", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
+		return status.Error(codes.Internal, "internal error")
+	})
+	unary := append([]grpc.UnaryServerInterceptor{
+		jobid.UnaryServerInterceptor(log),
+		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(interceptorLogger(log), logOpts...), notHealth),
+		recovery.UnaryServerInterceptor(recoverOpt),
+	}, o.Unary...)
+	stream := append([]grpc.StreamServerInterceptor{
+		jobid.StreamServerInterceptor(log),
+		selector.StreamServerInterceptor(logging.StreamServerInterceptor(interceptorLogger(log), logOpts...), notHealth),
+		recovery.StreamServerInterceptor(recoverOpt),
+	}, o.Stream...)
+	opts := append([]grpc.ServerOption{
+		grpc.ChainUnaryInterceptor(unary...),
+		grpc.ChainStreamInterceptor(stream...),
+		grpc.MaxRecvMsgSize(MaxMessageBytes),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: minPingInterval, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
+	}, o.ServerOptions...)
+	s := &Server{GRPC: grpc.NewServer(opts...), Health: health.NewServer(), log: log, timeout: timeout}
+	healthpb.RegisterHealthServer(s.GRPC, s.Health)
+	reflection.Register(s.GRPC)
+	return s
+}
+
+// Serve serves on lis until ctx is done, then reports NOT_SERVING, calls drain (which ends
+// long-lived streams), stops gracefully and, past the shutdown timeout, cuts what is left.
+func (s *Server) Serve(ctx context.Context, lis net.Listener, drain func()) error {
+	errc := make(chan error, 1)
+	go func() { errc <- s.GRPC.Serve(lis) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	s.Health.Shutdown()
+	if drain != nil {
+		drain()
+	}
+	stopped := make(chan struct{})
+	go func() { s.GRPC.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(s.timeout):
+		s.log.Warn("graceful stop timed out; closing remaining calls", zap.Duration("timeout", s.timeout))
+		s.GRPC.Stop()
+		<-stopped
+	}
+	if err := <-errc; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return err
+	}
+	return nil
+}
+
+func interceptorLogger(l *zap.Logger) logging.Logger {
+	return logging.LoggerFunc(func(_ context.Context, lvl logging.Level, msg string, fields ...any) {
+		zf := make([]zap.Field, 0, len(fields)/2)
+		for i := 0; i+1 < len(fields); i += 2 {
+			k, _ := fields[i].(string)
+			zf = append(zf, zap.Any(k, fields[i+1]))
+		}
+		var zl zapcore.Level
+		switch lvl {
+		case logging.LevelDebug:
+			zl = zapcore.DebugLevel
+		case logging.LevelInfo:
+			zl = zapcore.InfoLevel
+		case logging.LevelWarn:
+			zl = zapcore.WarnLevel
+		default:
+			zl = zapcore.ErrorLevel
+		}
+		l.Log(zl, msg, zf...)
+	})
+}

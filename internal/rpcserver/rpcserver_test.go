@@ -1,0 +1,121 @@
+package rpcserver
+
+import (
+	"context"
+	"net"
+	"strings"
+	"testing"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/types/known/emptypb"
+
+	"github.com/rbee-dev/rbee/internal/jobid"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// testService has one method whose behaviour the test chooses.
+func testService(h func(ctx context.Context) (any, error)) *grpc.ServiceDesc {
+	return &grpc.ServiceDesc{
+		ServiceName: "test.Svc",
+		HandlerType: (*any)(nil),
+		Methods: []grpc.MethodDesc{{MethodName: "Call", Handler: func(_ any, ctx context.Context, dec func(any) error, ic grpc.UnaryServerInterceptor) (any, error) {
+			in := new(emptypb.Empty)
+			if err := dec(in); err != nil {
+				return nil, err
+			}
+			handler := func(ctx context.Context, _ any) (any, error) { return h(ctx) }
+			return ic(ctx, in, &grpc.UnaryServerInfo{FullMethod: "/test.Svc/Call"}, handler)
+		}}},
+	}
+}
+
+func serve(t *testing.T, log *zap.Logger, h func(ctx context.Context) (any, error)) *grpc.ClientConn {
+	t.Helper()
+	s := New(Options{Logger: log})
+	s.GRPC.RegisterService(testService(h), struct{}{})
+	lis := bufconn.Listen(1 << 16)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Serve(ctx, lis, nil) }()
+	conn, err := grpc.NewClient("passthrough:///buf",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(); cancel(); <-done })
+	return conn
+}
+
+func TestPanicIsInternalWithoutDetail(t *testing.T) {
+	core, logs := observer.New(zap.DebugLevel)
+	conn := serve(t, zap.New(core), func(context.Context) (any, error) {
+		panic("boom: secret-token-123")
+	})
+	var hdr metadata.MD
+	err := conn.Invoke(t.Context(), "/test.Svc/Call", &emptypb.Empty{}, &emptypb.Empty{}, grpc.Header(&hdr))
+	st := status.Convert(err)
+	if st.Code() != codes.Internal || st.Message() != "internal error" {
+		t.Fatalf("panic answered %v, want INTERNAL \"internal error\"", err)
+	}
+	if len(hdr.Get(jobid.MetadataKey)) != 1 {
+		t.Errorf("no job id header on a failed call: %v", hdr)
+	}
+	// The server keeps the whole story, stack included.
+	found := false
+	for _, e := range logs.FilterMessage("panic in handler").All() {
+		ctx := e.ContextMap()
+		if strings.Contains(ctx["stack"].(string), "goroutine") && ctx["job_id"] != nil {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("no panic log line with stack and job id; logs: %v", logs.All())
+	}
+}
+
+func TestJobIDTakenFromCallerAndReturned(t *testing.T) {
+	seen := make(chan string, 1)
+	conn := serve(t, zap.NewNop(), func(ctx context.Context) (any, error) {
+		seen <- jobid.FromContext(ctx)
+		return &emptypb.Empty{}, nil
+	})
+	for _, tt := range []struct{ sent, want string }{
+		{"job-mine-1", "job-mine-1"},
+		{"bad id with spaces", ""}, // replaced by a made one
+	} {
+		var hdr metadata.MD
+		ctx := metadata.AppendToOutgoingContext(t.Context(), jobid.MetadataKey, tt.sent)
+		if err := conn.Invoke(ctx, "/test.Svc/Call", &emptypb.Empty{}, &emptypb.Empty{}, grpc.Header(&hdr)); err != nil {
+			t.Fatal(err)
+		}
+		got := <-seen
+		if h := hdr.Get(jobid.MetadataKey); len(h) != 1 || h[0] != got {
+			t.Fatalf("header %v, handler saw %q", h, got)
+		}
+		if tt.want != "" && got != tt.want {
+			t.Errorf("sent %q, handler saw %q", tt.sent, got)
+		}
+		if tt.want == "" && (got == tt.sent || !strings.HasPrefix(got, "job-")) {
+			t.Errorf("sent invalid %q, handler saw %q; want a made id", tt.sent, got)
+		}
+	}
+}
+
+func TestHealthAndShutdown(t *testing.T) {
+	conn := serve(t, zap.NewNop(), func(context.Context) (any, error) { return &emptypb.Empty{}, nil })
+	r, err := healthpb.NewHealthClient(conn).Check(t.Context(), &healthpb.HealthCheckRequest{})
+	if err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health = %v, %v", r, err)
+	}
+}
