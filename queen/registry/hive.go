@@ -1,0 +1,207 @@
+package registry
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+)
+
+// HiveState is a hive's liveness. The values match rbee.v1.HiveState.
+type HiveState uint8
+
+const (
+	HiveUnspecified HiveState = iota
+	HiveReady
+	HiveStale
+)
+
+func (s HiveState) String() string {
+	switch s {
+	case HiveReady:
+		return "READY"
+	case HiveStale:
+		return "STALE"
+	}
+	return "UNSPECIFIED"
+}
+
+// Hive is one hive as the queen knows it. Values are copies, Devices included.
+type Hive struct {
+	ID, Address string
+	State       HiveState
+	// Static hives come from --hive flags: always READY, never expire.
+	Static        bool
+	LastHeartbeat time.Time
+	Version, OS   string
+	Devices       []string
+	FreePorts     uint32
+	// Workers is computed: the registry's workers whose HiveID is this hive.
+	Workers int
+}
+
+type hiveEntry struct {
+	h          Hive // Workers is filled in on the way out
+	staleSince time.Time
+	deadline   item
+}
+
+// AddStaticHive records a hive given on the command line. A self-registered hive with the same
+// id becomes static; a second static one is ErrExists.
+func (r *Registry) AddStaticHive(id, address string) error {
+	if id == "" || address == "" {
+		return fmt.Errorf("%w: static hive needs an id and an address", ErrInvalid)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.hives[id]
+	if e == nil {
+		e = r.newHiveLocked(id)
+	} else if e.h.Static {
+		return fmt.Errorf("hive %q: %w", id, ErrExists)
+	}
+	e.h.Static, e.h.State, e.h.Address = true, HiveReady, address
+	r.unscheduleLocked(&e.deadline)
+	r.rev++
+	return nil
+}
+
+// HiveBeat applies a hive's registration or heartbeat: an unknown hive is added, a STALE one is
+// READY again. A static hive keeps the address the operator gave and only takes the details.
+func (r *Registry) HiveBeat(in Hive) (Hive, error) {
+	if in.ID == "" {
+		return Hive{}, fmt.Errorf("%w: empty hive id", ErrInvalid)
+	}
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.hives[in.ID]
+	if e == nil {
+		e = r.newHiveLocked(in.ID)
+	}
+	old := e.h
+	h := &e.h
+	if !h.Static && in.Address != "" {
+		h.Address = in.Address
+	}
+	h.State, h.LastHeartbeat = HiveReady, now
+	h.Version, h.OS, h.FreePorts = in.Version, in.OS, in.FreePorts
+	if !slices.Equal(h.Devices, in.Devices) {
+		h.Devices = slices.Clone(in.Devices)
+	}
+	if !sameHiveButBeat(old, *h) {
+		r.rev++
+	}
+	if !h.Static {
+		r.scheduleLocked(&e.deadline, r.hiveDue(e))
+	}
+	return r.hiveLocked(e), nil
+}
+
+// HiveStreamClosed is called when a hive's heartbeat stream ends: the hive turns STALE and
+// expires unless it comes back. Static hives stay READY.
+func (r *Registry) HiveStreamClosed(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.hives[id]
+	if e == nil || e.h.Static || e.h.State == HiveStale {
+		return
+	}
+	e.h.State, e.staleSince = HiveStale, time.Now()
+	r.rev++
+	// The expiry is later than the pending stale deadline; advance re-keys it lazily.
+	r.scheduleLocked(&e.deadline, r.hiveDue(e))
+}
+
+// GetHive returns the hive with the given id.
+func (r *Registry) GetHive(id string) (Hive, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e := r.hives[id]; e != nil {
+		return r.hiveLocked(e), true
+	}
+	return Hive{}, false
+}
+
+// ListHives returns all hives sorted by ID.
+func (r *Registry) ListHives() []Hive {
+	r.mu.Lock()
+	out := make([]Hive, 0, len(r.hives))
+	for _, e := range r.hives {
+		out = append(out, r.hiveLocked(e))
+	}
+	r.mu.Unlock()
+	slices.SortFunc(out, func(a, b Hive) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
+// PickHive returns the READY hive with the fewest workers, ties broken by the smaller id, or
+// ErrNoHive. Hives number in the hundreds at most, so a scan is the simple right answer.
+func (r *Registry) PickHive() (Hive, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var best *hiveEntry
+	for _, e := range r.hives {
+		if e.h.State != HiveReady {
+			continue
+		}
+		if best == nil {
+			best = e
+			continue
+		}
+		n, bn := r.perHive[e.h.ID], r.perHive[best.h.ID]
+		if n < bn || n == bn && e.h.ID < best.h.ID {
+			best = e
+		}
+	}
+	if best == nil {
+		return Hive{}, ErrNoHive
+	}
+	return r.hiveLocked(best), nil
+}
+
+func (r *Registry) newHiveLocked(id string) *hiveEntry {
+	e := &hiveEntry{h: Hive{ID: id, State: HiveReady}}
+	e.deadline = item{index: -1, hive: e}
+	r.hives[id] = e
+	return e
+}
+
+// hiveLocked returns a copy of e safe to hand out.
+func (r *Registry) hiveLocked(e *hiveEntry) Hive {
+	h := e.h
+	h.Devices = slices.Clone(h.Devices)
+	h.Workers = r.perHive[h.ID]
+	return h
+}
+
+func sameHiveButBeat(a, b Hive) bool {
+	return a.ID == b.ID && a.Address == b.Address && a.State == b.State && a.Static == b.Static &&
+		a.Version == b.Version && a.OS == b.OS && a.FreePorts == b.FreePorts &&
+		slices.Equal(a.Devices, b.Devices)
+}
+
+func (r *Registry) hiveDue(e *hiveEntry) time.Time {
+	if e.h.State == HiveStale {
+		return e.staleSince.Add(r.cfg.ExpireAfter)
+	}
+	return e.h.LastHeartbeat.Add(r.cfg.StaleAfter)
+}
+
+// tickHiveLocked handles e's deadline popping at now. Static hives are never queued.
+func (r *Registry) tickHiveLocked(e *hiveEntry, now time.Time) {
+	due := r.hiveDue(e)
+	switch {
+	case due.After(now):
+		r.requeueLocked(&e.deadline, due)
+	case e.h.State == HiveStale:
+		// Its workers stay: they report to the queen directly and outlive their hive's silence.
+		r.unscheduleLocked(&e.deadline)
+		delete(r.hives, e.h.ID)
+		r.rev++
+	default:
+		e.h.State, e.staleSince = HiveStale, due
+		r.rev++
+		r.requeueLocked(&e.deadline, r.hiveDue(e))
+	}
+}

@@ -1,0 +1,391 @@
+// Package registry is the queen's in-memory source of truth: the workers and hives it knows,
+// the liveness clock that turns silence into STALE and STALE into removal, and the change feed
+// that watchers and waiters follow. It holds no gRPC types; queen/server adapts it to the wire.
+//
+// Everything is guarded by one mutex with short critical sections. The registry never blocks
+// while holding it: callbacks run after it is released, and watchers are fed through their own
+// bounded queues, so a slow consumer can neither stall heartbeats nor miss a removal silently.
+package registry
+
+import (
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+)
+
+// State is a worker's lifecycle state. The values match rbee.v1.WorkerState so the gRPC
+// adapter can convert by number.
+type State uint8
+
+const (
+	StateUnspecified State = iota
+	StateStarting
+	StateReady
+	StateBusy
+	StateStopping
+	// StateStale is never reported by a worker: the registry shows it when beats stopped.
+	StateStale
+)
+
+var stateNames = [...]string{"UNSPECIFIED", "STARTING", "READY", "BUSY", "STOPPING", "STALE"}
+
+func (s State) String() string {
+	if int(s) < len(stateNames) {
+		return stateNames[s]
+	}
+	return fmt.Sprintf("State(%d)", uint8(s))
+}
+
+// reportable says whether a worker may report s about itself.
+func (s State) reportable() bool { return s >= StateStarting && s <= StateStopping }
+
+// Worker is one worker as the queen knows it. Values are copies; changing one changes nothing
+// in the registry.
+type Worker struct {
+	ID, HiveID, Model, Device string
+	PID                       int32
+	Port                      uint32
+	ProcessStartTime          uint64
+	// State is the effective state shown to users: StateStale overrides what was reported.
+	State State
+	// Reported is the last state the worker reported itself (StateStarting after Reserve).
+	Reported State
+	// LastHeartbeat is zero until the first beat.
+	LastHeartbeat time.Time
+	Created       time.Time
+}
+
+// sameButBeat reports whether a and b differ at most in LastHeartbeat, that is whether a beat
+// changed nothing a watcher would care about.
+func sameButBeat(a, b Worker) bool {
+	if a.LastHeartbeat.IsZero() != b.LastHeartbeat.IsZero() {
+		return false // the first beat is news: the worker is alive
+	}
+	a.LastHeartbeat = b.LastHeartbeat
+	return a == b
+}
+
+// Config tunes the liveness clock. Zero fields take the defaults named beside them.
+type Config struct {
+	Interval     time.Duration // heartbeat interval workers are told to keep (1s)
+	StaleAfter   time.Duration // no beat this long makes a worker or hive STALE (3*Interval)
+	ExpireAfter  time.Duration // STALE this long removes it (5m)
+	StartTimeout time.Duration // a reserved worker that never beats this long is removed (30s)
+	// OnStartTimeout, if set, is called once after a start-timeout removal, without any lock
+	// held and on a goroutine of its own, so the queen can delete the orphaned process through
+	// its hive without stalling the clock.
+	OnStartTimeout func(Worker)
+	// OnExpire, if set, is called after an expiry removal, like OnStartTimeout.
+	OnExpire func(Worker)
+	// WatchBuffer bounds the changes queued for one watcher (1024); beyond it the watcher is
+	// reset and resynchronised instead of slowing the registry down.
+	WatchBuffer int
+}
+
+func (c Config) withDefaults() Config {
+	if c.Interval <= 0 {
+		c.Interval = time.Second
+	}
+	if c.StaleAfter <= 0 {
+		c.StaleAfter = 3 * c.Interval
+	}
+	if c.ExpireAfter <= 0 {
+		c.ExpireAfter = 5 * time.Minute
+	}
+	if c.StartTimeout <= 0 {
+		c.StartTimeout = 30 * time.Second
+	}
+	if c.WatchBuffer <= 0 {
+		c.WatchBuffer = 1024
+	}
+	return c
+}
+
+var (
+	ErrNotFound = errors.New("registry: not found")
+	ErrExists   = errors.New("registry: already exists")
+	ErrNoHive   = errors.New("registry: no ready hive")
+	ErrInvalid  = errors.New("registry: invalid argument")
+
+	// Causes of removals the registry makes itself; Await wraps them beside ErrNotFound.
+	ErrStartTimeout = errors.New("registry: worker never beat within the start timeout")
+	ErrExpired      = errors.New("registry: worker stale for longer than the expiry time")
+	ErrStopped      = errors.New("registry: worker stopped and closed its heartbeat stream")
+)
+
+// Registry holds workers and hives. Its zero value is not usable; call New.
+type Registry struct {
+	cfg  Config
+	wake chan struct{} // tells Run that the earliest deadline moved earlier
+
+	mu        sync.Mutex
+	rev       uint64
+	workers   map[string]*workerEntry
+	order     []*workerEntry // sorted by ID, so List and snapshots never sort
+	perHive   map[string]int // worker count by hive id, for Hive.Workers and PickHive
+	hives     map[string]*hiveEntry
+	deadlines deadlineHeap
+	watchers  []*Watcher
+}
+
+type workerEntry struct {
+	w          Worker
+	staleSince time.Time
+	deadline   item
+	waiters    []*waiter
+}
+
+// New returns an empty registry. Call Run to start its liveness clock.
+func New(cfg Config) *Registry {
+	return &Registry{
+		cfg:     cfg.withDefaults(),
+		wake:    make(chan struct{}, 1),
+		workers: make(map[string]*workerEntry),
+		perHive: make(map[string]int),
+		hives:   make(map[string]*hiveEntry),
+	}
+}
+
+// Config returns the effective configuration, defaults filled in (the heartbeat adapter tells
+// workers Interval).
+func (r *Registry) Config() Config { return r.cfg }
+
+// Revision counts the changes the registry has published. It only grows; watchers see it on
+// every event. Beats that change nothing but LastHeartbeat do not count.
+func (r *Registry) Revision() uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.rev
+}
+
+// Len returns the number of workers.
+func (r *Registry) Len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.workers)
+}
+
+// Reserve records a worker the queen is about to ask a hive to spawn, before the hive answers,
+// so that its first heartbeat finds it and a spawn that never comes alive is cleaned up after
+// StartTimeout. The worker is STARTING without process data.
+func (r *Registry) Reserve(w Worker) error {
+	if w.ID == "" {
+		return fmt.Errorf("%w: empty worker id", ErrInvalid)
+	}
+	w.State, w.Reported = StateStarting, StateStarting
+	w.LastHeartbeat, w.Created = time.Time{}, time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.workers[w.ID]; ok {
+		return fmt.Errorf("worker %q: %w", w.ID, ErrExists)
+	}
+	r.addLocked(w)
+	return nil
+}
+
+// Started fills in what the hive answered to Spawn. A heartbeat may have arrived first; its
+// state is kept. ErrNotFound means the worker was removed meanwhile (say by its start timeout).
+func (r *Registry) Started(id string, pid int32, port uint32, startTime uint64) (Worker, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.workers[id]
+	if e == nil {
+		return Worker{}, fmt.Errorf("worker %q: %w", id, ErrNotFound)
+	}
+	old := e.w
+	e.w.PID, e.w.Port, e.w.ProcessStartTime = pid, port, startTime
+	r.changedLocked(e, old)
+	return e.w, nil
+}
+
+// Beat applies a heartbeat: in is the full descriptor the worker sent, its State what the worker
+// reports. An unknown worker is added, which is how a restarted queen relearns its fleet. A STALE
+// worker returns to its reported state. Empty or zero fields keep what was known, and a state a
+// worker may not report (UNSPECIFIED, STALE) keeps the last reported one.
+//
+// A beat costs a map lookup and, only when the worker's deadline must move earlier (its first
+// beat, or leaving STALE), an O(log n) heap fix. Watchers hear of it only when something other
+// than LastHeartbeat changed.
+func (r *Registry) Beat(in Worker) (Worker, error) {
+	if in.ID == "" {
+		return Worker{}, fmt.Errorf("%w: empty worker id", ErrInvalid)
+	}
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.workers[in.ID]
+	if e == nil {
+		w := in
+		w.Reported = StateStarting
+		if in.State.reportable() {
+			w.Reported = in.State
+		}
+		w.State, w.LastHeartbeat, w.Created = w.Reported, now, now
+		return r.addLocked(w).w, nil
+	}
+	old := e.w
+	w := &e.w
+	if in.State.reportable() {
+		w.Reported = in.State
+	}
+	w.State = w.Reported
+	setString(&w.HiveID, in.HiveID)
+	setString(&w.Model, in.Model)
+	setString(&w.Device, in.Device)
+	if in.PID != 0 {
+		w.PID = in.PID
+	}
+	if in.Port != 0 {
+		w.Port = in.Port
+	}
+	if in.ProcessStartTime != 0 {
+		w.ProcessStartTime = in.ProcessStartTime
+	}
+	w.LastHeartbeat = now
+	r.changedLocked(e, old)
+	return e.w, nil
+}
+
+func setString(dst *string, v string) {
+	if v != "" {
+		*dst = v
+	}
+}
+
+// StreamClosed is called when a worker's heartbeat stream ends. A worker that last reported
+// STOPPING said goodbye and is removed at once (cause ErrStopped); any other may only be
+// partitioned from the queen, so it turns STALE and expires unless it beats again.
+func (r *Registry) StreamClosed(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.workers[id]
+	switch {
+	case e == nil:
+	case e.w.Reported == StateStopping:
+		r.removeLocked(e, ErrStopped)
+	case e.w.State != StateStale:
+		old := e.w
+		e.w.State, e.staleSince = StateStale, time.Now()
+		r.changedLocked(e, old)
+	}
+}
+
+// Get returns the worker with the given id.
+func (r *Registry) Get(id string) (Worker, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e := r.workers[id]; e != nil {
+		return e.w, true
+	}
+	return Worker{}, false
+}
+
+// List returns the workers of hive hiveID, or all workers if hiveID is empty, sorted by ID.
+func (r *Registry) List(hiveID string) []Worker {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.listLocked(hiveID)
+}
+
+func (r *Registry) listLocked(hiveID string) []Worker {
+	if hiveID == "" {
+		out := make([]Worker, len(r.order))
+		for i, e := range r.order {
+			out[i] = e.w
+		}
+		return out
+	}
+	out := make([]Worker, 0, r.perHive[hiveID])
+	for _, e := range r.order {
+		if e.w.HiveID == hiveID {
+			out = append(out, e.w)
+		}
+	}
+	return out
+}
+
+// Remove deletes a worker and returns it as last known. cause (may be nil) is what Await
+// calls on this worker return, wrapped beside ErrNotFound.
+func (r *Registry) Remove(id string, cause error) (Worker, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.workers[id]
+	if e == nil {
+		return Worker{}, false
+	}
+	r.removeLocked(e, cause)
+	return e.w, true
+}
+
+// addLocked inserts a new worker and publishes it.
+func (r *Registry) addLocked(w Worker) *workerEntry {
+	e := &workerEntry{w: w}
+	e.deadline = item{index: -1, worker: e}
+	r.workers[w.ID] = e
+	i, _ := slices.BinarySearchFunc(r.order, w.ID, cmpEntryID)
+	r.order = slices.Insert(r.order, i, e)
+	r.perHive[w.HiveID]++
+	r.rev++
+	r.emitLocked(EventAdded, w, w)
+	r.scheduleLocked(&e.deadline, r.workerDue(e))
+	return e
+}
+
+// changedLocked publishes a mutation of e (old is the worker before it): watchers hear of real
+// changes, waiters of any, and the liveness deadline follows.
+func (r *Registry) changedLocked(e *workerEntry, old Worker) {
+	if old.HiveID != e.w.HiveID {
+		r.countHiveLocked(old.HiveID, -1)
+		r.perHive[e.w.HiveID]++
+	}
+	if !sameButBeat(old, e.w) {
+		r.rev++
+		r.emitLocked(EventUpdated, old, e.w)
+	}
+	for _, wt := range e.waiters {
+		wt.wake()
+	}
+	r.scheduleLocked(&e.deadline, r.workerDue(e))
+}
+
+// removeLocked deletes e, publishes the removal and releases its waiters with cause.
+func (r *Registry) removeLocked(e *workerEntry, cause error) {
+	delete(r.workers, e.w.ID)
+	if i, ok := slices.BinarySearchFunc(r.order, e.w.ID, cmpEntryID); ok {
+		r.order = slices.Delete(r.order, i, i+1)
+	}
+	r.countHiveLocked(e.w.HiveID, -1)
+	r.unscheduleLocked(&e.deadline)
+	r.rev++
+	r.emitLocked(EventRemoved, e.w, e.w)
+	for _, wt := range e.waiters {
+		wt.gone, wt.last, wt.cause = true, e.w, cause
+		wt.wake()
+	}
+	e.waiters = nil
+}
+
+func (r *Registry) countHiveLocked(hiveID string, d int) {
+	if n := r.perHive[hiveID] + d; n > 0 {
+		r.perHive[hiveID] = n
+	} else {
+		delete(r.perHive, hiveID) // keep the map from growing with every hive ever seen
+	}
+}
+
+func cmpEntryID(e *workerEntry, id string) int { return strings.Compare(e.w.ID, id) }
+
+// workerDue is when e's liveness must next be looked at.
+func (r *Registry) workerDue(e *workerEntry) time.Time {
+	switch {
+	case e.w.State == StateStale:
+		return e.staleSince.Add(r.cfg.ExpireAfter)
+	case e.w.LastHeartbeat.IsZero():
+		return e.w.Created.Add(r.cfg.StartTimeout)
+	default:
+		return e.w.LastHeartbeat.Add(r.cfg.StaleAfter)
+	}
+}

@@ -1,0 +1,268 @@
+package registry
+
+import (
+	"errors"
+	"slices"
+	"testing"
+	"testing/synctest"
+)
+
+// next receives one event, failing if none is ready once every goroutine has settled.
+func next(t *testing.T, wt *Watcher) Event {
+	t.Helper()
+	synctest.Wait()
+	select {
+	case e, ok := <-wt.Events():
+		if !ok {
+			t.Fatal("watch stream closed")
+		}
+		return e
+	default:
+		t.Fatal("no event pending")
+		return Event{}
+	}
+}
+
+func wantNone(t *testing.T, wt *Watcher) {
+	t.Helper()
+	synctest.Wait()
+	select {
+	case e := <-wt.Events():
+		t.Fatalf("unexpected event %v %s (%v)", e.Type, e.Worker.ID, e.Worker.State)
+	default:
+	}
+}
+
+func wantEvent(t *testing.T, wt *Watcher, typ EventType, id string, s State) Event {
+	t.Helper()
+	e := next(t, wt)
+	if e.Type != typ || (id != "" && e.Worker.ID != id) || (s != StateUnspecified && e.Worker.State != s) {
+		t.Fatalf("event = %v %q %v, want %v %q %v", e.Type, e.Worker.ID, e.Worker.State, typ, id, s)
+	}
+	return e
+}
+
+func TestWatchSnapshotThenChanges(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := start(t, Config{})
+		mustBeat(t, r.Registry, "b", StateReady)
+		mustBeat(t, r.Registry, "a", StateBusy)
+		wt := r.Watch("")
+		defer wt.Close()
+
+		wantEvent(t, wt, EventAdded, "a", StateBusy)
+		wantEvent(t, wt, EventAdded, "b", StateReady)
+		synced := wantEvent(t, wt, EventSynced, "", StateUnspecified)
+		if synced.Revision != r.Revision() {
+			t.Fatalf("Synced at revision %d, registry at %d", synced.Revision, r.Revision())
+		}
+
+		mustBeat(t, r.Registry, "a", StateBusy) // only LastHeartbeat changes: no event
+		wantNone(t, wt)
+
+		last := synced.Revision
+		step := func(typ EventType, id string, s State) {
+			t.Helper()
+			e := wantEvent(t, wt, typ, id, s)
+			if e.Revision <= last {
+				t.Fatalf("revision %d after %d", e.Revision, last)
+			}
+			last = e.Revision
+		}
+		mustBeat(t, r.Registry, "a", StateReady)
+		step(EventUpdated, "a", StateReady)
+		if err := r.Reserve(Worker{ID: "c", HiveID: "h1"}); err != nil {
+			t.Fatal(err)
+		}
+		step(EventAdded, "c", StateStarting)
+		if _, err := r.Started("c", 9, 9101, 99); err != nil {
+			t.Fatal(err)
+		}
+		step(EventUpdated, "c", StateStarting)
+		mustBeat(t, r.Registry, "c", StateStarting) // the first beat is news even if the state is not
+		step(EventUpdated, "c", StateStarting)
+		sleep(staleAfter)
+		var stale []string // all three went silent at the same instant, in no defined order
+		for range 3 {
+			e := wantEvent(t, wt, EventUpdated, "", StateStale)
+			stale = append(stale, e.Worker.ID)
+			last = e.Revision
+		}
+		if slices.Sort(stale); !slices.Equal(stale, []string{"a", "b", "c"}) {
+			t.Fatalf("stale updates for %v", stale)
+		}
+		r.Remove("b", nil)
+		step(EventRemoved, "b", StateStale)
+		wantNone(t, wt)
+	})
+}
+
+func TestWatchFiltersByHive(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := start(t, Config{})
+		for _, w := range []Worker{{ID: "a1", HiveID: "a"}, {ID: "b1", HiveID: "b"}, {ID: "a2", HiveID: "a"}} {
+			if err := r.Reserve(w); err != nil {
+				t.Fatal(err)
+			}
+		}
+		wt := r.Watch("a")
+		defer wt.Close()
+		wantEvent(t, wt, EventAdded, "a1", StateStarting)
+		wantEvent(t, wt, EventAdded, "a2", StateStarting)
+		wantEvent(t, wt, EventSynced, "", StateUnspecified)
+
+		if _, err := r.Beat(Worker{ID: "b1", State: StateReady}); err != nil {
+			t.Fatal(err)
+		}
+		r.Remove("b1", nil)
+		wantNone(t, wt)
+
+		// A worker reporting another hive leaves this stream and enters the other one.
+		if _, err := r.Beat(Worker{ID: "a2", HiveID: "b", State: StateReady}); err != nil {
+			t.Fatal(err)
+		}
+		wantEvent(t, wt, EventRemoved, "a2", StateReady)
+		if _, err := r.Beat(Worker{ID: "a2", HiveID: "a", State: StateReady}); err != nil {
+			t.Fatal(err)
+		}
+		wantEvent(t, wt, EventAdded, "a2", StateReady)
+		wantNone(t, wt)
+	})
+}
+
+// A watcher that stops reading must cost the registry and the other watchers nothing, and
+// must learn that it missed changes rather than miss them silently.
+func TestSlowWatcherIsResetNotBlocking(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := start(t, Config{WatchBuffer: 4})
+		for _, id := range []string{"w0", "w1", "w2"} {
+			mustBeat(t, r.Registry, id, StateReady)
+		}
+		slow := r.Watch("")
+		defer slow.Close()
+		fast := r.Watch("")
+		defer fast.Close()
+
+		// The fast watcher is read all along.
+		var got []Event
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			for e := range fast.Events() {
+				got = append(got, e)
+			}
+		}()
+
+		// Far more changes than the slow watcher can buffer. Were any of these calls to block
+		// on the slow watcher, synctest would report a deadlock. The fast watcher's reader
+		// gets to run between changes (synctest.Wait), as a reader that keeps up would.
+		states := []State{StateBusy, StateReady}
+		for i := range 100 {
+			mustBeat(t, r.Registry, "w1", states[i%2])
+			synctest.Wait()
+		}
+		r.Remove("w0", errors.New("gone"))
+		mustBeat(t, r.Registry, "w3", StateStarting)
+		synctest.Wait()
+
+		// The slow watcher now catches up: its first snapshot (taken before the flood), then
+		// the news that it fell behind, then a snapshot equal to the registry's current state.
+		var seen []Event
+		for {
+			e := next(t, slow)
+			seen = append(seen, e)
+			if e.Type == EventReset {
+				break
+			}
+			if len(seen) > 10 {
+				t.Fatalf("no reset in %v", seen)
+			}
+		}
+		var snap []Worker
+		for e := next(t, slow); e.Type != EventSynced; e = next(t, slow) {
+			if e.Type != EventAdded {
+				t.Fatalf("%v inside a snapshot", e.Type)
+			}
+			snap = append(snap, e.Worker)
+		}
+		if want := r.List(""); !slices.EqualFunc(snap, want, func(a, b Worker) bool { return a == b }) {
+			t.Fatalf("snapshot after reset = %+v\nList = %+v", snap, want)
+		}
+		wantNone(t, slow)
+
+		// The fast watcher saw everything, in order: 3 + Synced + 100 updates + 1 removal + 1 add.
+		fast.Close()
+		<-done
+		if len(got) != 106 {
+			t.Fatalf("fast watcher got %d events, want 106", len(got))
+		}
+		if e := got[104]; e.Type != EventRemoved || e.Worker.ID != "w0" {
+			t.Fatalf("fast watcher event 104 = %v %s", e.Type, e.Worker.ID)
+		}
+		for i := 4; i < len(got); i++ {
+			if got[i].Revision != got[i-1].Revision+1 {
+				t.Fatalf("fast watcher revisions not consecutive at %d: %d then %d", i, got[i-1].Revision, got[i].Revision)
+			}
+		}
+
+		// After the reset the slow watcher is an ordinary watcher again.
+		r.Remove("w3", nil)
+		wantEvent(t, slow, EventRemoved, "w3", StateStarting)
+	})
+}
+
+func TestWatcherCloseEndsStream(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := start(t, Config{})
+		mustBeat(t, r.Registry, "w1", StateReady)
+		wt := r.Watch("")
+		wt.Close() // while the pump is blocked sending the snapshot
+		wt.Close() // idempotent
+		for range wt.Events() {
+			// Whatever was in flight may still arrive; the channel must then close.
+		}
+		mustBeat(t, r.Registry, "w1", StateBusy) // no watcher left to feed
+		r.mu.Lock()
+		n := len(r.watchers)
+		r.mu.Unlock()
+		if n != 0 {
+			t.Fatalf("%d watchers still registered after Close", n)
+		}
+	})
+}
+
+// A reader that lags but keeps within the buffer gets every change in order, however the
+// queue wraps and grows underneath.
+func TestLaggingWatcherWithinBuffer(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := start(t, Config{WatchBuffer: 64})
+		mustBeat(t, r.Registry, "w1", StateReady)
+		wt := r.Watch("")
+		defer wt.Close()
+		wantEvent(t, wt, EventAdded, "w1", StateReady)
+		wantEvent(t, wt, EventSynced, "", StateUnspecified)
+		last := r.Revision()
+		flip := 0
+		change := func(n int) {
+			for range n {
+				mustBeat(t, r.Registry, "w1", []State{StateBusy, StateReady}[flip%2])
+				flip++
+			}
+		}
+		read := func(n int) {
+			t.Helper()
+			for range n {
+				e := wantEvent(t, wt, EventUpdated, "w1", StateUnspecified)
+				if e.Revision != last+1 {
+					t.Fatalf("revision %d after %d", e.Revision, last)
+				}
+				last = e.Revision
+			}
+		}
+		change(5)
+		read(3)
+		change(40) // wraps the ring, then grows it
+		read(42)
+		wantNone(t, wt)
+	})
+}
