@@ -1,0 +1,91 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"time"
+)
+
+// envWorkerID is the hive's identity marker for a worker process; when set it must match
+// --worker-id.
+const envWorkerID = "RBEE_WORKER_ID"
+
+// config holds the parsed command line.
+type config struct {
+	workerID, hiveID, model, device string
+	port                            uint
+	queen                           string
+	host                            string
+
+	ignoreSIGTERM bool
+	spawnChildren int
+	readyAfter    time.Duration
+	exitAfter     time.Duration
+	exitCode      int
+	noHeartbeat   bool
+
+	logLevel string
+	version  bool
+}
+
+// maxChildren bounds --spawn-children: a test knob, not a fork bomb.
+const maxChildren = 64
+
+// parseFlags parses and checks args; help is written to stdout. It returns flag.ErrHelp for
+// --help; any other error is a usage error (exit status 2).
+func parseFlags(args []string, stdout io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("worker-stub", flag.ContinueOnError)
+	// The flag package's own printing is silenced: help goes to stdout, errors to the caller.
+	fs.SetOutput(io.Discard)
+	fs.Usage = func() {}
+	fs.StringVar(&c.workerID, "worker-id", "", "worker id (required; must equal $"+envWorkerID+" when that is set)")
+	fs.StringVar(&c.hiveID, "hive-id", "", "id of the hive that started this worker")
+	fs.StringVar(&c.model, "model", "", "model the worker serves")
+	fs.StringVar(&c.device, "device", "cpu", "device the worker runs on")
+	fs.UintVar(&c.port, "port", 0, "port to listen on when no socket is inherited (0: any free port)")
+	fs.StringVar(&c.queen, "queen", "127.0.0.1:7833", "queen address (host:port) to send heartbeats to")
+	fs.StringVar(&c.host, "host", "127.0.0.1", "host to listen on when no socket is inherited (LISTEN_FDS)")
+	fs.BoolVar(&c.ignoreSIGTERM, "ignore-sigterm", false, "test knob: log SIGTERM and keep running")
+	fs.IntVar(&c.spawnChildren, "spawn-children", 0, "test knob: fork N children that sleep until killed, one of them in a new session")
+	fs.DurationVar(&c.readyAfter, "ready-after", 0, "test knob: stay STARTING this long after serving")
+	fs.DurationVar(&c.exitAfter, "exit-after", 0, "test knob: exit by itself after this long (0: never), with --exit-code")
+	fs.IntVar(&c.exitCode, "exit-code", 1, "test knob: exit status for --exit-after")
+	fs.BoolVar(&c.noHeartbeat, "no-heartbeat", false, "test knob: never contact the queen")
+	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.BoolVar(&c.version, "version", false, "print the version and exit")
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintf(stdout, "Usage: worker-stub --worker-id ID [flags]\n\n"+
+				"A stand-in rbee worker: serves gRPC health, heartbeats to the queen, stops on SIGTERM.\n\nFlags:\n")
+			fs.SetOutput(stdout)
+			fs.PrintDefaults()
+			return c, err
+		}
+		return c, fmt.Errorf("%v (see --help)", err)
+	}
+	if c.version {
+		return c, nil
+	}
+	switch {
+	case fs.NArg() > 0:
+		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
+	case c.workerID == "":
+		return c, fmt.Errorf("--worker-id is required")
+	case c.port > 65535:
+		return c, fmt.Errorf("--port %d is out of range", c.port)
+	case c.spawnChildren < 0 || c.spawnChildren > maxChildren:
+		return c, fmt.Errorf("--spawn-children must be in 0..%d", maxChildren)
+	case c.exitCode < 0 || c.exitCode > 255:
+		return c, fmt.Errorf("--exit-code must be in 0..255")
+	case c.readyAfter < 0 || c.exitAfter < 0:
+		return c, fmt.Errorf("--ready-after and --exit-after must not be negative")
+	}
+	if env, ok := os.LookupEnv(envWorkerID); ok && env != c.workerID {
+		return c, fmt.Errorf("$%s=%q does not match --worker-id %q", envWorkerID, env, c.workerID)
+	}
+	return c, nil
+}
