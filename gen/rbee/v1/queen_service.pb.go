@@ -10,6 +10,7 @@ import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
 	durationpb "google.golang.org/protobuf/types/known/durationpb"
+	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
 	unsafe "unsafe"
@@ -681,11 +682,151 @@ func (x *ListHivesResponse) GetHives() []*Hive {
 	return nil
 }
 
+type GetStatusRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatusRequest) Reset() {
+	*x = GetStatusRequest{}
+	mi := &file_rbee_v1_queen_service_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatusRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatusRequest) ProtoMessage() {}
+
+func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_queen_service_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
+func (*GetStatusRequest) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_queen_service_proto_rawDescGZIP(), []int{12}
+}
+
+type GetStatusResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Changes when the queen restarts.
+	QueenId   string                 `protobuf:"bytes,1,opt,name=queen_id,json=queenId,proto3" json:"queen_id,omitempty"`
+	Version   string                 `protobuf:"bytes,2,opt,name=version,proto3" json:"version,omitempty"`
+	StartTime *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	// Workers by state name ("WORKER_STATE_READY": 3, ...); states with no worker are left out.
+	WorkersByState map[string]uint32 `protobuf:"bytes,4,rep,name=workers_by_state,json=workersByState,proto3" json:"workers_by_state,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	// Hives by state name ("HIVE_STATE_READY": 2, ...).
+	HivesByState map[string]uint32 `protobuf:"bytes,5,rep,name=hives_by_state,json=hivesByState,proto3" json:"hives_by_state,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	WorkerCount  uint32            `protobuf:"varint,6,opt,name=worker_count,json=workerCount,proto3" json:"worker_count,omitempty"`
+	HiveCount    uint32            `protobuf:"varint,7,opt,name=hive_count,json=hiveCount,proto3" json:"hive_count,omitempty"`
+	// The registry's revision: it increases with every change of any worker.
+	Revision      uint64 `protobuf:"varint,8,opt,name=revision,proto3" json:"revision,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetStatusResponse) Reset() {
+	*x = GetStatusResponse{}
+	mi := &file_rbee_v1_queen_service_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetStatusResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetStatusResponse) ProtoMessage() {}
+
+func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_queen_service_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
+func (*GetStatusResponse) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_queen_service_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *GetStatusResponse) GetQueenId() string {
+	if x != nil {
+		return x.QueenId
+	}
+	return ""
+}
+
+func (x *GetStatusResponse) GetVersion() string {
+	if x != nil {
+		return x.Version
+	}
+	return ""
+}
+
+func (x *GetStatusResponse) GetStartTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.StartTime
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetWorkersByState() map[string]uint32 {
+	if x != nil {
+		return x.WorkersByState
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetHivesByState() map[string]uint32 {
+	if x != nil {
+		return x.HivesByState
+	}
+	return nil
+}
+
+func (x *GetStatusResponse) GetWorkerCount() uint32 {
+	if x != nil {
+		return x.WorkerCount
+	}
+	return 0
+}
+
+func (x *GetStatusResponse) GetHiveCount() uint32 {
+	if x != nil {
+		return x.HiveCount
+	}
+	return 0
+}
+
+func (x *GetStatusResponse) GetRevision() uint64 {
+	if x != nil {
+		return x.Revision
+	}
+	return 0
+}
+
 var File_rbee_v1_queen_service_proto protoreflect.FileDescriptor
 
 const file_rbee_v1_queen_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1brbee/v1/queen_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x14rbee/v1/worker.proto\"\x97\x01\n" +
+	"\x1brbee/v1/queen_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x14rbee/v1/worker.proto\"\x97\x01\n" +
 	"\x12SpawnWorkerRequest\x12\x17\n" +
 	"\ahive_id\x18\x01 \x01(\tR\x06hiveId\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
@@ -717,21 +858,40 @@ const file_rbee_v1_queen_service_proto_rawDesc = "" +
 	"\brevision\x18\x03 \x01(\x04R\brevision\"\x12\n" +
 	"\x10ListHivesRequest\"8\n" +
 	"\x11ListHivesResponse\x12#\n" +
-	"\x05hives\x18\x01 \x03(\v2\r.rbee.v1.HiveR\x05hives*\xc3\x01\n" +
+	"\x05hives\x18\x01 \x03(\v2\r.rbee.v1.HiveR\x05hives\"\x12\n" +
+	"\x10GetStatusRequest\"\x93\x04\n" +
+	"\x11GetStatusResponse\x12\x19\n" +
+	"\bqueen_id\x18\x01 \x01(\tR\aqueenId\x12\x18\n" +
+	"\aversion\x18\x02 \x01(\tR\aversion\x129\n" +
+	"\n" +
+	"start_time\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\tstartTime\x12X\n" +
+	"\x10workers_by_state\x18\x04 \x03(\v2..rbee.v1.GetStatusResponse.WorkersByStateEntryR\x0eworkersByState\x12R\n" +
+	"\x0ehives_by_state\x18\x05 \x03(\v2,.rbee.v1.GetStatusResponse.HivesByStateEntryR\fhivesByState\x12!\n" +
+	"\fworker_count\x18\x06 \x01(\rR\vworkerCount\x12\x1d\n" +
+	"\n" +
+	"hive_count\x18\a \x01(\rR\thiveCount\x12\x1a\n" +
+	"\brevision\x18\b \x01(\x04R\brevision\x1aA\n" +
+	"\x13WorkersByStateEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a?\n" +
+	"\x11HivesByStateEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01*\xc3\x01\n" +
 	"\x0eWatchEventType\x12 \n" +
 	"\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16WATCH_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n" +
 	"\x18WATCH_EVENT_TYPE_UPDATED\x10\x02\x12\x1c\n" +
 	"\x18WATCH_EVENT_TYPE_REMOVED\x10\x03\x12\x1b\n" +
 	"\x17WATCH_EVENT_TYPE_SYNCED\x10\x04\x12\x1a\n" +
-	"\x16WATCH_EVENT_TYPE_RESET\x10\x052\xc6\x03\n" +
+	"\x16WATCH_EVENT_TYPE_RESET\x10\x052\x8a\x04\n" +
 	"\fQueenService\x12H\n" +
 	"\vSpawnWorker\x12\x1b.rbee.v1.SpawnWorkerRequest\x1a\x1c.rbee.v1.SpawnWorkerResponse\x12H\n" +
 	"\vListWorkers\x12\x1b.rbee.v1.ListWorkersRequest\x1a\x1c.rbee.v1.ListWorkersResponse\x12B\n" +
 	"\tGetWorker\x12\x19.rbee.v1.GetWorkerRequest\x1a\x1a.rbee.v1.GetWorkerResponse\x12K\n" +
 	"\fDeleteWorker\x12\x1c.rbee.v1.DeleteWorkerRequest\x1a\x1d.rbee.v1.DeleteWorkerResponse\x12M\n" +
 	"\fWatchWorkers\x12\x1c.rbee.v1.WatchWorkersRequest\x1a\x1d.rbee.v1.WatchWorkersResponse0\x01\x12B\n" +
-	"\tListHives\x12\x19.rbee.v1.ListHivesRequest\x1a\x1a.rbee.v1.ListHivesResponseB\x8a\x01\n" +
+	"\tListHives\x12\x19.rbee.v1.ListHivesRequest\x1a\x1a.rbee.v1.ListHivesResponse\x12B\n" +
+	"\tGetStatus\x12\x19.rbee.v1.GetStatusRequest\x1a\x1a.rbee.v1.GetStatusResponseB\x8a\x01\n" +
 	"\vcom.rbee.v1B\x11QueenServiceProtoP\x01Z+github.com/rbee-dev/rbee/gen/rbee/v1;rbeev1\xa2\x02\x03RXX\xaa\x02\aRbee.V1\xca\x02\aRbee\\V1\xe2\x02\x13Rbee\\V1\\GPBMetadata\xea\x02\bRbee::V1b\x06proto3"
 
 var (
@@ -747,53 +907,63 @@ func file_rbee_v1_queen_service_proto_rawDescGZIP() []byte {
 }
 
 var file_rbee_v1_queen_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_rbee_v1_queen_service_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_rbee_v1_queen_service_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_rbee_v1_queen_service_proto_goTypes = []any{
-	(WatchEventType)(0),          // 0: rbee.v1.WatchEventType
-	(*SpawnWorkerRequest)(nil),   // 1: rbee.v1.SpawnWorkerRequest
-	(*SpawnWorkerResponse)(nil),  // 2: rbee.v1.SpawnWorkerResponse
-	(*ListWorkersRequest)(nil),   // 3: rbee.v1.ListWorkersRequest
-	(*ListWorkersResponse)(nil),  // 4: rbee.v1.ListWorkersResponse
-	(*GetWorkerRequest)(nil),     // 5: rbee.v1.GetWorkerRequest
-	(*GetWorkerResponse)(nil),    // 6: rbee.v1.GetWorkerResponse
-	(*DeleteWorkerRequest)(nil),  // 7: rbee.v1.DeleteWorkerRequest
-	(*DeleteWorkerResponse)(nil), // 8: rbee.v1.DeleteWorkerResponse
-	(*WatchWorkersRequest)(nil),  // 9: rbee.v1.WatchWorkersRequest
-	(*WatchWorkersResponse)(nil), // 10: rbee.v1.WatchWorkersResponse
-	(*ListHivesRequest)(nil),     // 11: rbee.v1.ListHivesRequest
-	(*ListHivesResponse)(nil),    // 12: rbee.v1.ListHivesResponse
-	(*Worker)(nil),               // 13: rbee.v1.Worker
-	(*durationpb.Duration)(nil),  // 14: google.protobuf.Duration
-	(DeleteOutcome)(0),           // 15: rbee.v1.DeleteOutcome
-	(*Hive)(nil),                 // 16: rbee.v1.Hive
+	(WatchEventType)(0),           // 0: rbee.v1.WatchEventType
+	(*SpawnWorkerRequest)(nil),    // 1: rbee.v1.SpawnWorkerRequest
+	(*SpawnWorkerResponse)(nil),   // 2: rbee.v1.SpawnWorkerResponse
+	(*ListWorkersRequest)(nil),    // 3: rbee.v1.ListWorkersRequest
+	(*ListWorkersResponse)(nil),   // 4: rbee.v1.ListWorkersResponse
+	(*GetWorkerRequest)(nil),      // 5: rbee.v1.GetWorkerRequest
+	(*GetWorkerResponse)(nil),     // 6: rbee.v1.GetWorkerResponse
+	(*DeleteWorkerRequest)(nil),   // 7: rbee.v1.DeleteWorkerRequest
+	(*DeleteWorkerResponse)(nil),  // 8: rbee.v1.DeleteWorkerResponse
+	(*WatchWorkersRequest)(nil),   // 9: rbee.v1.WatchWorkersRequest
+	(*WatchWorkersResponse)(nil),  // 10: rbee.v1.WatchWorkersResponse
+	(*ListHivesRequest)(nil),      // 11: rbee.v1.ListHivesRequest
+	(*ListHivesResponse)(nil),     // 12: rbee.v1.ListHivesResponse
+	(*GetStatusRequest)(nil),      // 13: rbee.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),     // 14: rbee.v1.GetStatusResponse
+	nil,                           // 15: rbee.v1.GetStatusResponse.WorkersByStateEntry
+	nil,                           // 16: rbee.v1.GetStatusResponse.HivesByStateEntry
+	(*Worker)(nil),                // 17: rbee.v1.Worker
+	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
+	(DeleteOutcome)(0),            // 19: rbee.v1.DeleteOutcome
+	(*Hive)(nil),                  // 20: rbee.v1.Hive
+	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
 }
 var file_rbee_v1_queen_service_proto_depIdxs = []int32{
-	13, // 0: rbee.v1.SpawnWorkerResponse.worker:type_name -> rbee.v1.Worker
-	13, // 1: rbee.v1.ListWorkersResponse.workers:type_name -> rbee.v1.Worker
-	13, // 2: rbee.v1.GetWorkerResponse.worker:type_name -> rbee.v1.Worker
-	14, // 3: rbee.v1.DeleteWorkerRequest.grace_period:type_name -> google.protobuf.Duration
-	15, // 4: rbee.v1.DeleteWorkerResponse.outcome:type_name -> rbee.v1.DeleteOutcome
-	13, // 5: rbee.v1.DeleteWorkerResponse.worker:type_name -> rbee.v1.Worker
+	17, // 0: rbee.v1.SpawnWorkerResponse.worker:type_name -> rbee.v1.Worker
+	17, // 1: rbee.v1.ListWorkersResponse.workers:type_name -> rbee.v1.Worker
+	17, // 2: rbee.v1.GetWorkerResponse.worker:type_name -> rbee.v1.Worker
+	18, // 3: rbee.v1.DeleteWorkerRequest.grace_period:type_name -> google.protobuf.Duration
+	19, // 4: rbee.v1.DeleteWorkerResponse.outcome:type_name -> rbee.v1.DeleteOutcome
+	17, // 5: rbee.v1.DeleteWorkerResponse.worker:type_name -> rbee.v1.Worker
 	0,  // 6: rbee.v1.WatchWorkersResponse.type:type_name -> rbee.v1.WatchEventType
-	13, // 7: rbee.v1.WatchWorkersResponse.worker:type_name -> rbee.v1.Worker
-	16, // 8: rbee.v1.ListHivesResponse.hives:type_name -> rbee.v1.Hive
-	1,  // 9: rbee.v1.QueenService.SpawnWorker:input_type -> rbee.v1.SpawnWorkerRequest
-	3,  // 10: rbee.v1.QueenService.ListWorkers:input_type -> rbee.v1.ListWorkersRequest
-	5,  // 11: rbee.v1.QueenService.GetWorker:input_type -> rbee.v1.GetWorkerRequest
-	7,  // 12: rbee.v1.QueenService.DeleteWorker:input_type -> rbee.v1.DeleteWorkerRequest
-	9,  // 13: rbee.v1.QueenService.WatchWorkers:input_type -> rbee.v1.WatchWorkersRequest
-	11, // 14: rbee.v1.QueenService.ListHives:input_type -> rbee.v1.ListHivesRequest
-	2,  // 15: rbee.v1.QueenService.SpawnWorker:output_type -> rbee.v1.SpawnWorkerResponse
-	4,  // 16: rbee.v1.QueenService.ListWorkers:output_type -> rbee.v1.ListWorkersResponse
-	6,  // 17: rbee.v1.QueenService.GetWorker:output_type -> rbee.v1.GetWorkerResponse
-	8,  // 18: rbee.v1.QueenService.DeleteWorker:output_type -> rbee.v1.DeleteWorkerResponse
-	10, // 19: rbee.v1.QueenService.WatchWorkers:output_type -> rbee.v1.WatchWorkersResponse
-	12, // 20: rbee.v1.QueenService.ListHives:output_type -> rbee.v1.ListHivesResponse
-	15, // [15:21] is the sub-list for method output_type
-	9,  // [9:15] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	17, // 7: rbee.v1.WatchWorkersResponse.worker:type_name -> rbee.v1.Worker
+	20, // 8: rbee.v1.ListHivesResponse.hives:type_name -> rbee.v1.Hive
+	21, // 9: rbee.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
+	15, // 10: rbee.v1.GetStatusResponse.workers_by_state:type_name -> rbee.v1.GetStatusResponse.WorkersByStateEntry
+	16, // 11: rbee.v1.GetStatusResponse.hives_by_state:type_name -> rbee.v1.GetStatusResponse.HivesByStateEntry
+	1,  // 12: rbee.v1.QueenService.SpawnWorker:input_type -> rbee.v1.SpawnWorkerRequest
+	3,  // 13: rbee.v1.QueenService.ListWorkers:input_type -> rbee.v1.ListWorkersRequest
+	5,  // 14: rbee.v1.QueenService.GetWorker:input_type -> rbee.v1.GetWorkerRequest
+	7,  // 15: rbee.v1.QueenService.DeleteWorker:input_type -> rbee.v1.DeleteWorkerRequest
+	9,  // 16: rbee.v1.QueenService.WatchWorkers:input_type -> rbee.v1.WatchWorkersRequest
+	11, // 17: rbee.v1.QueenService.ListHives:input_type -> rbee.v1.ListHivesRequest
+	13, // 18: rbee.v1.QueenService.GetStatus:input_type -> rbee.v1.GetStatusRequest
+	2,  // 19: rbee.v1.QueenService.SpawnWorker:output_type -> rbee.v1.SpawnWorkerResponse
+	4,  // 20: rbee.v1.QueenService.ListWorkers:output_type -> rbee.v1.ListWorkersResponse
+	6,  // 21: rbee.v1.QueenService.GetWorker:output_type -> rbee.v1.GetWorkerResponse
+	8,  // 22: rbee.v1.QueenService.DeleteWorker:output_type -> rbee.v1.DeleteWorkerResponse
+	10, // 23: rbee.v1.QueenService.WatchWorkers:output_type -> rbee.v1.WatchWorkersResponse
+	12, // 24: rbee.v1.QueenService.ListHives:output_type -> rbee.v1.ListHivesResponse
+	14, // 25: rbee.v1.QueenService.GetStatus:output_type -> rbee.v1.GetStatusResponse
+	19, // [19:26] is the sub-list for method output_type
+	12, // [12:19] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_rbee_v1_queen_service_proto_init() }
@@ -808,7 +978,7 @@ func file_rbee_v1_queen_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rbee_v1_queen_service_proto_rawDesc), len(file_rbee_v1_queen_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   12,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -25,6 +25,7 @@ const (
 	QueenService_DeleteWorker_FullMethodName = "/rbee.v1.QueenService/DeleteWorker"
 	QueenService_WatchWorkers_FullMethodName = "/rbee.v1.QueenService/WatchWorkers"
 	QueenService_ListHives_FullMethodName    = "/rbee.v1.QueenService/ListHives"
+	QueenService_GetStatus_FullMethodName    = "/rbee.v1.QueenService/GetStatus"
 )
 
 // QueenServiceClient is the client API for QueenService service.
@@ -45,6 +46,8 @@ type QueenServiceClient interface {
 	WatchWorkers(ctx context.Context, in *WatchWorkersRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchWorkersResponse], error)
 	// ListHives lists known hives, sorted by hive id.
 	ListHives(ctx context.Context, in *ListHivesRequest, opts ...grpc.CallOption) (*ListHivesResponse, error)
+	// GetStatus summarises the queen: its id, version and counts of workers and hives by state.
+	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error)
 }
 
 type queenServiceClient struct {
@@ -124,6 +127,16 @@ func (c *queenServiceClient) ListHives(ctx context.Context, in *ListHivesRequest
 	return out, nil
 }
 
+func (c *queenServiceClient) GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetStatusResponse)
+	err := c.cc.Invoke(ctx, QueenService_GetStatus_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // QueenServiceServer is the server API for QueenService service.
 // All implementations must embed UnimplementedQueenServiceServer
 // for forward compatibility.
@@ -142,6 +155,8 @@ type QueenServiceServer interface {
 	WatchWorkers(*WatchWorkersRequest, grpc.ServerStreamingServer[WatchWorkersResponse]) error
 	// ListHives lists known hives, sorted by hive id.
 	ListHives(context.Context, *ListHivesRequest) (*ListHivesResponse, error)
+	// GetStatus summarises the queen: its id, version and counts of workers and hives by state.
+	GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error)
 	mustEmbedUnimplementedQueenServiceServer()
 }
 
@@ -169,6 +184,9 @@ func (UnimplementedQueenServiceServer) WatchWorkers(*WatchWorkersRequest, grpc.S
 }
 func (UnimplementedQueenServiceServer) ListHives(context.Context, *ListHivesRequest) (*ListHivesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListHives not implemented")
+}
+func (UnimplementedQueenServiceServer) GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetStatus not implemented")
 }
 func (UnimplementedQueenServiceServer) mustEmbedUnimplementedQueenServiceServer() {}
 func (UnimplementedQueenServiceServer) testEmbeddedByValue()                      {}
@@ -292,6 +310,24 @@ func _QueenService_ListHives_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _QueenService_GetStatus_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetStatusRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(QueenServiceServer).GetStatus(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: QueenService_GetStatus_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(QueenServiceServer).GetStatus(ctx, req.(*GetStatusRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // QueenService_ServiceDesc is the grpc.ServiceDesc for QueenService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -318,6 +354,10 @@ var QueenService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListHives",
 			Handler:    _QueenService_ListHives_Handler,
+		},
+		{
+			MethodName: "GetStatus",
+			Handler:    _QueenService_GetStatus_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -1,0 +1,200 @@
+// Command queen is rbee's orchestrator and single source of truth: it keeps the registry of
+// workers and hives fed by heartbeats, and serves operators' spawn, list, get, watch and delete
+// calls, forwarding process control to the hives.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/logging"
+	"github.com/rbee-dev/rbee/internal/rpcserver"
+	"github.com/rbee-dev/rbee/internal/validate"
+	"github.com/rbee-dev/rbee/internal/version"
+	"github.com/rbee-dev/rbee/queen/registry"
+	"github.com/rbee-dev/rbee/queen/server"
+)
+
+func main() { os.Exit(run(os.Args[1:])) }
+
+// hiveFlags collects repeatable --hive ID=HOST:PORT flags.
+type hiveFlags []staticHive
+
+type staticHive struct{ id, address string }
+
+func (h *hiveFlags) String() string {
+	parts := make([]string, len(*h))
+	for i, s := range *h {
+		parts[i] = s.id + "=" + s.address
+	}
+	return strings.Join(parts, ",")
+}
+
+func (h *hiveFlags) Set(v string) error {
+	id, addr, ok := strings.Cut(v, "=")
+	if !ok {
+		return fmt.Errorf("%q: want ID=HOST:PORT", v)
+	}
+	if err := validate.ID("hive id", id); err != nil {
+		return fmt.Errorf("%q: %v", v, err)
+	}
+	if err := validate.Address("hive address", addr); err != nil {
+		return fmt.Errorf("%q: %v", v, err)
+	}
+	for _, s := range *h {
+		if s.id == id {
+			return fmt.Errorf("%q: hive %s given twice", v, id)
+		}
+	}
+	*h = append(*h, staticHive{id, addr})
+	return nil
+}
+
+type options struct {
+	listen, advertise, logLevel                     string
+	hives                                           hiveFlags
+	interval, staleAfter, expireAfter, startTimeout time.Duration
+	maxBeats, watchBuffer                           int
+}
+
+func run(args []string) int {
+	fs := flag.NewFlagSet("queen", flag.ContinueOnError)
+	var o options
+	fs.StringVar(&o.listen, "listen", "127.0.0.1:7833", "address to serve on")
+	fs.Var(&o.hives, "hive", "a static hive, ID=HOST:PORT (repeatable; hives may also register themselves)")
+	fs.DurationVar(&o.interval, "heartbeat-interval", time.Second, "interval workers and hives beat at")
+	fs.DurationVar(&o.staleAfter, "stale-after", 0, "no beat this long makes a worker STALE (default: 3 heartbeat intervals)")
+	fs.DurationVar(&o.expireAfter, "expire-after", 5*time.Minute, "a worker STALE this long is forgotten")
+	fs.DurationVar(&o.startTimeout, "start-timeout", 30*time.Second, "a spawned worker that never beats in this time is stopped and forgotten; also wait_ready's bound")
+	fs.IntVar(&o.maxBeats, "max-beats-per-second", 20, "end a heartbeat stream that beats faster (0: no limit)")
+	fs.IntVar(&o.watchBuffer, "watch-buffer", 1024, "changes buffered per watcher; a watcher that falls further behind is sent RESET and a fresh snapshot")
+	fs.StringVar(&o.advertise, "advertise", "", "HOST:PORT workers should report to (default: the listen address; each hive's --queen when that is 0.0.0.0 or [::])")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: queen [flags]\n\nRuns the rbee queen: the registry of workers and hives, and the API operators use.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if *showVersion {
+		fmt.Println(version.String("queen"))
+		return 0
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "queen: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	if err := o.check(); err != nil {
+		fmt.Fprintf(os.Stderr, "queen: %v\n", err)
+		return 2
+	}
+	log, err := logging.New("queen", o.logLevel)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "queen: %v\n", err)
+		return 2
+	}
+	defer func() { _ = log.Sync() }()
+	if err := serve(o, log); err != nil {
+		log.Error("queen stopped with an error", zap.Error(err))
+		return 1
+	}
+	return 0
+}
+
+func (o *options) check() error {
+	if err := validate.ListenAddress("--listen", o.listen); err != nil {
+		return err
+	}
+	if o.interval < 10*time.Millisecond {
+		return fmt.Errorf("--heartbeat-interval %v: want at least 10ms", o.interval)
+	}
+	if o.staleAfter == 0 {
+		o.staleAfter = 3 * o.interval
+	}
+	if o.staleAfter < o.interval {
+		return fmt.Errorf("--stale-after %v is shorter than --heartbeat-interval %v: healthy workers would flap", o.staleAfter, o.interval)
+	}
+	if o.expireAfter <= 0 || o.startTimeout <= 0 {
+		return errors.New("--expire-after and --start-timeout must be positive")
+	}
+	if o.watchBuffer < 1 {
+		return fmt.Errorf("--watch-buffer %d: want at least 1", o.watchBuffer)
+	}
+	if o.maxBeats < 0 {
+		return fmt.Errorf("--max-beats-per-second %d: want 0 (no limit) or more", o.maxBeats)
+	}
+	if o.advertise != "" {
+		if err := validate.Address("--advertise", o.advertise); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func serve(o options, log *zap.Logger) error {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	hives := server.NewHivePool()
+	defer hives.Close()
+	var q *server.Queen
+	reg := registry.New(registry.Config{
+		Interval: o.interval, StaleAfter: o.staleAfter, ExpireAfter: o.expireAfter, StartTimeout: o.startTimeout,
+		WatchBuffer: o.watchBuffer,
+		// Runs on the registry's clock after q is set (Run starts below).
+		OnStartTimeout: func(w registry.Worker) { go q.StartTimedOut(w) },
+	})
+	for _, h := range o.hives {
+		if err := reg.AddStaticHive(h.id, h.address); err != nil {
+			return fmt.Errorf("--hive %s=%s: %w", h.id, h.address, err)
+		}
+	}
+	lis, err := net.Listen("tcp", o.listen)
+	if err != nil {
+		return fmt.Errorf("--listen %s: %w", o.listen, err)
+	}
+	if a := lis.Addr().(*net.TCPAddr); o.advertise == "" && !a.IP.IsUnspecified() {
+		o.advertise = a.String()
+	}
+	queenID := server.NewQueenID()
+	q = server.New(server.Config{
+		Registry: reg, Hives: hives, QueenID: queenID, Interval: o.interval, Advertise: o.advertise,
+		StartTimeout: o.startTimeout, MaxBeatsPerSecond: o.maxBeats, Logger: log,
+	})
+	// Heartbeat streams end at their next beat once draining starts, so the graceful stop needs
+	// a little more than one interval.
+	srv := rpcserver.New(rpcserver.Options{Logger: log, ShutdownTimeout: 2*o.interval + 3*time.Second})
+	rbeev1.RegisterQueenServiceServer(srv.GRPC, q)
+	rbeev1.RegisterHeartbeatServiceServer(srv.GRPC, q)
+	for _, name := range []string{rbeev1.QueenService_ServiceDesc.ServiceName, rbeev1.HeartbeatService_ServiceDesc.ServiceName} {
+		srv.Health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
+	}
+	regCtx, stopReg := context.WithCancel(context.Background())
+	regDone := make(chan struct{})
+	go func() { defer close(regDone); reg.Run(regCtx) }()
+	log.Info("queen serving", zap.String("listen", lis.Addr().String()), zap.String("queen_id", queenID),
+		zap.Int("static_hives", len(o.hives)), zap.Duration("heartbeat_interval", o.interval),
+		zap.String("actor", "queen"), zap.String("action", "queen_start"))
+	err = srv.Serve(ctx, lis, q.Drain)
+	stopReg()
+	<-regDone
+	log.Info("queen stopped", zap.String("actor", "queen"), zap.String("action", "queen_stop"))
+	return err
+}

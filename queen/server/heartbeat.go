@@ -1,0 +1,297 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/narrate"
+	"github.com/rbee-dev/rbee/internal/validate"
+	"github.com/rbee-dev/rbee/queen/registry"
+)
+
+// beats tracks which stream currently speaks for each worker and hive, so that a second stream
+// for the same id replaces the first, and it ends every stream when the queen shuts down.
+type beats struct {
+	mu       sync.Mutex
+	owners   map[string]*session // "w/<id>" or "h/<id>" -> current stream
+	stopping chan struct{}
+	stopOnce sync.Once
+}
+
+type session struct {
+	replaced bool // set under beats.mu
+}
+
+func (b *beats) init() {
+	b.owners = map[string]*session{}
+	b.stopping = make(chan struct{})
+}
+
+// Drain makes every heartbeat and watch stream end: each heartbeat stream ends at its next beat
+// (within one interval) with UNAVAILABLE, which tells the worker to reconnect, to a restarted queen.
+func (q *Queen) Drain() { q.stopOnce.Do(func() { close(q.stopping) }) }
+
+func (b *beats) attach(key string) *session {
+	s := &session{}
+	b.mu.Lock()
+	if old := b.owners[key]; old != nil {
+		old.replaced = true
+	}
+	b.owners[key] = s
+	b.mu.Unlock()
+	return s
+}
+
+// detach reports whether s was still the current stream for key (and so its end means something).
+func (b *beats) detach(key string, s *session) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.owners[key] != s {
+		return false
+	}
+	delete(b.owners, key)
+	return true
+}
+
+func (b *beats) isReplaced(s *session) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return s.replaced
+}
+
+// endStatus says why a heartbeat stream is being ended by the queen, or nil to keep going.
+func (q *Queen) endStatus(s *session, what string) error {
+	select {
+	case <-q.stopping:
+		return status.Error(codes.Unavailable, "queen shutting down; reconnect")
+	default:
+	}
+	if q.isReplaced(s) {
+		return status.Errorf(codes.Aborted, "a newer heartbeat stream for %s replaced this one", what)
+	}
+	return nil
+}
+
+// limiter is a token bucket: rate tokens a second, bursts of up to rate.
+type limiter struct {
+	rate   float64
+	tokens float64
+	last   time.Time
+}
+
+func (l *limiter) allow(now time.Time) bool {
+	if l.rate <= 0 {
+		return true
+	}
+	if l.last.IsZero() {
+		l.tokens = l.rate
+	} else {
+		l.tokens = min(l.rate, l.tokens+now.Sub(l.last).Seconds()*l.rate)
+	}
+	l.last = now
+	if l.tokens < 1 {
+		return false
+	}
+	l.tokens--
+	return true
+}
+
+// workerFromProto checks a heartbeat descriptor and converts it.
+func workerFromProto(p *rbeev1.Worker) (registry.Worker, error) {
+	if p == nil {
+		return registry.Worker{}, &validate.Error{Field: "worker", Rule: "required: every heartbeat carries the full descriptor"}
+	}
+	if err := validate.ID("worker.worker_id", p.GetWorkerId()); err != nil {
+		return registry.Worker{}, err
+	}
+	if err := validate.ID("worker.hive_id", p.GetHiveId()); err != nil {
+		return registry.Worker{}, err
+	}
+	if err := validate.Model("worker.model", p.GetModel()); err != nil {
+		return registry.Worker{}, err
+	}
+	if err := validate.Device("worker.device", p.GetDevice()); err != nil {
+		return registry.Worker{}, err
+	}
+	if err := validate.PID("worker.pid", p.GetPid()); err != nil {
+		return registry.Worker{}, err
+	}
+	if err := validate.Port("worker.port", p.GetPort()); err != nil {
+		return registry.Worker{}, err
+	}
+	st, ok := reportable[p.GetState()]
+	if !ok {
+		return registry.Worker{}, &validate.Error{Field: "worker.state", Rule: fmt.Sprintf("%s is not a state a worker reports (STARTING, READY, BUSY, STOPPING)", p.GetState())}
+	}
+	return registry.Worker{
+		ID: p.GetWorkerId(), HiveID: p.GetHiveId(), Model: p.GetModel(), Device: p.GetDevice(),
+		PID: p.GetPid(), Port: p.GetPort(), ProcessStartTime: p.GetProcessStartTime(), State: st, Reported: st,
+	}, nil
+}
+
+// WorkerHeartbeat applies each beat to the registry and answers it with exactly one response.
+func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatServer) error {
+	ctx := stream.Context()
+	first, err := stream.Recv()
+	if err != nil {
+		return recvEnd(ctx, err)
+	}
+	w, err := workerFromProto(first.GetWorker())
+	if err != nil {
+		return invalid(err)
+	}
+	id := w.ID
+	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", id)))
+	key := "w/" + id
+	s := q.attach(key)
+	defer func() {
+		if q.detach(key, s) {
+			q.reg.StreamClosed(id)
+		}
+	}()
+	resp := &rbeev1.WorkerHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}
+	lim := limiter{rate: float64(q.cfg.MaxBeatsPerSecond)}
+	for req := first; ; {
+		if err := q.endStatus(s, "worker "+id); err != nil {
+			return err
+		}
+		if !lim.allow(time.Now()) {
+			narrate.Warn(ctx, "queen", "worker_heartbeat_flood", "Heartbeat stream over its rate limit; ending it",
+				zap.Int("max_beats_per_second", q.cfg.MaxBeatsPerSecond))
+			return status.Errorf(codes.ResourceExhausted, "more than %d heartbeats a second on this stream", q.cfg.MaxBeatsPerSecond)
+		}
+		if req != first {
+			if w, err = workerFromProto(req.GetWorker()); err != nil {
+				return invalid(err)
+			}
+			if w.ID != id {
+				return invalid(&validate.Error{Field: "worker.worker_id", Rule: fmt.Sprintf("%q on a stream opened by worker %q", w.ID, id)})
+			}
+		}
+		if _, err := q.reg.Beat(w); err != nil {
+			return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
+		}
+		if err := stream.Send(resp); err != nil {
+			return err
+		}
+		if req, err = stream.Recv(); err != nil {
+			return recvEnd(ctx, err)
+		}
+	}
+}
+
+// recvEnd turns the end of a client stream into the handler's result: io.EOF is a clean close, a
+// cancelled client is routine (debug), anything else is worth a warning.
+func recvEnd(ctx context.Context, err error) error {
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	if st, ok := status.FromError(err); ok && st.Code() == codes.Canceled || ctx.Err() != nil {
+		narrate.Logger(ctx).Debug("heartbeat stream cancelled by the client", zap.Error(err))
+		return nil
+	}
+	narrate.Logger(ctx).Warn("heartbeat stream failed", zap.Error(err))
+	return err
+}
+
+func hiveFromProto(p *rbeev1.Hive) (registry.Hive, error) {
+	if p == nil {
+		return registry.Hive{}, &validate.Error{Field: "hive", Rule: "required: every heartbeat carries the hive's descriptor"}
+	}
+	if err := validate.ID("hive.hive_id", p.GetHiveId()); err != nil {
+		return registry.Hive{}, err
+	}
+	if err := validate.Address("hive.address", p.GetAddress()); err != nil {
+		return registry.Hive{}, err
+	}
+	for i, d := range p.GetDevices() {
+		if err := validate.Device(fmt.Sprintf("hive.devices[%d]", i), d); err != nil {
+			return registry.Hive{}, err
+		}
+	}
+	return registry.Hive{
+		ID: p.GetHiveId(), Address: p.GetAddress(), Version: p.GetVersion(), OS: p.GetOs(),
+		Devices: p.GetDevices(), FreePorts: p.GetFreePorts(),
+	}, nil
+}
+
+// HiveHeartbeat registers a hive, keeps it alive, and applies the worker exits it reports.
+func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer) error {
+	ctx := stream.Context()
+	first, err := stream.Recv()
+	if err != nil {
+		return recvEnd(ctx, err)
+	}
+	h, err := hiveFromProto(first.GetHive())
+	if err != nil {
+		return invalid(err)
+	}
+	id := h.ID
+	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("hive_id", id)))
+	key := "h/" + id
+	s := q.attach(key)
+	defer func() {
+		if q.detach(key, s) {
+			q.reg.HiveStreamClosed(id)
+		}
+	}()
+	narrate.Event(ctx, "queen", "hive_registered", fmt.Sprintf("Hive %s registered at %s", id, h.Address), zap.String("address", h.Address))
+	resp := &rbeev1.HiveHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}
+	lim := limiter{rate: float64(q.cfg.MaxBeatsPerSecond)}
+	for req := first; ; {
+		if err := q.endStatus(s, "hive "+id); err != nil {
+			return err
+		}
+		if !lim.allow(time.Now()) {
+			return status.Errorf(codes.ResourceExhausted, "more than %d heartbeats a second on this stream", q.cfg.MaxBeatsPerSecond)
+		}
+		if req != first {
+			if h, err = hiveFromProto(req.GetHive()); err != nil {
+				return invalid(err)
+			}
+			if h.ID != id {
+				return invalid(&validate.Error{Field: "hive.hive_id", Rule: fmt.Sprintf("%q on a stream opened by hive %q", h.ID, id)})
+			}
+		}
+		if _, err := q.reg.HiveBeat(h); err != nil {
+			return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
+		}
+		for _, e := range req.GetExits() {
+			q.workerExited(ctx, id, e)
+		}
+		if err := stream.Send(resp); err != nil {
+			return err
+		}
+		if req, err = stream.Recv(); err != nil {
+			return recvEnd(ctx, err)
+		}
+	}
+}
+
+// workerExited forgets a worker its hive saw die, if the report is about the process the registry
+// knows (same hive, PID and start time), and fails a pending wait_ready with the reason.
+func (q *Queen) workerExited(ctx context.Context, hiveID string, e *rbeev1.WorkerExit) {
+	w, ok := q.reg.Get(e.GetWorkerId())
+	if !ok || w.HiveID != hiveID || (w.PID != 0 && w.PID != e.GetPid()) ||
+		(w.ProcessStartTime != 0 && e.GetProcessStartTime() != 0 && w.ProcessStartTime != e.GetProcessStartTime()) {
+		return
+	}
+	how := fmt.Sprintf("exit status %d", e.GetExitCode())
+	if e.GetSignal() != "" {
+		how = "killed by " + e.GetSignal()
+	}
+	cause := fmt.Errorf("worker process %d exited (%s); last output:\n%s", e.GetPid(), how, e.GetLogTail())
+	q.reg.Remove(w.ID, cause)
+	narrate.Warn(ctx, "queen", "worker_exited", fmt.Sprintf("Worker %s exited on its own (%s)", w.ID, how),
+		zap.String("worker_id", w.ID), zap.Int32("pid", e.GetPid()), zap.String("log_tail", e.GetLogTail()))
+}

@@ -1,0 +1,320 @@
+package server
+
+import (
+	"context"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/rpcserver"
+	"github.com/rbee-dev/rbee/queen/registry"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fakeHive records the calls the queen makes and answers Spawn with made-up process data.
+type fakeHive struct {
+	mu       sync.Mutex
+	spawnErr error
+	deletes  []*rbeev1.DeleteRequest
+	nextPID  int32
+}
+
+func (f *fakeHive) Hive(string) (rbeev1.HiveServiceClient, error) { return f, nil }
+
+func (f *fakeHive) Spawn(_ context.Context, in *rbeev1.SpawnRequest, _ ...grpc.CallOption) (*rbeev1.SpawnResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.spawnErr != nil {
+		return nil, f.spawnErr
+	}
+	f.nextPID++
+	return &rbeev1.SpawnResponse{Pid: 1000 + f.nextPID, Port: 9100 + uint32(f.nextPID), ProcessStartTime: 77}, nil
+}
+
+func (f *fakeHive) Delete(_ context.Context, in *rbeev1.DeleteRequest, _ ...grpc.CallOption) (*rbeev1.DeleteResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.deletes = append(f.deletes, in)
+	return &rbeev1.DeleteResponse{Outcome: rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED}, nil
+}
+
+func (f *fakeHive) deleted() []*rbeev1.DeleteRequest {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]*rbeev1.DeleteRequest(nil), f.deletes...)
+}
+
+type env struct {
+	q     *Queen
+	reg   *registry.Registry
+	hive  *fakeHive
+	queen rbeev1.QueenServiceClient
+	beats rbeev1.HeartbeatServiceClient
+}
+
+// newEnv runs a queen over bufconn with a registry (clock running) and one static hive "h1".
+func newEnv(t *testing.T, cfg Config) *env {
+	t.Helper()
+	reg := registry.New(registry.Config{Interval: time.Second, StartTimeout: time.Minute})
+	if err := reg.AddStaticHive("h1", "127.0.0.1:1"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	regDone := make(chan struct{})
+	go func() { defer close(regDone); reg.Run(ctx) }()
+	fh := &fakeHive{}
+	cfg.Registry, cfg.Hives, cfg.QueenID = reg, fh, "queen-test"
+	if cfg.Interval == 0 {
+		cfg.Interval = time.Second
+	}
+	if cfg.StartTimeout == 0 {
+		cfg.StartTimeout = 10 * time.Second
+	}
+	q := New(cfg)
+	srv := rpcserver.New(rpcserver.Options{Logger: zap.NewNop(), ShutdownTimeout: time.Second})
+	rbeev1.RegisterQueenServiceServer(srv.GRPC, q)
+	rbeev1.RegisterHeartbeatServiceServer(srv.GRPC, q)
+	lis := bufconn.Listen(1 << 20)
+	serveDone := make(chan struct{})
+	go func() { defer close(serveDone); _ = srv.Serve(ctx, lis, q.Drain) }()
+	conn, err := grpc.NewClient("passthrough:///bufnet",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		conn.Close()
+		cancel()
+		<-serveDone
+		<-regDone
+	})
+	return &env{q: q, reg: reg, hive: fh, queen: rbeev1.NewQueenServiceClient(conn), beats: rbeev1.NewHeartbeatServiceClient(conn)}
+}
+
+func descriptor(id string, st rbeev1.WorkerState) *rbeev1.WorkerHeartbeatRequest {
+	return &rbeev1.WorkerHeartbeatRequest{Worker: &rbeev1.Worker{
+		WorkerId: id, HiveId: "h1", Model: "m", Device: "cpu", Pid: 4242, Port: 9100, State: st, ProcessStartTime: 5,
+	}}
+}
+
+func TestHeartbeatAnswersEveryBeatAndRelearnsUnknownWorkers(t *testing.T) {
+	e := newEnv(t, Config{})
+	st, err := e.beats.WorkerHeartbeat(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, s := range []rbeev1.WorkerState{rbeev1.WorkerState_WORKER_STATE_STARTING, rbeev1.WorkerState_WORKER_STATE_READY, rbeev1.WorkerState_WORKER_STATE_BUSY} {
+		if err := st.Send(descriptor("relearned", s)); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatalf("beat %d: %v", i, err)
+		}
+		if resp.GetQueenId() != "queen-test" || resp.GetInterval().AsDuration() != time.Second {
+			t.Fatalf("beat %d answered %v", i, resp)
+		}
+		w, ok := e.reg.Get("relearned")
+		if !ok || w.PID != 4242 || w.State.String() != strings.TrimPrefix(s.String(), "WORKER_STATE_") {
+			t.Fatalf("after beat %d registry has %+v, %v", i, w, ok)
+		}
+	}
+	if err := st.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err == nil {
+		t.Fatal("stream still open after CloseSend")
+	}
+}
+
+func TestHeartbeatRefusesBadDescriptors(t *testing.T) {
+	e := newEnv(t, Config{})
+	bad := map[string]*rbeev1.WorkerHeartbeatRequest{
+		"no descriptor":  {},
+		"no worker id":   descriptor("", rbeev1.WorkerState_WORKER_STATE_READY),
+		"stale reported": descriptor("w", rbeev1.WorkerState_WORKER_STATE_STALE),
+		"pid 1":          {Worker: &rbeev1.Worker{WorkerId: "w", HiveId: "h1", Model: "m", Device: "cpu", Pid: 1, Port: 9100, State: rbeev1.WorkerState_WORKER_STATE_READY}},
+	}
+	for name, req := range bad {
+		t.Run(name, func(t *testing.T) {
+			st, err := e.beats.WorkerHeartbeat(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			_ = st.Send(req)
+			if _, err := st.Recv(); status.Code(err) != codes.InvalidArgument {
+				t.Fatalf("got %v, want INVALID_ARGUMENT", err)
+			}
+		})
+	}
+	// A stream may not change identity half-way.
+	st, err := e.beats.WorkerHeartbeat(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = st.Send(descriptor("one", rbeev1.WorkerState_WORKER_STATE_READY))
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	_ = st.Send(descriptor("two", rbeev1.WorkerState_WORKER_STATE_READY))
+	if _, err := st.Recv(); status.Code(err) != codes.InvalidArgument {
+		t.Fatalf("identity change: got %v, want INVALID_ARGUMENT", err)
+	}
+	if _, ok := e.reg.Get("two"); ok {
+		t.Fatal("the refused beat reached the registry")
+	}
+}
+
+func TestSecondStreamReplacesFirst(t *testing.T) {
+	e := newEnv(t, Config{})
+	first, _ := e.beats.WorkerHeartbeat(t.Context())
+	_ = first.Send(descriptor("w", rbeev1.WorkerState_WORKER_STATE_READY))
+	if _, err := first.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	second, _ := e.beats.WorkerHeartbeat(t.Context())
+	_ = second.Send(descriptor("w", rbeev1.WorkerState_WORKER_STATE_READY))
+	if _, err := second.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	_ = first.Send(descriptor("w", rbeev1.WorkerState_WORKER_STATE_READY))
+	if _, err := first.Recv(); status.Code(err) != codes.Aborted {
+		t.Fatalf("replaced stream got %v, want ABORTED", err)
+	}
+	// The replaced stream's end must not make the worker STALE: the new stream speaks for it.
+	if w, _ := e.reg.Get("w"); w.State != registry.StateReady {
+		t.Fatalf("worker is %v after its old stream ended, want READY", w.State)
+	}
+}
+
+func TestHeartbeatFloodIsCut(t *testing.T) {
+	e := newEnv(t, Config{MaxBeatsPerSecond: 5})
+	st, _ := e.beats.WorkerHeartbeat(t.Context())
+	var err error
+	for i := 0; i < 50 && err == nil; i++ {
+		if err = st.Send(descriptor("flood", rbeev1.WorkerState_WORKER_STATE_READY)); err == nil {
+			_, err = st.Recv()
+		}
+	}
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("flooding stream got %v, want RESOURCE_EXHAUSTED", err)
+	}
+}
+
+func TestWaitReadyTimeoutRemovesTheWorker(t *testing.T) {
+	e := newEnv(t, Config{StartTimeout: 200 * time.Millisecond})
+	_, err := e.queen.SpawnWorker(t.Context(), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: "slow", WaitReady: true})
+	if status.Code(err) != codes.DeadlineExceeded {
+		t.Fatalf("got %v, want DEADLINE_EXCEEDED", err)
+	}
+	if _, ok := e.reg.Get("slow"); ok {
+		t.Fatal("timed-out worker still in the registry")
+	}
+	d := e.hive.deleted()
+	if len(d) != 1 || d[0].GetWorkerId() != "slow" || d[0].GetPid() != 1001 || d[0].GetProcessStartTime() != 77 {
+		t.Fatalf("hive deletes = %v, want one for slow's PID 1001", d)
+	}
+}
+
+func TestWorkerExitFailsWaitReadyWithItsOutput(t *testing.T) {
+	e := newEnv(t, Config{})
+	errc := make(chan error, 1)
+	go func() {
+		_, err := e.queen.SpawnWorker(t.Context(), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: "crashy", WaitReady: true})
+		errc <- err
+	}()
+	// Wait (on the registry's change feed) until the hive has answered the spawn.
+	watch := e.reg.Watch("")
+	defer watch.Close()
+	var w registry.Worker
+	for ev := range watch.Events() {
+		if ev.Worker.ID == "crashy" && ev.Worker.PID != 0 {
+			w = ev.Worker
+			break
+		}
+	}
+	hb, _ := e.beats.HiveHeartbeat(t.Context())
+	_ = hb.Send(&rbeev1.HiveHeartbeatRequest{
+		Hive:  &rbeev1.Hive{HiveId: "h1", Address: "127.0.0.1:1"},
+		Exits: []*rbeev1.WorkerExit{{WorkerId: "crashy", Pid: w.PID, ProcessStartTime: 77, ExitCode: 3, LogTail: "CUDA out of memory"}},
+	})
+	if _, err := hb.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	err := <-errc
+	if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "exit status 3") || !strings.Contains(err.Error(), "CUDA out of memory") {
+		t.Fatalf("SpawnWorker = %v; want ABORTED with the exit status and output", err)
+	}
+	if _, ok := e.reg.Get("crashy"); ok {
+		t.Fatal("exited worker still registered")
+	}
+}
+
+func TestSpawnErrorsKeepTheirMeaning(t *testing.T) {
+	e := newEnv(t, Config{})
+	for _, tt := range []struct {
+		hiveErr error
+		want    codes.Code
+	}{
+		{status.Error(codes.Unavailable, "connection refused"), codes.Unavailable},
+		{status.Error(codes.ResourceExhausted, "no free port in 9100-9100"), codes.ResourceExhausted},
+		{status.Error(codes.FailedPrecondition, "worker binary /x: no such file"), codes.FailedPrecondition},
+	} {
+		e.hive.mu.Lock()
+		e.hive.spawnErr = tt.hiveErr
+		e.hive.mu.Unlock()
+		_, err := e.queen.SpawnWorker(t.Context(), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: "x"})
+		if status.Code(err) != tt.want {
+			t.Errorf("hive said %v: queen answered %v, want %v", tt.hiveErr, err, tt.want)
+		}
+		if _, ok := e.reg.Get("x"); ok {
+			t.Fatal("failed spawn left a worker in the registry")
+		}
+	}
+}
+
+func TestDrainEndsHeartbeatStreams(t *testing.T) {
+	e := newEnv(t, Config{})
+	st, _ := e.beats.WorkerHeartbeat(t.Context())
+	_ = st.Send(descriptor("w", rbeev1.WorkerState_WORKER_STATE_READY))
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	e.q.Drain()
+	_ = st.Send(descriptor("w", rbeev1.WorkerState_WORKER_STATE_READY))
+	if _, err := st.Recv(); status.Code(err) != codes.Unavailable {
+		t.Fatalf("after Drain got %v, want UNAVAILABLE", err)
+	}
+}
+
+func TestDeleteForwardsPIDAndForgets(t *testing.T) {
+	e := newEnv(t, Config{})
+	if _, err := e.queen.SpawnWorker(t.Context(), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: "d"}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := e.queen.DeleteWorker(t.Context(), &rbeev1.DeleteWorkerRequest{WorkerId: "d", GracePeriod: durationpb.New(3 * time.Second)})
+	if err != nil || resp.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED || resp.GetWorker().GetWorkerId() != "d" {
+		t.Fatalf("DeleteWorker = %v, %v", resp, err)
+	}
+	d := e.hive.deleted()
+	if len(d) != 1 || d[0].GetPid() != 1001 || d[0].GetGracePeriod().AsDuration() != 3*time.Second {
+		t.Fatalf("hive got %v", d)
+	}
+	if _, ok := e.reg.Get("d"); ok {
+		t.Fatal("deleted worker still registered")
+	}
+}
