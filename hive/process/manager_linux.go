@@ -1,0 +1,707 @@
+package process
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+
+	"github.com/rbee-dev/rbee/internal/narrate"
+	"github.com/rbee-dev/rbee/internal/procstat"
+)
+
+// Environment variables of the worker contract and of the trampoline.
+const (
+	envWorkerID      = "RBEE_WORKER_ID"
+	envHiveID        = "RBEE_HIVE_ID"
+	envJobID         = "RBEE_JOB_ID"
+	envTrampoline    = "RBEE_TRAMPOLINE_EXEC" // set: this process is a trampoline; value: the worker binary
+	envTrampolineLog = "RBEE_TRAMPOLINE_LOG"  // the log file the trampoline opens for the worker
+	envListenFDs     = "LISTEN_FDS"
+	envListenPID     = "LISTEN_PID"
+	envListenName    = "LISTEN_FDNAMES"
+)
+
+// Manager spawns and deletes worker processes. Its only memory is of the children it is still
+// reaping (so that none becomes a zombie and OnExit can report them) and of Deletes in flight;
+// everything about a worker that Delete needs is proven from the kernel.
+type Manager struct {
+	cfg      Config
+	log      *zap.Logger
+	self     string     // the hive's own executable, run as the trampoline
+	cg2mount string     // cgroup2 mount point, "" when there is none
+	cg       cgroupRoot // where worker cgroups go, when useCg
+	useCg    bool
+	direct   bool // benchmarks only: exec the worker without the trampoline, to measure its cost
+	sa       func(port int) unix.Sockaddr
+	family   int
+
+	nextPort atomic.Uint32 // rotating start of the port search
+	pending  atomic.Int64  // Spawns between the max-workers check and a countable process
+
+	mu       sync.Mutex
+	children map[int]*child     // by PID, until reaped
+	flights  map[target]*flight // Deletes in progress
+	closed   bool
+	parents  sync.Map // rbee-<hive-id> cgroup directories used by Spawn
+
+	stop    chan struct{}
+	bg      sync.WaitGroup // the log-capping goroutine
+	reapers sync.WaitGroup
+}
+
+// child is a worker this Manager started and still has to reap.
+type child struct {
+	workerID  string
+	startTime uint64
+	logPath   string
+	cgroup    string
+	pidfd     int
+	deleting  bool          // a Delete owns its end: no OnExit
+	reaped    chan struct{} // closed once wait(2) has collected it
+}
+
+type target struct {
+	pid       int
+	startTime uint64
+	workerID  string
+}
+
+// flight is one Delete that concurrent Deletes of the same target join.
+type flight struct {
+	done chan struct{}
+	out  Outcome
+	err  error
+}
+
+// New checks cfg and starts the log-capping goroutine. It does not look at the worker binary:
+// a binary installed after the hive started is fine, so Spawn checks it each time.
+func New(cfg Config) (*Manager, error) {
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	// The trampoline is this very binary, run through /proc/self/exe: that keeps working after the
+	// hive's file is replaced or deleted by an upgrade, when its old path may be another program.
+	self := "/proc/self/exe"
+	if _, err := os.Stat(self); err != nil {
+		return nil, errf(KindInternal, err, "find the hive's own executable for the trampoline")
+	}
+	m := &Manager{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		self:     self,
+		children: make(map[int]*child),
+		flights:  make(map[target]*flight),
+		stop:     make(chan struct{}),
+	}
+	if err := m.setListenHost(cfg.ListenHost); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.LogDir, 0o755); err != nil {
+		return nil, errf(KindInternal, err, "create log dir")
+	}
+	if err := unix.Access(cfg.LogDir, unix.W_OK|unix.X_OK); err != nil {
+		return nil, errf(KindInternal, err, "log dir %s not writable", cfg.LogDir)
+	}
+	m.cg2mount, _ = cgroup2Mount()
+	if cfg.Cgroups == CgroupAuto {
+		m.cg, m.useCg = findCgroup2()
+	}
+	m.nextPort.Store(rand.Uint32())
+	m.log.Info("process manager ready", zap.Bool("cgroups", m.useCg),
+		zap.String("cgroup_root", filepath.Join(m.cg.mount, m.cg.own)), zap.String("log_dir", cfg.LogDir))
+	m.bg.Add(1)
+	go m.capLogsLoop()
+	return m, nil
+}
+
+func (m *Manager) setListenHost(host string) error {
+	ip := net.ParseIP(host)
+	if ip == nil {
+		ips, err := net.LookupIP(host)
+		if err != nil || len(ips) == 0 {
+			return errf(KindInvalid, err, "listen host %q does not resolve", host)
+		}
+		ip = ips[0]
+	}
+	if ip4 := ip.To4(); ip4 != nil {
+		m.family = unix.AF_INET
+		m.sa = func(port int) unix.Sockaddr {
+			sa := &unix.SockaddrInet4{Port: port}
+			copy(sa.Addr[:], ip4)
+			return sa
+		}
+		return nil
+	}
+	m.family = unix.AF_INET6
+	m.sa = func(port int) unix.Sockaddr {
+		sa := &unix.SockaddrInet6{Port: port}
+		copy(sa.Addr[:], ip.To16())
+		return sa
+	}
+	return nil
+}
+
+// Close stops the background goroutines. It never signals a worker: workers outlive the hive. The
+// goroutines reaping children that are still running end when those children do.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	m.mu.Unlock()
+	close(m.stop)
+	m.bg.Wait()
+	// Tidy the rbee-<hive-id> cgroups this Manager used; rmdir fails, harmlessly, on those that
+	// still hold workers, which the next hive will find there.
+	m.parents.Range(func(dir, _ any) bool {
+		unix.Rmdir(dir.(string))
+		return true
+	})
+	return nil
+}
+
+// Live returns how many worker processes of this hive are alive now, its children or not: the
+// populated worker cgroups, or without cgroups the processes that carry the worker marker.
+func (m *Manager) Live() int {
+	if m.useCg {
+		return m.cg.liveCgroups(m.cfg.HiveID)
+	}
+	m.mu.Lock()
+	own := make(map[int]bool, len(m.children))
+	for pid := range m.children {
+		own[pid] = true
+	}
+	m.mu.Unlock()
+	// The children cover the microseconds of an exec, when a worker's environment reads empty.
+	for _, pid := range markedWorkers(m.cfg.HiveID) {
+		own[pid] = true
+	}
+	return len(own)
+}
+
+// checkBinary fails with KindBinary, naming the path, unless path is an executable regular file;
+// checking before the fork keeps a typo from becoming a worker that dies at once.
+func checkBinary(path string) error {
+	if path == "" {
+		return errf(KindBinary, nil, "no worker binary configured")
+	}
+	fi, err := os.Stat(path)
+	if err != nil {
+		return errf(KindBinary, err, "worker binary %s", path)
+	}
+	if !fi.Mode().IsRegular() {
+		return errf(KindBinary, nil, "worker binary %s is not a regular file", path)
+	}
+	if err := unix.Access(path, unix.X_OK); err != nil {
+		return errf(KindBinary, err, "worker binary %s is not executable", path)
+	}
+	return nil
+}
+
+// Spawn starts a worker and returns as soon as its process exists. The worker gets a listening
+// socket on fd 3 (systemd socket activation), its log file as stdout and stderr, its own session,
+// and its own cgroup where available. No lock is held across fork/exec, so Spawns run in parallel.
+func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
+	if !validID(s.WorkerID) {
+		return Spawned{}, errf(KindInvalid, nil, "worker id %q invalid: want 1-128 of [A-Za-z0-9._-], not starting with '.'", s.WorkerID)
+	}
+	hiveID := cmp.Or(s.HiveID, m.cfg.HiveID, "hive")
+	if !validID(hiveID) {
+		return Spawned{}, errf(KindInvalid, nil, "hive id %q invalid", s.HiveID)
+	}
+	if err := checkBinary(m.cfg.Binary); err != nil {
+		return Spawned{}, err
+	}
+	if m.cfg.MaxWorkers > 0 {
+		n := m.pending.Add(1)
+		defer m.pending.Add(-1)
+		if live := m.Live(); live+int(n)-1 >= m.cfg.MaxWorkers {
+			return Spawned{}, errf(KindExhausted, nil, "max workers %d reached (%d live)", m.cfg.MaxWorkers, live)
+		}
+	}
+	narrate.Event(ctx, "hive", "worker_spawn_start", "spawning worker",
+		zap.String("worker_id", s.WorkerID), zap.String("model", s.Model), zap.String("device", s.Device))
+
+	lis, port, err := m.listen()
+	if err != nil {
+		return Spawned{}, err
+	}
+	defer lis.Close() // the worker has its own copy once started
+
+	// The trampoline, not the hive, opens the log (O_APPEND) and makes it the worker's stdout and
+	// stderr: creating a file costs a few hundred microseconds on ext4, as much as fork and exec
+	// together, and in the child it overlaps with the hive's next request instead of delaying
+	// this one. New has checked that LogDir is writable.
+	logPath := filepath.Join(m.cfg.LogDir, s.WorkerID+".log")
+
+	attr := &syscall.SysProcAttr{Setsid: true} // own session and group; no Pdeathsig: workers outlive the hive
+	cgDir := ""
+	if m.useCg {
+		nonce := strconv.FormatUint(uint64(time.Now().UnixNano()), 36) + strconv.FormatUint(uint64(rand.Uint32()), 36)
+		dir, fd, err := m.cg.create(hiveID, s.WorkerID, nonce)
+		if err != nil {
+			return Spawned{}, errf(KindInternal, err, "create worker cgroup")
+		}
+		defer unix.Close(fd)
+		m.parents.Store(filepath.Dir(dir), true)
+		cgDir = dir
+		attr.UseCgroupFD, attr.CgroupFD = true, fd
+	}
+
+	cmd := &exec.Cmd{
+		Path: m.self, // the trampoline: sets LISTEN_PID to its own PID, then execs the worker
+		Args: []string{m.cfg.Binary,
+			"--worker-id", s.WorkerID, "--hive-id", hiveID, "--model", s.Model, "--device", s.Device,
+			"--port", strconv.Itoa(port), "--queen", s.QueenAddress},
+		Env:         append(workerEnv(s, hiveID, m.cfg.Binary), envTrampolineLog+"="+logPath),
+		ExtraFiles:  []*os.File{lis},
+		SysProcAttr: attr,
+	}
+	if m.direct {
+		cmd.Path = m.cfg.Binary
+		cmd.Env = slices.DeleteFunc(cmd.Env, func(kv string) bool { return strings.HasPrefix(kv, "RBEE_TRAMPOLINE_") })
+	}
+	if err := cmd.Start(); err != nil {
+		if cgDir != "" {
+			removeCgroup(cgDir)
+		}
+		return Spawned{}, errf(KindInternal, err, "start worker")
+	}
+	pid := cmd.Process.Pid
+	// The child is not reaped before the reaper below runs, so its PID is still its own here.
+	startTime, err := procstat.StartTime(pid)
+	if err != nil {
+		m.log.Warn("read start time of new worker", zap.Int("pid", pid), zap.Error(err))
+	}
+	pidfd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		pidfd = -1
+	}
+	c := &child{workerID: s.WorkerID, startTime: startTime, logPath: logPath, cgroup: cgDir, pidfd: pidfd, reaped: make(chan struct{})}
+	m.mu.Lock()
+	m.children[pid] = c
+	m.mu.Unlock()
+	m.reapers.Add(1)
+	go m.reap(cmd, pid, c)
+
+	narrate.Event(ctx, "hive", "worker_spawned", "worker process started",
+		zap.String("worker_id", s.WorkerID), zap.Int("pid", pid), zap.Int("port", port),
+		zap.Uint64("start_time", startTime), zap.String("cgroup", cgDir))
+	return Spawned{PID: pid, Port: port, StartTime: startTime, Cgroup: cgDir}, nil
+}
+
+// workerEnv is the hive's environment plus the spec's extras plus the contract variables, which
+// always win: a caller cannot hand a worker another worker's identity marker.
+func workerEnv(s SpawnSpec, hiveID, binary string) []string {
+	reserved := func(kv string) bool {
+		k, _, _ := strings.Cut(kv, "=")
+		switch k {
+		case envWorkerID, envHiveID, envTrampoline, envTrampolineLog, envListenFDs, envListenPID, envListenName:
+			return true
+		}
+		return false
+	}
+	env := make([]string, 0, len(os.Environ())+len(s.Env)+5)
+	for _, kv := range os.Environ() {
+		if !reserved(kv) {
+			env = append(env, kv)
+		}
+	}
+	for _, kv := range s.Env {
+		if !reserved(kv) {
+			env = append(env, kv)
+		}
+	}
+	env = append(env, envWorkerID+"="+s.WorkerID, envHiveID+"="+hiveID, envListenFDs+"=1", envListenName+"=rbee", envTrampoline+"="+binary)
+	if s.JobID != "" {
+		env = append(env, envJobID+"="+s.JobID)
+	}
+	return env
+}
+
+// listen binds and listens on the first free port of the range, starting from a rotating offset so
+// that consecutive Spawns do not all probe the same busy ports. The socket is close-on-exec, so
+// only the worker it is meant for inherits it, and a port is in use exactly as long as some
+// process holds its socket: no bookkeeping, nothing to leak.
+func (m *Manager) listen() (*os.File, int, error) {
+	fd, err := unix.Socket(m.family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, 0, errf(KindInternal, err, "socket")
+	}
+	// Lets a port be reused while connections of its dead worker sit in TIME_WAIT; two listeners
+	// on one port are still impossible without SO_REUSEPORT.
+	if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_REUSEADDR, 1); err != nil {
+		unix.Close(fd)
+		return nil, 0, errf(KindInternal, err, "setsockopt SO_REUSEADDR")
+	}
+	n := m.cfg.PortHigh - m.cfg.PortLow + 1
+	start := int(m.nextPort.Add(1) % uint32(n))
+	for i := 0; i < n; i++ {
+		port := m.cfg.PortLow + (start+i)%n
+		if err := unix.Bind(fd, m.sa(port)); err != nil {
+			if err == unix.EADDRINUSE || err == unix.EACCES {
+				continue
+			}
+			unix.Close(fd)
+			return nil, 0, errf(KindInternal, err, "bind %s:%d", m.cfg.ListenHost, port)
+		}
+		if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
+			unix.Close(fd)
+			if err == unix.EADDRINUSE { // lost a race for the port; a fresh socket tries on
+				return m.listen()
+			}
+			return nil, 0, errf(KindInternal, err, "listen %s:%d", m.cfg.ListenHost, port)
+		}
+		return os.NewFile(uintptr(fd), "rbee-listener:"+strconv.Itoa(port)), port, nil
+	}
+	unix.Close(fd)
+	return nil, 0, errf(KindExhausted, nil, "no free port in %d-%d on %s", m.cfg.PortLow, m.cfg.PortHigh, m.cfg.ListenHost)
+}
+
+// reap waits for one child so that it never lingers as a zombie, cleans up what it left behind
+// and, unless a Delete is ending it, reports its exit.
+func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child) {
+	defer m.reapers.Done()
+	_ = cmd.Wait() // the status is in ProcessState; a non-zero exit is not an error here
+	at := time.Now()
+	m.mu.Lock()
+	delete(m.children, pid)
+	deleting, closed := c.deleting, m.closed
+	m.mu.Unlock()
+	close(c.reaped)
+	if deleting {
+		if c.pidfd >= 0 {
+			unix.Close(c.pidfd)
+		}
+		return // Delete cleans up and reports
+	}
+	// It ended on its own: whatever it forked must not outlive it.
+	if c.cgroup != "" {
+		if p, _ := cgroupPopulated(c.cgroup); p {
+			cgroupKill(c.cgroup)
+			waitCgroupEmpty(c.cgroup, killWait)
+		}
+		removeCgroup(c.cgroup)
+	} else if c.pidfd >= 0 {
+		// Its group, through the pidfd only: the PID is free for reuse now, so no kill(-pgid)
+		// fallback. Children that started their own session are beyond reach without a cgroup.
+		unix.PidfdSendSignal(c.pidfd, unix.SIGKILL, nil, pidfdSignalProcessGroup)
+	}
+	if c.pidfd >= 0 {
+		unix.Close(c.pidfd)
+	}
+	ex := Exit{WorkerID: c.workerID, PID: pid, StartTime: c.startTime, ExitCode: -1, Time: at, LogTail: logTail(c.logPath, 20)}
+	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {
+		switch {
+		case ws.Exited():
+			ex.ExitCode = ws.ExitStatus()
+		case ws.Signaled():
+			ex.Signal = unix.SignalName(ws.Signal())
+		}
+	}
+	m.log.Info("worker exited on its own", zap.String("worker_id", c.workerID), zap.Int("pid", pid),
+		zap.Int("exit_code", ex.ExitCode), zap.String("signal", ex.Signal), zap.String("actor", "hive"),
+		zap.String("action", "worker_exit"))
+	if !closed && m.cfg.OnExit != nil {
+		m.cfg.OnExit(ex)
+	}
+}
+
+// Delete stops the worker t names: after proving the PID is that worker (see prove), SIGTERM and
+// SIGCONT, up to grace to leave, then SIGKILL to the worker's whole cgroup or process group. It
+// returns once the worker and everything it forked are gone (and, for a child, reaped). Concurrent
+// Deletes of the same target share one run and its outcome. Once signals are sent the Delete runs
+// to its end even if ctx is cancelled, so that no worker is left half-stopped; the wait is bounded
+// by grace plus twice the SIGKILL bound.
+func (m *Manager) Delete(ctx context.Context, t Target, grace time.Duration) (Outcome, error) {
+	if err := checkGrace(grace); err != nil {
+		return OutcomeUnknown, err
+	}
+	if t.PID > 1 && t.PID != os.Getpid() && t.PID != os.Getppid() && !validID(t.WorkerID) {
+		return OutcomeUnknown, errf(KindInvalid, nil, "worker id %q invalid", t.WorkerID)
+	}
+	key := target{t.PID, t.StartTime, t.WorkerID}
+	m.mu.Lock()
+	if f := m.flights[key]; f != nil {
+		m.mu.Unlock()
+		select {
+		case <-f.done:
+			return f.out, f.err
+		case <-ctx.Done():
+			return OutcomeUnknown, errf(KindInternal, ctx.Err(), "waiting for a concurrent delete of pid %d", t.PID)
+		}
+	}
+	f := &flight{done: make(chan struct{})}
+	m.flights[key] = f
+	m.mu.Unlock()
+
+	f.out, f.err = m.delete(ctx, t, grace)
+
+	m.mu.Lock()
+	delete(m.flights, key)
+	m.mu.Unlock()
+	close(f.done)
+	return f.out, f.err
+}
+
+func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Outcome, error) {
+	fields := []zap.Field{zap.String("worker_id", t.WorkerID), zap.Int("pid", t.PID)}
+	p, gone, err := m.prove(t)
+	if err != nil {
+		narrate.Warn(ctx, "hive", "worker_delete_refused", "refusing to signal process", append(fields, zap.Error(err))...)
+		return OutcomeUnknown, err
+	}
+	c := m.claimChild(t.PID, p.startTime, !gone)
+	if gone {
+		if c != nil {
+			// It exited on its own moments ago; its reaper is about to collect it.
+			select {
+			case <-c.reaped:
+			case <-time.After(killWait):
+				return OutcomeUnknown, errf(KindStuck, nil, "pid %d exited but was not reaped within %v", t.PID, killWait)
+			}
+		}
+		narrate.Event(ctx, "hive", "worker_delete_already_exited", "worker already gone", fields...)
+		return AlreadyExited, nil
+	}
+	defer unix.Close(p.pidfd)
+
+	// Without a cgroup, children that started their own session are found only through the
+	// process tree, and only while the worker is alive to be their parent.
+	var strays []proven
+	if p.cgroup == "" {
+		strays = descendants(p.pid)
+		defer func() {
+			for _, s := range strays {
+				unix.Close(s.pidfd)
+			}
+		}()
+	}
+
+	out := Killed
+	if grace > 0 {
+		narrate.Event(ctx, "hive", "worker_delete_sigterm", "sending SIGTERM", append(fields, zap.Duration("grace", grace))...)
+		if err := sendSignal(p.pidfd, unix.SIGTERM); err != nil {
+			return OutcomeUnknown, errf(KindInternal, err, "SIGTERM pid %d", p.pid)
+		}
+		sendSignal(p.pidfd, unix.SIGCONT) // a stopped worker cannot act on SIGTERM until continued
+		if waitExit(p.pidfd, grace) {
+			out = Exited
+		}
+	}
+	if out == Killed {
+		narrate.Event(ctx, "hive", "worker_delete_sigkill", "sending SIGKILL", fields...)
+		m.killAll(p, strays)
+		if !waitExit(p.pidfd, killWait) {
+			return OutcomeUnknown, errf(KindStuck, nil, "pid %d still alive %v after SIGKILL", p.pid, killWait)
+		}
+	}
+	// The worker is gone; anything it forked goes too.
+	if err := m.killLeftovers(p, strays); err != nil {
+		return OutcomeUnknown, err
+	}
+	if c != nil {
+		select {
+		case <-c.reaped:
+		case <-time.After(killWait):
+			return OutcomeUnknown, errf(KindStuck, nil, "pid %d exited but was not reaped within %v", p.pid, killWait)
+		}
+	}
+	narrate.Event(ctx, "hive", "worker_deleted", "worker deleted", append(fields, zap.Stringer("outcome", out))...)
+	return out, nil
+}
+
+// claimChild returns this Manager's record of child pid, if it has one with that start time, and
+// when deleting marks it so that its exit is not reported through OnExit.
+func (m *Manager) claimChild(pid int, startTime uint64, deleting bool) *child {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c := m.children[pid]
+	if c == nil || (startTime != 0 && c.startTime != 0 && c.startTime != startTime) {
+		return nil
+	}
+	if deleting {
+		c.deleting = true
+	}
+	return c
+}
+
+// killAll SIGKILLs the worker and everything it forked: cgroup.kill reaches even processes that
+// left its session; otherwise its process group plus the strays found in its process tree.
+func (m *Manager) killAll(p proven, strays []proven) {
+	if p.cgroup != "" {
+		if err := cgroupKill(p.cgroup); err != nil {
+			m.log.Warn("cgroup.kill", zap.String("cgroup", p.cgroup), zap.Error(err))
+		}
+	} else {
+		signalGroup(p.pidfd, p.pid, unix.SIGKILL)
+		for _, s := range strays {
+			sendSignal(s.pidfd, unix.SIGKILL)
+		}
+	}
+	sendSignal(p.pidfd, unix.SIGKILL) // in case the cgroup write failed
+}
+
+// killLeftovers removes what survives the worker's main process and waits, bounded, until it is
+// gone; with a cgroup it then removes the cgroup.
+func (m *Manager) killLeftovers(p proven, strays []proven) error {
+	if p.cgroup != "" {
+		populated, err := cgroupPopulated(p.cgroup)
+		if err != nil {
+			if errors.Is(err, os.ErrNotExist) {
+				return nil
+			}
+			return errf(KindInternal, err, "read cgroup.events")
+		}
+		if populated {
+			if err := cgroupKill(p.cgroup); err != nil {
+				return errf(KindInternal, err, "cgroup.kill %s", p.cgroup)
+			}
+			if err := waitCgroupEmpty(p.cgroup, killWait); err != nil {
+				return err
+			}
+		}
+		if err := removeCgroup(p.cgroup); err != nil {
+			m.log.Warn("remove worker cgroup", zap.Error(err))
+		}
+		return nil
+	}
+	signalGroup(p.pidfd, p.pid, unix.SIGKILL)
+	for _, s := range strays {
+		sendSignal(s.pidfd, unix.SIGKILL)
+	}
+	for _, s := range strays {
+		if !waitExit(s.pidfd, killWait) {
+			return errf(KindStuck, nil, "pid %d (forked by worker pid %d) still alive %v after SIGKILL", s.pid, p.pid, killWait)
+		}
+	}
+	return nil
+}
+
+// descendants returns pidfds for the live processes below pid in the process tree and those in
+// pid's session, each verified after opening to be the process seen in the scan. (This kernel
+// may lack /proc/PID/task/TID/children, so the whole of /proc is read, with one buffer.)
+func descendants(pid int) []proven {
+	d, err := os.Open("/proc")
+	if err != nil {
+		return nil
+	}
+	names, _ := d.Readdirnames(-1)
+	d.Close()
+	kids := make(map[int][]int)
+	seen := make(map[int]procstat.Stat)
+	buf := make([]byte, 1024)
+	for _, name := range names {
+		n, err := strconv.Atoi(name)
+		if err != nil || n == pid {
+			continue
+		}
+		st, err := readStat(n, buf)
+		if err != nil {
+			continue
+		}
+		seen[n] = st
+		kids[st.PPID] = append(kids[st.PPID], n)
+	}
+	want := make(map[int]bool)
+	queue := []int{pid}
+	for len(queue) > 0 {
+		q := queue[0]
+		queue = queue[1:]
+		for _, k := range kids[q] {
+			if !want[k] {
+				want[k] = true
+				queue = append(queue, k)
+			}
+		}
+	}
+	for n, st := range seen {
+		if st.SID == pid {
+			want[n] = true
+		}
+	}
+	var out []proven
+	for n := range want {
+		fd, err := unix.PidfdOpen(n, 0)
+		if err != nil {
+			continue
+		}
+		st, err := readStat(n, buf)
+		if err != nil || st.StartTime != seen[n].StartTime || exited(fd) {
+			unix.Close(fd)
+			continue
+		}
+		out = append(out, proven{pid: n, pidfd: fd, startTime: st.StartTime})
+	}
+	return out
+}
+
+// readStat is procstat.Read without allocating a buffer per process.
+func readStat(pid int, buf []byte) (procstat.Stat, error) {
+	fd, err := unix.Open("/proc/"+strconv.Itoa(pid)+"/stat", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return procstat.Stat{}, err
+	}
+	n, err := unix.Read(fd, buf)
+	unix.Close(fd)
+	if err != nil {
+		return procstat.Stat{}, err
+	}
+	return procstat.Parse(buf[:n])
+}
+
+// markedWorkers lists the processes whose environment says they are a worker started by a hive
+// (of hive hiveID, unless empty): a worker id marker plus either LISTEN_PID naming themselves or,
+// before the trampoline's exec, the trampoline marker. A worker's children inherit the worker id
+// but neither of the others.
+func markedWorkers(hiveID string) []int {
+	d, err := os.Open("/proc")
+	if err != nil {
+		return nil
+	}
+	names, _ := d.Readdirnames(-1)
+	d.Close()
+	var pids []int
+	for _, name := range names {
+		pid, err := strconv.Atoi(name)
+		if err != nil {
+			continue
+		}
+		env, err := os.ReadFile("/proc/" + name + "/environ")
+		if err != nil || !hasEnvKey(env, envWorkerID) {
+			continue
+		}
+		if !hasEnv(env, envListenPID+"="+name) && !hasEnvKey(env, envTrampoline) {
+			continue
+		}
+		if hiveID != "" && !hasEnv(env, envHiveID+"="+hiveID) {
+			continue
+		}
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// hasEnvKey says whether the NUL-separated environ block sets key.
+func hasEnvKey(environ []byte, key string) bool {
+	return bytes.HasPrefix(environ, []byte(key+"=")) || bytes.Contains(environ, []byte("\x00"+key+"="))
+}

@@ -1,0 +1,231 @@
+// Package process is the hive's process-control core: it spawns worker processes (each in its own
+// session and, where the machine allows, its own cgroup, with a pre-bound listening socket and a
+// size-capped log file) and deletes them by PID after proving their identity. It keeps no list of
+// workers: everything Delete needs is read back from the kernel, so a restarted hive can delete the
+// workers its predecessor spawned. No gRPC types live here; the server maps Kind to status codes.
+package process
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"go.uber.org/zap"
+)
+
+// CgroupMode says whether workers get a cgroup of their own.
+type CgroupMode int
+
+const (
+	// CgroupAuto puts each worker in its own cgroup when a writable cgroup v2 hierarchy exists,
+	// and falls back to the process group otherwise.
+	CgroupAuto CgroupMode = iota
+	// CgroupOff never uses cgroups: the worker's process group and session are what Delete kills.
+	CgroupOff
+)
+
+// Config configures a Manager. Zero values take the documented defaults.
+type Config struct {
+	Binary            string     // worker executable; Spawn fails with KindBinary if missing or not executable
+	ListenHost        string     // host the worker's listening socket binds; default "127.0.0.1"
+	PortLow, PortHigh int        // inclusive port range for worker sockets
+	LogDir            string     // one log file per worker: <LogDir>/<worker-id>.log; default <tmp>/rbee-hive-logs
+	LogMaxBytes       int64      // cap per log file; default 8 MiB
+	MaxWorkers        int        // 0: no cap; past it Spawn fails with KindExhausted
+	Cgroups           CgroupMode // CgroupAuto (default) or CgroupOff
+	OnExit            func(Exit) // called when a worker this Manager spawned exits on its own; may be nil
+	Logger            *zap.Logger
+
+	// HiveID scopes Live and MaxWorkers to this hive's workers when several hives share a machine
+	// (and cgroup); it is also the hive id of a SpawnSpec that has none. Empty: count every rbee
+	// worker below this hive's cgroup (or, without cgroups, on the machine).
+	HiveID string
+
+	// LogCheckEvery is how often the log files are checked against LogMaxBytes; default 2s. Capping
+	// logs is housekeeping, so a coarse ticker is enough.
+	LogCheckEvery time.Duration
+}
+
+const (
+	defaultLogMaxBytes = 8 << 20
+	// MaxGrace is the longest grace period Delete accepts.
+	MaxGrace = 5 * time.Minute
+	// killWait bounds the wait after SIGKILL: a process still there afterwards is KindStuck.
+	killWait = 5 * time.Second
+)
+
+// SpawnSpec describes one worker to start.
+type SpawnSpec struct {
+	WorkerID, HiveID, Model, Device, QueenAddress string
+	Env                                           []string // extra KEY=VALUE for the worker only
+	JobID                                         string
+}
+
+// Spawned is what the hive reports back about a started worker.
+type Spawned struct {
+	PID       int
+	Port      int
+	StartTime uint64 // /proc/PID/stat field 22; with PID it names the process for good
+	Cgroup    string // absolute path of the worker's cgroup directory, "" without cgroups
+}
+
+// Target names the process Delete is asked to stop.
+type Target struct {
+	WorkerID  string
+	PID       int
+	StartTime uint64 // 0: unknown, the start time is then not checked
+}
+
+// Outcome is how a Delete ended.
+type Outcome int
+
+const (
+	// OutcomeUnknown is the zero value, returned together with an error.
+	OutcomeUnknown Outcome = iota
+	// Exited: the worker left within the grace period after SIGTERM.
+	Exited
+	// Killed: SIGKILL was needed.
+	Killed
+	// AlreadyExited: the worker was gone before any signal was sent.
+	AlreadyExited
+)
+
+func (o Outcome) String() string {
+	switch o {
+	case Exited:
+		return "exited"
+	case Killed:
+		return "killed"
+	case AlreadyExited:
+		return "already_exited"
+	}
+	return "unknown"
+}
+
+// Exit reports a worker that ended on its own.
+type Exit struct {
+	WorkerID  string
+	PID       int
+	StartTime uint64
+	ExitCode  int    // -1 if signalled
+	Signal    string // e.g. "SIGSEGV"; "" if it exited normally
+	LogTail   string // the last ~20 lines of its log file
+	Time      time.Time
+}
+
+// Kind classifies errors so that the server can map them to status codes in one place.
+type Kind int
+
+const (
+	KindNone        Kind = iota // no error
+	KindInternal                // anything unexpected
+	KindInvalid                 // bad argument: grace out of range, malformed worker id
+	KindNotWorker               // the PID is not provably the named worker; no signal was sent
+	KindExhausted               // port range or max-workers exhausted
+	KindBinary                  // worker binary missing or not executable
+	KindStuck                   // the process did not die within a bounded wait after SIGKILL
+	KindUnsupported             // not available on this operating system
+)
+
+func (k Kind) String() string {
+	switch k {
+	case KindNone:
+		return "none"
+	case KindInvalid:
+		return "invalid"
+	case KindNotWorker:
+		return "not_worker"
+	case KindExhausted:
+		return "exhausted"
+	case KindBinary:
+		return "binary"
+	case KindStuck:
+		return "stuck"
+	case KindUnsupported:
+		return "unsupported"
+	}
+	return "internal"
+}
+
+// Error is the error type of this package.
+type Error struct {
+	Kind Kind
+	Msg  string
+	Err  error // the underlying cause, if any
+}
+
+func (e *Error) Error() string {
+	if e.Err != nil {
+		return e.Msg + ": " + e.Err.Error()
+	}
+	return e.Msg
+}
+
+func (e *Error) Unwrap() error { return e.Err }
+
+// KindOf returns the Kind of err: KindNone for nil, KindInternal for errors not from this package.
+func KindOf(err error) Kind {
+	if err == nil {
+		return KindNone
+	}
+	var e *Error
+	if errors.As(err, &e) {
+		return e.Kind
+	}
+	return KindInternal
+}
+
+func errf(k Kind, cause error, format string, args ...any) error {
+	return &Error{Kind: k, Msg: fmt.Sprintf(format, args...), Err: cause}
+}
+
+// validID accepts the worker and hive ids used in file and cgroup names: 1-128 of [A-Za-z0-9._-],
+// not starting with a dot, so that an id can never climb out of its directory.
+func validID(id string) bool {
+	if id == "" || len(id) > 128 || id[0] == '.' {
+		return false
+	}
+	for _, c := range []byte(id) {
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '_', c == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+func checkGrace(grace time.Duration) error {
+	if grace < 0 || grace > MaxGrace {
+		return errf(KindInvalid, nil, "grace period %v out of range [0, %v]", grace, MaxGrace)
+	}
+	return nil
+}
+
+// withDefaults fills in the documented defaults and checks what can be checked without the OS.
+func (c Config) withDefaults() (Config, error) {
+	if c.ListenHost == "" {
+		c.ListenHost = "127.0.0.1"
+	}
+	if c.LogMaxBytes <= 0 {
+		c.LogMaxBytes = defaultLogMaxBytes
+	}
+	if c.LogCheckEvery <= 0 {
+		c.LogCheckEvery = 2 * time.Second
+	}
+	if c.LogDir == "" {
+		c.LogDir = filepath.Join(os.TempDir(), "rbee-hive-logs")
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	if c.PortLow <= 0 || c.PortHigh > 65535 || c.PortLow > c.PortHigh {
+		return c, errf(KindInvalid, nil, "port range %d-%d invalid", c.PortLow, c.PortHigh)
+	}
+	if c.MaxWorkers < 0 {
+		return c, errf(KindInvalid, nil, "max workers %d < 0", c.MaxWorkers)
+	}
+	return c, nil
+}

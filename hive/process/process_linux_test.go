@@ -1,0 +1,536 @@
+package process
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func TestSpawnDeleteGraceful(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		s, _, _ := h.spawnReady("w1")
+		fd := watch(t, s.PID)
+		if (s.Cgroup != "") != (mode == CgroupAuto) {
+			t.Fatalf("Spawned.Cgroup = %q in mode %v", s.Cgroup, mode)
+		}
+		if got := h.m.Live(); got != 1 {
+			t.Fatalf("Live() = %d, want 1", got)
+		}
+		start := time.Now()
+		out, err := h.m.Delete(t.Context(), Target{WorkerID: "w1", PID: s.PID, StartTime: s.StartTime}, 10*time.Second)
+		took := time.Since(start)
+		if err != nil || out != Exited {
+			t.Fatalf("Delete = %v, %v; want exited", out, err)
+		}
+		if took > time.Second {
+			t.Fatalf("graceful Delete took %v", took)
+		}
+		if alive(fd) {
+			t.Fatal("worker still alive after Delete")
+		}
+		if s.Cgroup != "" {
+			if _, err := os.Stat(s.Cgroup); !os.IsNotExist(err) {
+				t.Fatalf("cgroup %s not removed: %v", s.Cgroup, err)
+			}
+		}
+		if got := h.m.Live(); got != 0 {
+			t.Fatalf("Live() = %d after delete, want 0", got)
+		}
+	})
+}
+
+func TestDeleteIgnoringSIGTERM(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		s, _, _ := h.spawnReady("stubborn", "FAKE_IGNORE_TERM=1")
+		fd := watch(t, s.PID)
+		const grace = 300 * time.Millisecond
+		start := time.Now()
+		out, err := h.m.Delete(t.Context(), Target{WorkerID: "stubborn", PID: s.PID, StartTime: s.StartTime}, grace)
+		took := time.Since(start)
+		if err != nil || out != Killed {
+			t.Fatalf("Delete = %v, %v; want killed", out, err)
+		}
+		if took < grace || took > grace+time.Second {
+			t.Fatalf("Delete took %v, want just over the %v grace", took, grace)
+		}
+		if alive(fd) {
+			t.Fatal("worker still alive")
+		}
+	})
+}
+
+func TestDeleteGraceZero(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		s, _, _ := h.spawnReady("now")
+		fd := watch(t, s.PID)
+		out, err := h.m.Delete(t.Context(), Target{WorkerID: "now", PID: s.PID}, 0)
+		if err != nil || out != Killed {
+			t.Fatalf("Delete = %v, %v; want killed", out, err)
+		}
+		if alive(fd) {
+			t.Fatal("worker still alive")
+		}
+	})
+}
+
+func TestDeleteAlreadyExited(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		exits := make(chan Exit, 1)
+		h := newHarness(t, mode, func(c *Config) { c.OnExit = func(e Exit) { exits <- e } })
+		s, _, _ := h.spawnReady("brief", "FAKE_EXIT=0")
+		<-exits // reaped
+		tg := Target{WorkerID: "brief", PID: s.PID, StartTime: s.StartTime}
+		for i := range 2 {
+			out, err := h.m.Delete(t.Context(), tg, time.Second)
+			if err != nil || out != AlreadyExited {
+				t.Fatalf("Delete #%d = %v, %v; want already exited", i+1, out, err)
+			}
+		}
+	})
+}
+
+func TestDeleteRefusesWhatIsNotTheWorker(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		// The victim records every catchable signal it gets; the only one must be the final SIGTERM.
+		s, _, q := h.spawnReady("victim", "FAKE_NOTIFY=1")
+		victim := watch(t, s.PID)
+		other, _, _ := h.spawnReady("other")
+		unrelated, unrelatedFD := startSleeper(t)
+		// An unrelated process that even carries the marker of another worker id.
+		marked, markedFD := startSleeper(t, envWorkerID+"=someone-else")
+
+		tid := 0
+		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", s.PID))
+		for _, e := range ents {
+			if n, _ := strconv.Atoi(e.Name()); n != s.PID && n > 0 {
+				tid = n
+				break
+			}
+		}
+		if tid == 0 {
+			t.Fatal("the Go worker has no second thread")
+		}
+
+		cases := []struct {
+			name string
+			tg   Target
+			want string
+		}{
+			{"pid 0", Target{WorkerID: "victim", PID: 0}, "pid 0 is not a worker"},
+			{"pid -1", Target{WorkerID: "victim", PID: -1}, "pid -1 is not a worker"},
+			{"pid 1", Target{WorkerID: "victim", PID: 1}, "pid 1 is not a worker"},
+			{"hive itself", Target{WorkerID: "victim", PID: os.Getpid()}, "the hive itself"},
+			{"hive's parent", Target{WorkerID: "victim", PID: os.Getppid()}, "the hive's parent"},
+			{"unrelated process", Target{WorkerID: "victim", PID: unrelated}, "environment lacks"},
+			{"another worker id's marker", Target{WorkerID: "victim", PID: marked}, "environment lacks"},
+			{"thread id of the worker", Target{WorkerID: "victim", PID: tid}, "thread"},
+			{"wrong start time", Target{WorkerID: "victim", PID: s.PID, StartTime: s.StartTime + 1}, "start time"},
+			{"another worker's pid", Target{WorkerID: "victim", PID: other.PID, StartTime: other.StartTime}, "environment lacks"},
+		}
+		for _, c := range cases {
+			for _, grace := range []time.Duration{0, time.Second} {
+				out, err := h.m.Delete(t.Context(), c.tg, grace)
+				if out != OutcomeUnknown {
+					t.Errorf("%s: outcome %v", c.name, out)
+				}
+				if KindOf(err) != KindNotWorker || !strings.Contains(err.Error(), c.want) {
+					t.Errorf("%s: err = %v, want KindNotWorker mentioning %q", c.name, err, c.want)
+				}
+			}
+		}
+		if !alive(victim) || !alive(unrelatedFD) || !alive(markedFD) {
+			t.Fatal("a refused Delete killed something")
+		}
+
+		if mode == CgroupAuto {
+			// Moved into another worker's cgroup, the victim's marker alone proves nothing.
+			procs := filepath.Join(other.Cgroup, "cgroup.procs")
+			if err := os.WriteFile(procs, []byte(strconv.Itoa(s.PID)), 0); err != nil {
+				t.Fatal(err)
+			}
+			_, err := h.m.Delete(t.Context(), Target{WorkerID: "victim", PID: s.PID, StartTime: s.StartTime}, 0)
+			wantKind(t, err, KindNotWorker, "cgroup")
+			if err := os.WriteFile(filepath.Join(s.Cgroup, "cgroup.procs"), []byte(strconv.Itoa(s.PID)), 0); err != nil {
+				t.Fatal(err)
+			}
+		}
+
+		out, err := h.m.Delete(t.Context(), Target{WorkerID: "victim", PID: s.PID, StartTime: s.StartTime}, 5*time.Second)
+		if err != nil || out != Exited {
+			t.Fatalf("final Delete = %v, %v", out, err)
+		}
+		// The victim exits on SIGTERM; Delete sends SIGCONT right after it, which may arrive first.
+		for {
+			r := q.next(t)
+			if r.Signal == "SIGTERM" {
+				break
+			}
+			if r.Signal != "SIGCONT" {
+				t.Fatalf("the victim got %q before the final Delete's SIGTERM", r.Signal)
+			}
+		}
+	})
+}
+
+func TestDeleteStoppedWorker(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		s, _, _ := h.spawnReady("frozen")
+		fd := watch(t, s.PID)
+		if err := unix.PidfdSendSignal(fd, unix.SIGSTOP, nil, 0); err != nil {
+			t.Fatal(err)
+		}
+		waitState(t, s.PID, 'T')
+		out, err := h.m.Delete(t.Context(), Target{WorkerID: "frozen", PID: s.PID, StartTime: s.StartTime}, 5*time.Second)
+		if err != nil || out != Exited {
+			t.Fatalf("Delete = %v, %v; want exited (SIGCONT lets SIGTERM act)", out, err)
+		}
+		if alive(fd) {
+			t.Fatal("stopped worker survived")
+		}
+	})
+}
+
+func TestDeleteRemovesWorkerChildren(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		for _, tc := range []struct {
+			name string
+			env  []string
+			want Outcome
+		}{
+			{"graceful", nil, Exited},
+			{"killed", []string{"FAKE_IGNORE_TERM=1"}, Killed},
+		} {
+			t.Run(tc.name, func(t *testing.T) {
+				h := newHarness(t, mode, nil)
+				s, r, _ := h.spawnReady("parent", append(tc.env, "FAKE_CHILDREN=3")...)
+				if len(r.Children) != 3 {
+					t.Fatalf("children %v", r.Children)
+				}
+				fds := []int{watch(t, s.PID)}
+				for _, c := range r.Children {
+					fds = append(fds, watch(t, c))
+				}
+				out, err := h.m.Delete(t.Context(), Target{WorkerID: "parent", PID: s.PID, StartTime: s.StartTime}, 300*time.Millisecond)
+				if err != nil || out != tc.want {
+					t.Fatalf("Delete = %v, %v; want %v", out, err, tc.want)
+				}
+				for i, fd := range fds {
+					if alive(fd) {
+						t.Errorf("process %d (index %d; last child is in its own session) survived", append([]int{s.PID}, r.Children...)[i], i)
+					}
+				}
+			})
+		}
+	})
+}
+
+// TestSecondHiveDeletesOrphans kills a hive with -9 and deletes its workers from another one.
+func TestSecondHiveDeletesOrphans(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		q := newFIFO(t)
+		self, _ := os.Executable()
+		hive := exec.Command(self)
+		cg := "auto"
+		if mode == CgroupOff {
+			cg = "off"
+		}
+		hive.Env = append(os.Environ(), envFake+"=hive", "FAKE_HIVE_N=2", "FAKE_REPORT="+q.path,
+			"FAKE_LOGDIR="+t.TempDir(), "FAKE_CGROUPS="+cg)
+		stdout, _ := hive.StdoutPipe()
+		hive.Stderr = os.Stderr
+		if err := hive.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { hive.Process.Kill(); hive.Wait() })
+		sc := bufio.NewScanner(stdout)
+		var spawned []Spawned
+		for range 2 {
+			if !sc.Scan() {
+				t.Fatalf("fake hive: %v", sc.Err())
+			}
+			var s Spawned
+			if err := json.Unmarshal(sc.Bytes(), &s); err != nil {
+				t.Fatal(err)
+			}
+			spawned = append(spawned, s)
+			watch(t, s.PID)
+		}
+		for range 2 {
+			q.next(t) // both workers ready
+		}
+		hive.Process.Kill() // SIGKILL: the hive dies, its workers stay
+		hive.Wait()
+
+		h := newHarness(t, mode, nil)
+		for i, s := range spawned {
+			fd := watch(t, s.PID)
+			if !alive(fd) {
+				t.Fatalf("worker %d died with its hive", i)
+			}
+			want := []Outcome{Exited, Killed}[i] // worker 1 ignores SIGTERM
+			out, err := h.m.Delete(t.Context(), Target{WorkerID: "orphan-" + strconv.Itoa(i), PID: s.PID, StartTime: s.StartTime}, 300*time.Millisecond)
+			if err != nil || out != want {
+				t.Fatalf("Delete orphan %d = %v, %v; want %v", i, out, err, want)
+			}
+			if alive(fd) {
+				t.Fatalf("orphan %d still alive", i)
+			}
+			if s.Cgroup != "" {
+				if _, err := os.Stat(s.Cgroup); !os.IsNotExist(err) {
+					t.Fatalf("orphan cgroup %s left behind", s.Cgroup)
+				}
+			}
+		}
+		if spawned[0].Cgroup != "" {
+			os.Remove(filepath.Dir(spawned[0].Cgroup)) // the dead hive's rbee-<hive-id>
+		}
+	})
+}
+
+func TestConcurrentDeletesShareOneOutcome(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		s, _, _ := h.spawnReady("twice", "FAKE_IGNORE_TERM=1")
+		tg := Target{WorkerID: "twice", PID: s.PID, StartTime: s.StartTime}
+		var wg sync.WaitGroup
+		outs := make([]Outcome, 4)
+		errs := make([]error, 4)
+		for i := range outs {
+			wg.Go(func() { outs[i], errs[i] = h.m.Delete(t.Context(), tg, 300*time.Millisecond) })
+		}
+		wg.Wait()
+		for i := range outs {
+			if errs[i] != nil || outs[i] != Killed {
+				t.Fatalf("Delete #%d = %v, %v; want killed like the others (%v)", i, outs[i], errs[i], outs)
+			}
+		}
+	})
+}
+
+func TestPorts(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		port := freePort(t)
+		h := newHarness(t, mode, func(c *Config) { c.PortLow, c.PortHigh = port, port })
+		s, r, _ := h.spawnReady("p1")
+		if s.Port != port {
+			t.Fatalf("port %d, want %d", s.Port, port)
+		}
+		// Socket activation: LISTEN_PID names the worker itself, fd 3 listens on the reported port.
+		if r.ListenPID != strconv.Itoa(s.PID) || r.ListenFDs != "1" || r.FD3Port != port || !r.FD3Listening {
+			t.Fatalf("worker saw %+v; want LISTEN_PID=%d LISTEN_FDS=1 and fd 3 listening on %d", r, s.PID, port)
+		}
+		want := []string{"--worker-id", "p1", "--hive-id", h.cfg.HiveID, "--model", "m", "--device", "cpu", "--port", strconv.Itoa(port), "--queen", "127.0.0.1:1"}
+		if !slices.Equal(r.Args[1:], want) {
+			t.Fatalf("args %q, want %q", r.Args[1:], want)
+		}
+		c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
+		if err != nil {
+			t.Fatalf("dial the worker's port: %v", err)
+		}
+		c.Close()
+
+		_, err = h.m.Spawn(t.Context(), SpawnSpec{WorkerID: "p2", Env: []string{envFake + "=worker"}})
+		wantKind(t, err, KindExhausted, "no free port")
+
+		if _, err := h.m.Delete(t.Context(), Target{WorkerID: "p1", PID: s.PID, StartTime: s.StartTime}, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		s3, _, _ := h.spawnReady("p3") // the dead worker's port is free again, no bookkeeping
+		if s3.Port != port {
+			t.Fatalf("port %d after reuse, want %d", s3.Port, port)
+		}
+		if _, err := h.m.Delete(t.Context(), Target{WorkerID: "p3", PID: s3.PID}, 0); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+func TestMaxWorkers(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, func(c *Config) { c.MaxWorkers = 1 })
+		s, _, _ := h.spawnReady("only")
+		_, err := h.m.Spawn(t.Context(), SpawnSpec{WorkerID: "more", Env: []string{envFake + "=worker"}})
+		wantKind(t, err, KindExhausted, "max workers")
+		if _, err := h.m.Delete(t.Context(), Target{WorkerID: "only", PID: s.PID}, 0); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+func TestLogCap(t *testing.T) {
+	h := newHarness(t, CgroupOff, func(c *Config) { c.LogMaxBytes = 64 << 10 })
+	h.spawnReady("chatty", "FAKE_LINES=4000") // ~270 KB
+	path := filepath.Join(h.cfg.LogDir, "chatty.log")
+	h.m.capLogs()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(b)) > h.cfg.LogMaxBytes {
+		t.Fatalf("log is %d bytes, cap %d", len(b), h.cfg.LogMaxBytes)
+	}
+	if !strings.HasPrefix(string(b), "line ") || !strings.HasSuffix(string(b), "line 3999 "+strings.Repeat("x", 60)+"\n") {
+		t.Fatalf("capped log does not keep whole lines up to the last: starts %q", b[:min(len(b), 20)])
+	}
+}
+
+func TestOnExit(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		exits := make(chan Exit, 1)
+		h := newHarness(t, mode, func(c *Config) { c.OnExit = func(e Exit) { exits <- e } })
+		s, _, _ := h.spawnReady("crashy", "FAKE_LINES=30", "FAKE_EXIT=3")
+		e := <-exits
+		if e.WorkerID != "crashy" || e.PID != s.PID || e.StartTime != s.StartTime || e.ExitCode != 3 || e.Signal != "" {
+			t.Fatalf("Exit = %+v", e)
+		}
+		lines := strings.Split(e.LogTail, "\n")
+		if len(lines) != 20 || !strings.HasPrefix(lines[0], "line 10 ") || !strings.HasPrefix(lines[19], "line 29 ") {
+			t.Fatalf("log tail has %d lines: %q", len(lines), e.LogTail)
+		}
+		if s.Cgroup != "" {
+			if _, err := os.Stat(s.Cgroup); !os.IsNotExist(err) {
+				t.Fatalf("cgroup of an exited worker left behind")
+			}
+		}
+
+		h.spawnReady("killed", "FAKE_KILLSELF=1")
+		if e := <-exits; e.ExitCode != -1 || e.Signal != "SIGKILL" {
+			t.Fatalf("Exit = %+v, want signal SIGKILL", e)
+		}
+	})
+}
+
+func TestOnExitNotCalledForDelete(t *testing.T) {
+	called := make(chan Exit, 1)
+	h := newHarness(t, CgroupOff, func(c *Config) { c.OnExit = func(e Exit) { called <- e } })
+	s, _, _ := h.spawnReady("quiet")
+	if _, err := h.m.Delete(t.Context(), Target{WorkerID: "quiet", PID: s.PID}, time.Second); err != nil {
+		t.Fatal(err)
+	}
+	h.m.Close()
+	h.m.reapers.Wait()
+	select {
+	case e := <-called:
+		t.Fatalf("OnExit called for a deleted worker: %+v", e)
+	default:
+	}
+}
+
+func TestBadBinary(t *testing.T) {
+	dir := t.TempDir()
+	notExec := filepath.Join(dir, "plain")
+	os.WriteFile(notExec, []byte("#!/bin/sh\n"), 0o644)
+	for _, bin := range []string{filepath.Join(dir, "missing"), notExec, dir} {
+		h := newHarness(t, CgroupOff, func(c *Config) { c.Binary = bin })
+		_, err := h.m.Spawn(t.Context(), SpawnSpec{WorkerID: "w"})
+		wantKind(t, err, KindBinary, bin)
+	}
+}
+
+func TestInvalidArguments(t *testing.T) {
+	h := newHarness(t, CgroupOff, nil)
+	for _, g := range []time.Duration{-time.Nanosecond, MaxGrace + time.Nanosecond} {
+		_, err := h.m.Delete(t.Context(), Target{WorkerID: "w", PID: 12345}, g)
+		wantKind(t, err, KindInvalid, "grace")
+	}
+	for _, id := range []string{"", "../x", ".hidden", "a/b", "a@b", strings.Repeat("x", 129)} {
+		_, err := h.m.Spawn(t.Context(), SpawnSpec{WorkerID: id})
+		wantKind(t, err, KindInvalid, "worker id")
+	}
+	if _, err := New(Config{PortLow: 10, PortHigh: 5}); KindOf(err) != KindInvalid {
+		t.Fatalf("New with a reversed port range: %v", err)
+	}
+}
+
+func TestCloseLeavesWorkersRunning(t *testing.T) {
+	h := newHarness(t, CgroupOff, nil)
+	s, _, _ := h.spawnReady("survivor")
+	fd := watch(t, s.PID)
+	h.m.Close()
+	if !alive(fd) {
+		t.Fatal("Close killed a worker")
+	}
+	// A fresh Manager still deletes it; the old one's reaper collects it.
+	m2, err := New(h.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m2.Close()
+	if out, err := m2.Delete(context.Background(), Target{WorkerID: "survivor", PID: s.PID, StartTime: s.StartTime}, time.Second); err != nil || out != Exited {
+		t.Fatalf("Delete = %v, %v", out, err)
+	}
+}
+
+// TestDeleteRightAfterSpawn deletes workers while they may still be passing from the trampoline
+// to the worker binary, where /proc/PID/environ briefly reads empty.
+func TestDeleteRightAfterSpawn(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		for i := range 100 {
+			id := "fast" + strconv.Itoa(i)
+			s := h.spawn(id)
+			fd := watch(t, s.PID)
+			out, err := h.m.Delete(t.Context(), Target{WorkerID: id, PID: s.PID, StartTime: s.StartTime}, time.Duration(i%2)*time.Second)
+			if err != nil || (out != Killed && out != Exited) {
+				t.Fatalf("Delete #%d = %v, %v", i, out, err)
+			}
+			if alive(fd) {
+				t.Fatalf("worker #%d survived", i)
+			}
+		}
+	})
+}
+
+// TestParallelSpawns starts workers from many goroutines at once: each gets its own port.
+func TestParallelSpawns(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		const n = 8
+		got := make([]Spawned, n)
+		errs := make([]error, n)
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				got[i], errs[i] = h.m.Spawn(t.Context(), SpawnSpec{WorkerID: "par" + strconv.Itoa(i), Env: []string{envFake + "=worker"}})
+			})
+		}
+		wg.Wait()
+		ports := map[int]bool{}
+		for i, s := range got {
+			if errs[i] != nil {
+				t.Fatalf("Spawn #%d: %v", i, errs[i])
+			}
+			watch(t, s.PID)
+			if ports[s.Port] {
+				t.Fatalf("port %d handed out twice", s.Port)
+			}
+			ports[s.Port] = true
+		}
+		if live := h.m.Live(); live != n {
+			t.Errorf("Live() = %d, want %d", live, n)
+		}
+		for i, s := range got {
+			if out, err := h.m.Delete(t.Context(), Target{WorkerID: "par" + strconv.Itoa(i), PID: s.PID, StartTime: s.StartTime}, time.Second); err != nil || out == AlreadyExited {
+				t.Fatalf("Delete #%d = %v, %v", i, out, err)
+			}
+		}
+	})
+}
