@@ -20,6 +20,7 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/logging"
+	"github.com/rbee-dev/rbee/internal/metrics"
 	"github.com/rbee-dev/rbee/internal/rpcserver"
 	"github.com/rbee-dev/rbee/internal/validate"
 	"github.com/rbee-dev/rbee/internal/version"
@@ -63,7 +64,7 @@ func (h *hiveFlags) Set(v string) error {
 }
 
 type options struct {
-	listen, advertise, logLevel                     string
+	listen, advertise, logLevel, metricsListen      string
 	hives                                           hiveFlags
 	interval, staleAfter, expireAfter, startTimeout time.Duration
 	maxBeats, watchBuffer                           int
@@ -81,6 +82,7 @@ func run(args []string) int {
 	fs.IntVar(&o.maxBeats, "max-beats-per-second", 20, "end a heartbeat stream that beats faster (0: no limit)")
 	fs.IntVar(&o.watchBuffer, "watch-buffer", 1024, "changes buffered per watcher; a watcher that falls further behind is sent RESET and a fresh snapshot")
 	fs.StringVar(&o.advertise, "advertise", "", "HOST:PORT workers should report to (default: the listen address; each hive's --queen when that is 0.0.0.0 or [::])")
+	fs.StringVar(&o.metricsListen, "metrics-listen", "", "[HOST]:PORT to serve Prometheus /metrics and /debug/pprof on (off by default; loopback when no host)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.Usage = func() {
@@ -134,6 +136,11 @@ func (o *options) check() error {
 	if o.expireAfter <= 0 || o.startTimeout <= 0 {
 		return errors.New("--expire-after and --start-timeout must be positive")
 	}
+	if o.metricsListen != "" {
+		if _, err := metrics.ListenAddress(o.metricsListen); err != nil {
+			return err
+		}
+	}
 	if o.watchBuffer < 1 {
 		return fmt.Errorf("--watch-buffer %d: want at least 1", o.watchBuffer)
 	}
@@ -173,14 +180,19 @@ func serve(o options, log *zap.Logger) error {
 	if a := lis.Addr().(*net.TCPAddr); o.advertise == "" && !a.IP.IsUnspecified() {
 		o.advertise = a.String()
 	}
+	ms := metrics.New()
+	metricsDone, err := metrics.Start(ctx, o.metricsListen, ms, log)
+	if err != nil {
+		return err
+	}
 	queenID := server.NewQueenID()
 	q = server.New(server.Config{
-		Registry: reg, Hives: hives, QueenID: queenID, Interval: o.interval, Advertise: o.advertise,
+		Registerer: ms.Registry, Registry: reg, Hives: hives, QueenID: queenID, Interval: o.interval, Advertise: o.advertise,
 		StartTimeout: o.startTimeout, MaxBeatsPerSecond: o.maxBeats, Logger: log,
 	})
 	// Heartbeat streams end at their next beat once draining starts, so the graceful stop needs
 	// a little more than one interval.
-	srv := rpcserver.New(rpcserver.Options{Logger: log, ShutdownTimeout: 2*o.interval + 3*time.Second})
+	srv := rpcserver.New(rpcserver.Options{Logger: log, ShutdownTimeout: 2*o.interval + 3*time.Second, Metrics: ms.GRPC})
 	rbeev1.RegisterQueenServiceServer(srv.GRPC, q)
 	rbeev1.RegisterHeartbeatServiceServer(srv.GRPC, q)
 	for _, name := range []string{rbeev1.QueenService_ServiceDesc.ServiceName, rbeev1.HeartbeatService_ServiceDesc.ServiceName} {
@@ -195,6 +207,9 @@ func serve(o options, log *zap.Logger) error {
 	err = srv.Serve(ctx, lis, q.Drain)
 	stopReg()
 	<-regDone
+	if merr := metricsDone(); err == nil {
+		err = merr
+	}
 	log.Info("queen stopped", zap.String("actor", "queen"), zap.String("action", "queen_stop"))
 	return err
 }

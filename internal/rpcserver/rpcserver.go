@@ -10,6 +10,7 @@ import (
 	"runtime/debug"
 	"time"
 
+	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/logging"
 	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/recovery"
@@ -38,6 +39,8 @@ type Options struct {
 	ServerOptions []grpc.ServerOption
 	// ShutdownTimeout bounds the graceful stop; past it open calls are cut. Default 5s.
 	ShutdownTimeout time.Duration
+	// Metrics, if set, counts and times every call (Prometheus).
+	Metrics *grpcprom.ServerMetrics
 }
 
 // Server is a gRPC server with health and reflection registered.
@@ -46,6 +49,7 @@ type Server struct {
 	Health  *health.Server
 	log     *zap.Logger
 	timeout time.Duration
+	metrics *grpcprom.ServerMetrics
 }
 
 // Keepalive settings shared by servers and their clients: clients ping an idle connection every
@@ -84,16 +88,22 @@ func New(o Options) *Server {
 		narrate.Logger(ctx).Error("panic in handler", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 		return status.Error(codes.Internal, "internal error")
 	})
-	unary := append([]grpc.UnaryServerInterceptor{
+	var unary []grpc.UnaryServerInterceptor
+	var stream []grpc.StreamServerInterceptor
+	if o.Metrics != nil {
+		unary = append(unary, o.Metrics.UnaryServerInterceptor())
+		stream = append(stream, o.Metrics.StreamServerInterceptor())
+	}
+	unary = append(append(unary,
 		jobid.UnaryServerInterceptor(log),
 		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(interceptorLogger(log), logOpts...), notHealth),
 		recovery.UnaryServerInterceptor(recoverOpt),
-	}, o.Unary...)
-	stream := append([]grpc.StreamServerInterceptor{
+	), o.Unary...)
+	stream = append(append(stream,
 		jobid.StreamServerInterceptor(log),
 		selector.StreamServerInterceptor(logging.StreamServerInterceptor(interceptorLogger(log), logOpts...), notHealth),
 		recovery.StreamServerInterceptor(recoverOpt),
-	}, o.Stream...)
+	), o.Stream...)
 	opts := append([]grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
@@ -101,7 +111,7 @@ func New(o Options) *Server {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: minPingInterval, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
 	}, o.ServerOptions...)
-	s := &Server{GRPC: grpc.NewServer(opts...), Health: health.NewServer(), log: log, timeout: timeout}
+	s := &Server{GRPC: grpc.NewServer(opts...), Health: health.NewServer(), log: log, timeout: timeout, metrics: o.Metrics}
 	healthpb.RegisterHealthServer(s.GRPC, s.Health)
 	reflection.Register(s.GRPC)
 	return s
@@ -110,6 +120,10 @@ func New(o Options) *Server {
 // Serve serves on lis until ctx is done, then reports NOT_SERVING, calls drain (which ends
 // long-lived streams), stops gracefully and, past the shutdown timeout, cuts what is left.
 func (s *Server) Serve(ctx context.Context, lis net.Listener, drain func()) error {
+	if s.metrics != nil {
+		// Every method shows in the metrics from the start, at zero, not only once called.
+		s.metrics.InitializeMetrics(s.GRPC)
+	}
 	errc := make(chan error, 1)
 	go func() { errc <- s.GRPC.Serve(lis) }()
 	select {

@@ -181,6 +181,7 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 		if _, err := q.reg.Beat(w); err != nil {
 			return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
 		}
+		q.metrics.workerBeats.Inc()
 		if err := stream.Send(resp); err != nil {
 			return err
 		}
@@ -266,6 +267,7 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 		if _, err := q.reg.HiveBeat(h); err != nil {
 			return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
 		}
+		q.metrics.hiveBeats.Inc()
 		for _, e := range req.GetExits() {
 			q.workerExited(ctx, id, e)
 		}

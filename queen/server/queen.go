@@ -9,8 +9,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -39,7 +41,9 @@ type Config struct {
 	StartTimeout time.Duration
 	// MaxBeatsPerSecond ends a heartbeat stream that sends faster (0: no limit).
 	MaxBeatsPerSecond int
-	Logger            *zap.Logger
+	// Registerer receives the queen's metrics; nil keeps them unexported.
+	Registerer prometheus.Registerer
+	Logger     *zap.Logger
 }
 
 // Queen implements QueenService and HeartbeatService.
@@ -49,6 +53,7 @@ type Queen struct {
 	cfg     Config
 	reg     *registry.Registry
 	started time.Time
+	metrics *metrics
 	beats
 }
 
@@ -57,7 +62,7 @@ func New(cfg Config) *Queen {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	q := &Queen{cfg: cfg, reg: cfg.Registry, started: time.Now()}
+	q := &Queen{cfg: cfg, reg: cfg.Registry, started: time.Now(), metrics: newMetrics(cfg.Registerer, cfg.Registry)}
 	q.beats.init()
 	return q
 }
@@ -71,12 +76,16 @@ func NewQueenID() string {
 
 func invalid(err error) error { return status.Error(codes.InvalidArgument, err.Error()) }
 
+// hiveSpawnTimeout bounds a hive's Spawn, which only forks and execs.
+const hiveSpawnTimeout = 30 * time.Second
+
 // hiveDeleteSlack is how much longer than the grace period the queen waits for a hive's Delete.
 const hiveDeleteSlack = 15 * time.Second
 
 // SpawnWorker picks a hive, reserves the worker id, asks the hive to start the process and, with
 // wait_ready, waits until the worker reports READY.
 func (q *Queen) SpawnWorker(ctx context.Context, req *rbeev1.SpawnWorkerRequest) (*rbeev1.SpawnWorkerResponse, error) {
+	t0 := time.Now()
 	if err := validate.Model("model", req.GetModel()); err != nil {
 		return nil, invalid(err)
 	}
@@ -125,8 +134,13 @@ func (q *Queen) SpawnWorker(ctx context.Context, req *rbeev1.SpawnWorkerRequest)
 		q.reg.Remove(id, err)
 		return nil, status.Errorf(codes.Unavailable, "hive %s at %s: %v", hive.ID, hive.Address, err)
 	}
-	resp, err := hc.Spawn(ctx, &rbeev1.SpawnRequest{WorkerId: id, Model: req.GetModel(), Device: device, QueenAddress: q.cfg.Advertise})
+	// The hive call is not cut short when the caller goes away: a spawn either returns a
+	// registered worker or leaves nothing behind, never a process the queen half knows.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hiveSpawnTimeout)
+	defer cancel()
+	resp, err := hc.Spawn(sctx, &rbeev1.SpawnRequest{WorkerId: id, Model: req.GetModel(), Device: device, QueenAddress: q.cfg.Advertise})
 	if err != nil {
+		q.metrics.spawned("error", t0)
 		q.reg.Remove(id, err)
 		narrate.Warn(ctx, "queen", "worker_spawn_failed", "Hive could not spawn the worker", zap.Error(err))
 		return nil, hiveError(hive, "spawn", err)
@@ -136,11 +150,13 @@ func (q *Queen) SpawnWorker(ctx context.Context, req *rbeev1.SpawnWorkerRequest)
 		// Removed while the hive was starting it (deleted, or reported dead): do not leave the
 		// process behind.
 		q.cleanup(ctx, hive, id, resp.GetPid(), resp.GetProcessStartTime())
+		q.metrics.spawned("error", t0)
 		return nil, status.Errorf(codes.Aborted, "worker %s was removed while it was being spawned: %v", id, err)
 	}
 	narrate.Event(ctx, "queen", "worker_spawned", fmt.Sprintf("Worker %s spawned on hive %s (PID %d, port %d)", id, hive.ID, w.PID, w.Port),
 		zap.Int32("pid", w.PID), zap.Uint32("port", w.Port))
 	if !req.GetWaitReady() {
+		q.metrics.spawned("returned", t0)
 		return &rbeev1.SpawnWorkerResponse{Worker: workerToProto(w)}, nil
 	}
 
@@ -150,16 +166,19 @@ func (q *Queen) SpawnWorker(ctx context.Context, req *rbeev1.SpawnWorkerRequest)
 		return w.State == registry.StateReady || w.State == registry.StateBusy
 	})
 	if err == nil {
+		q.metrics.spawned("ready", t0)
 		narrate.Event(ctx, "queen", "worker_ready", fmt.Sprintf("Worker %s is READY", id))
 		return &rbeev1.SpawnWorkerResponse{Worker: workerToProto(w)}, nil
 	}
 	if errors.Is(err, registry.ErrNotFound) {
+		q.metrics.spawned("exited", t0)
 		narrate.Warn(ctx, "queen", "worker_spawn_failed", "Worker went away before it was READY", zap.Error(err))
 		return nil, status.Errorf(codes.Aborted, "worker %s did not become READY: %v", id, err)
 	}
 	// Not ready in time (or the caller gave up): remove the half-started worker so nothing leaks.
 	q.reg.Remove(id, err)
 	q.cleanup(ctx, hive, id, w.PID, w.ProcessStartTime)
+	q.metrics.spawned("timeout", t0)
 	narrate.Warn(ctx, "queen", "worker_spawn_timeout", "Worker not READY in time; removed it", zap.Duration("start_timeout", q.cfg.StartTimeout))
 	return nil, status.Errorf(codes.DeadlineExceeded, "worker %s was not READY within %v; it was stopped and removed", id, q.cfg.StartTimeout)
 }
@@ -260,11 +279,14 @@ func (q *Queen) DeleteWorker(ctx context.Context, req *rbeev1.DeleteWorkerReques
 	}
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	t0 := time.Now()
 	resp, err := hc.Delete(dctx, dreq)
 	if err != nil {
+		q.metrics.deleted("error", t0)
 		narrate.Warn(ctx, "queen", "worker_delete_failed", "Hive did not delete the worker", zap.Error(err))
 		return nil, hiveError(hive, "delete", err)
 	}
+	q.metrics.deleted(strings.ToLower(strings.TrimPrefix(resp.GetOutcome().String(), "DELETE_OUTCOME_")), t0)
 	if last, ok := q.reg.Remove(id, errors.New("deleted")); ok {
 		w = last
 	}

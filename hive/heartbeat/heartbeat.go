@@ -1,0 +1,161 @@
+// Package heartbeat keeps the hive registered with the queen: one HiveHeartbeat stream carrying
+// the hive's descriptor every interval, and at once the exits of workers that died on their own,
+// reconnecting with capped, jittered backoff when the queen goes away.
+package heartbeat
+
+import (
+	"context"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/hive/process"
+)
+
+// Config configures a Beater.
+type Config struct {
+	// Conn is the client connection to the queen.
+	Conn grpc.ClientConnInterface
+	// Describe returns the hive's current descriptor.
+	Describe func() *rbeev1.Hive
+	Logger   *zap.Logger
+}
+
+// maxPending bounds the exits kept while the queen is unreachable; older ones are dropped (the
+// registry's liveness clock still notices those workers stopped beating).
+const maxPending = 1024
+
+// Beater is the hive's heartbeat client.
+type Beater struct {
+	cfg     Config
+	mu      sync.Mutex
+	pending []*rbeev1.WorkerExit
+	wake    chan struct{}
+}
+
+// New returns a Beater; call Run.
+func New(cfg Config) *Beater {
+	return &Beater{cfg: cfg, wake: make(chan struct{}, 1)}
+}
+
+// ReportExit queues a worker's exit for the queen and wakes the stream to send it now.
+func (b *Beater) ReportExit(e process.Exit) {
+	b.mu.Lock()
+	if len(b.pending) >= maxPending {
+		b.pending = b.pending[1:]
+	}
+	b.pending = append(b.pending, &rbeev1.WorkerExit{
+		WorkerId: e.WorkerID, Pid: int32(e.PID), ProcessStartTime: e.StartTime,
+		ExitCode: int32(e.ExitCode), Signal: e.Signal, LogTail: e.LogTail, ExitTime: timestamppb.New(e.Time),
+	})
+	b.mu.Unlock()
+	select {
+	case b.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (b *Beater) takePending() []*rbeev1.WorkerExit {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	p := b.pending
+	b.pending = nil
+	return p
+}
+
+// putBack returns exits that may not have reached the queen to the front of the queue.
+func (b *Beater) putBack(exits []*rbeev1.WorkerExit) {
+	if len(exits) == 0 {
+		return
+	}
+	b.mu.Lock()
+	b.pending = append(exits, b.pending...)
+	if n := len(b.pending); n > maxPending {
+		b.pending = b.pending[n-maxPending:]
+	}
+	b.mu.Unlock()
+}
+
+// Backoff bounds for reconnecting.
+const (
+	backoffBase = 100 * time.Millisecond
+	backoffCap  = 5 * time.Second
+)
+
+// Run keeps a heartbeat stream open until ctx is done.
+func (b *Beater) Run(ctx context.Context) {
+	client := rbeev1.NewHeartbeatServiceClient(b.cfg.Conn)
+	attempt := 0
+	for ctx.Err() == nil {
+		beat, err := b.stream(ctx, client)
+		if ctx.Err() != nil {
+			return
+		}
+		if beat {
+			attempt = 0
+		}
+		// Full jitter: a fleet of hives reconnecting to a restarted queen spreads out.
+		d := min(backoffCap, backoffBase<<min(attempt, 10))
+		d = time.Duration(rand.Int64N(int64(d) + 1))
+		attempt++
+		b.cfg.Logger.Info("heartbeat stream to the queen broke; reconnecting", zap.Error(err), zap.Duration("backoff", d),
+			zap.String("actor", "hive"), zap.String("action", "hive_heartbeat_reconnect"))
+		t := time.NewTimer(d)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// stream runs one heartbeat stream; it reports whether the queen answered at least once.
+func (b *Beater) stream(ctx context.Context, client rbeev1.HeartbeatServiceClient) (answered bool, err error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	st, err := client.HiveHeartbeat(ctx)
+	if err != nil {
+		return false, err
+	}
+	interval := time.Second
+	queenID := ""
+	for {
+		exits := b.takePending()
+		if err := st.Send(&rbeev1.HiveHeartbeatRequest{Hive: b.cfg.Describe(), Exits: exits}); err != nil {
+			b.putBack(exits)
+			return answered, err
+		}
+		// A queen that does not answer within three intervals is gone: cut the stream.
+		watchdog := time.AfterFunc(3*interval, cancel)
+		resp, err := st.Recv()
+		watchdog.Stop()
+		if err != nil {
+			b.putBack(exits)
+			return answered, err
+		}
+		answered = true
+		if resp.GetQueenId() != queenID {
+			queenID = resp.GetQueenId()
+			b.cfg.Logger.Info("registered with the queen", zap.String("queen_id", queenID),
+				zap.String("actor", "hive"), zap.String("action", "hive_registered"))
+		}
+		if d := resp.GetInterval().AsDuration(); d > 0 {
+			interval = d
+		}
+		t := time.NewTimer(interval)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return answered, ctx.Err()
+		case <-b.wake:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}

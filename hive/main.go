@@ -1,0 +1,309 @@
+// Command hive runs on every machine of the fleet: it spawns worker processes for the queen and
+// stops them by PID after proving their identity. It keeps no list of workers, so it can be
+// restarted (or killed) at any time without losing one.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/hive/heartbeat"
+	"github.com/rbee-dev/rbee/hive/process"
+	"github.com/rbee-dev/rbee/hive/server"
+	"github.com/rbee-dev/rbee/internal/logging"
+	"github.com/rbee-dev/rbee/internal/metrics"
+	"github.com/rbee-dev/rbee/internal/rpcserver"
+	"github.com/rbee-dev/rbee/internal/validate"
+	"github.com/rbee-dev/rbee/internal/version"
+)
+
+func main() {
+	// A worker is started through the hive's own binary so that LISTEN_PID can name the worker's
+	// PID; that re-execution ends here, in the worker.
+	process.RunTrampolineIfRequested()
+	os.Exit(run(os.Args[1:]))
+}
+
+type options struct {
+	listen, hiveID, queen, workerBinary, portRange, advertise, logDir, logLevel, metricsListen string
+	grace                                                                                      time.Duration
+	maxWorkers                                                                                 int
+	register, noCgroups                                                                        bool
+}
+
+func run(args []string) int {
+	fs := flag.NewFlagSet("hive", flag.ContinueOnError)
+	var o options
+	fs.StringVar(&o.listen, "listen", "127.0.0.1:7835", "address to serve HiveService on")
+	fs.StringVar(&o.hiveID, "hive-id", defaultHiveID(), "this hive's id (default: the host name)")
+	fs.StringVar(&o.queen, "queen", "127.0.0.1:7833", "address of the queen, which workers and this hive report to")
+	fs.StringVar(&o.workerBinary, "worker-binary", "", "worker executable (default: worker-stub beside the hive binary, else on PATH)")
+	fs.StringVar(&o.portRange, "port-range", "9100-9999", "ports for workers, LOW-HIGH")
+	fs.DurationVar(&o.grace, "grace", 2*time.Second, "default grace period between SIGTERM and SIGKILL for Delete")
+	fs.StringVar(&o.advertise, "advertise", "", "HOST:PORT the queen should call (default: the listen address)")
+	fs.StringVar(&o.logDir, "log-dir", "", "directory for one capped log file per worker (default: a state directory)")
+	fs.IntVar(&o.maxWorkers, "max-workers", 0, "most worker processes at once (0: no cap)")
+	fs.BoolVar(&o.register, "register", true, "register with the queen by heartbeat (off: the queen must be given --hive)")
+	fs.BoolVar(&o.noCgroups, "no-cgroups", false, "do not put workers in cgroups even where cgroup v2 is writable")
+	fs.StringVar(&o.metricsListen, "metrics-listen", "", "[HOST]:PORT to serve Prometheus /metrics and /debug/pprof on (off by default; loopback when no host)")
+	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	showVersion := fs.Bool("version", false, "print the version and exit")
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: hive [flags]\n\nRuns worker processes on this machine for the rbee queen.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	if *showVersion {
+		fmt.Println(version.String("hive"))
+		return 0
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "hive: unexpected argument %q\n", fs.Arg(0))
+		return 2
+	}
+	cfg, err := o.check()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hive: %v\n", err)
+		return 2
+	}
+	log, err := logging.New("hive", o.logLevel)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hive: %v\n", err)
+		return 2
+	}
+	defer func() { _ = log.Sync() }()
+	log = log.With(zap.String("hive_id", o.hiveID))
+	if err := serve(o, cfg, log); err != nil {
+		log.Error("hive stopped with an error", zap.Error(err))
+		return 1
+	}
+	return 0
+}
+
+// check validates the flags and fills in defaults that need a look at the machine.
+func (o *options) check() (process.Config, error) {
+	var cfg process.Config
+	if err := validate.ID("--hive-id", o.hiveID); err != nil {
+		return cfg, err
+	}
+	if err := validate.Address("--queen", o.queen); err != nil {
+		return cfg, err
+	}
+	if err := validate.ListenAddress("--listen", o.listen); err != nil {
+		return cfg, err
+	}
+	if o.metricsListen != "" {
+		if _, err := metrics.ListenAddress(o.metricsListen); err != nil {
+			return cfg, err
+		}
+	}
+	lo, hi, err := parsePortRange(o.portRange)
+	if err != nil {
+		return cfg, err
+	}
+	if o.grace < 0 || o.grace > validate.MaxGrace {
+		return cfg, fmt.Errorf("--grace %v: want 0 to %v", o.grace, validate.MaxGrace)
+	}
+	if o.maxWorkers < 0 {
+		return cfg, fmt.Errorf("--max-workers %d: want 0 (no cap) or more", o.maxWorkers)
+	}
+	if o.advertise != "" {
+		if err := validate.Address("--advertise", o.advertise); err != nil {
+			return cfg, err
+		}
+	}
+	bin, err := workerBinary(o.workerBinary)
+	if err != nil {
+		return cfg, err
+	}
+	if o.logDir == "" {
+		o.logDir = filepath.Join(stateDir(), "hive-"+o.hiveID, "logs")
+	}
+	cgroups := process.CgroupAuto
+	if o.noCgroups {
+		cgroups = process.CgroupOff
+	}
+	return process.Config{Binary: bin, PortLow: lo, PortHigh: hi, LogDir: o.logDir, MaxWorkers: o.maxWorkers, Cgroups: cgroups, HiveID: o.hiveID}, nil
+}
+
+func serve(o options, pcfg process.Config, log *zap.Logger) error {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	lis, err := net.Listen("tcp", o.listen)
+	if err != nil {
+		return fmt.Errorf("--listen %s: %w", o.listen, err)
+	}
+	if o.advertise == "" {
+		o.advertise = advertiseFor(lis.Addr().(*net.TCPAddr))
+	}
+	var m *process.Manager
+	var beater *heartbeat.Beater
+	if o.register {
+		conn, err := grpc.NewClient(o.queen,
+			grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: rpcserver.ClientPingInterval, PermitWithoutStream: true}))
+		if err != nil {
+			return fmt.Errorf("--queen %q: %w", o.queen, err)
+		}
+		defer conn.Close()
+		ports := uint32(pcfg.PortHigh - pcfg.PortLow + 1)
+		beater = heartbeat.New(heartbeat.Config{Conn: conn, Logger: log, Describe: func() *rbeev1.Hive {
+			// Describe runs only once m is set (Run starts below).
+			return &rbeev1.Hive{HiveId: o.hiveID, Address: o.advertise, Version: version.Version(), Os: runtime.GOOS,
+				Devices: devices(), FreePorts: ports - min(ports, uint32(m.Live()))}
+		}})
+		pcfg.OnExit = beater.ReportExit
+	}
+	pcfg.Logger = log
+	m, err = process.New(pcfg)
+	if err != nil {
+		return err
+	}
+	defer m.Close() // never kills workers: they outlive the hive
+
+	ms := metrics.New()
+	metricsDone, err := metrics.Start(ctx, o.metricsListen, ms, log)
+	if err != nil {
+		return err
+	}
+	srv := rpcserver.New(rpcserver.Options{Logger: log, Metrics: ms.GRPC})
+	rbeev1.RegisterHiveServiceServer(srv.GRPC, server.New(server.Config{
+		HiveID: o.hiveID, Queen: o.queen, Grace: o.grace, Registerer: ms.Registry, Live: m.Live,
+	}, m))
+	srv.Health.SetServingStatus(rbeev1.HiveService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if beater != nil {
+			beater.Run(ctx)
+		}
+	}()
+	log.Info("hive serving", zap.String("listen", lis.Addr().String()), zap.String("advertise", o.advertise),
+		zap.String("queen", o.queen), zap.String("worker_binary", pcfg.Binary), zap.String("log_dir", pcfg.LogDir),
+		zap.String("actor", "hive"), zap.String("action", "hive_start"))
+	err = srv.Serve(ctx, lis, nil)
+	<-done
+	if merr := metricsDone(); err == nil {
+		err = merr
+	}
+	log.Info("hive stopped; its workers keep running", zap.String("actor", "hive"), zap.String("action", "hive_stop"))
+	return err
+}
+
+// advertiseFor is the address the queen should call when --advertise is not given: the bound
+// address, with the host name in place of an unspecified (0.0.0.0 or ::) host.
+func advertiseFor(a *net.TCPAddr) string {
+	if a.IP.IsUnspecified() {
+		h, _ := os.Hostname()
+		return net.JoinHostPort(h, strconv.Itoa(a.Port))
+	}
+	return a.String()
+}
+
+func parsePortRange(s string) (lo, hi int, err error) {
+	a, b, ok := strings.Cut(s, "-")
+	if ok {
+		lo, err = strconv.Atoi(a)
+		if err == nil {
+			hi, err = strconv.Atoi(b)
+		}
+	}
+	if !ok || err != nil || lo < 1 || hi > 65535 || lo > hi {
+		return 0, 0, fmt.Errorf("--port-range %q: want LOW-HIGH with 1 <= LOW <= HIGH <= 65535", s)
+	}
+	return lo, hi, nil
+}
+
+// workerBinary resolves --worker-binary: as given, else worker-stub beside this binary, else on PATH.
+func workerBinary(flagValue string) (string, error) {
+	if flagValue != "" {
+		p, err := filepath.Abs(flagValue)
+		if err != nil {
+			return "", fmt.Errorf("--worker-binary %q: %w", flagValue, err)
+		}
+		return p, nil
+	}
+	if self, err := os.Executable(); err == nil {
+		p := filepath.Join(filepath.Dir(self), "worker-stub")
+		if st, err := os.Stat(p); err == nil && !st.IsDir() {
+			return p, nil
+		}
+	}
+	p, err := exec.LookPath("worker-stub")
+	if err != nil {
+		return "", errors.New("--worker-binary not given and no worker-stub beside the hive binary or on PATH")
+	}
+	return filepath.Abs(p)
+}
+
+// defaultHiveID turns the host name into a valid id (lower case, [a-z0-9-], at most 63).
+func defaultHiveID() string {
+	h, _ := os.Hostname()
+	h, _, _ = strings.Cut(strings.ToLower(h), ".")
+	b := []byte(h)
+	for i, c := range b {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9') {
+			b[i] = '-'
+		}
+	}
+	id := strings.Trim(string(b), "-")
+	if len(id) > 63 {
+		id = strings.Trim(id[:63], "-")
+	}
+	if id == "" {
+		id = "hive"
+	}
+	return id
+}
+
+// stateDir is where the hive keeps worker logs by default: /var/lib/rbee as root, else the
+// user's state directory.
+func stateDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/rbee"
+	}
+	if d := os.Getenv("XDG_STATE_HOME"); d != "" {
+		return filepath.Join(d, "rbee")
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "state", "rbee")
+	}
+	return filepath.Join(os.TempDir(), "rbee")
+}
+
+// devices lists what this machine offers workers: always cpu, plus a cuda:N per NVIDIA device node.
+func devices() []string {
+	out := []string{"cpu"}
+	nodes, _ := filepath.Glob("/dev/nvidia[0-9]*")
+	for _, n := range nodes {
+		if i, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(n), "nvidia")); err == nil {
+			out = append(out, "cuda:"+strconv.Itoa(i))
+		}
+	}
+	return out
+}

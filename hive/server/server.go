@@ -1,0 +1,165 @@
+// Package server is the hive's gRPC edge: it checks HiveService requests, calls the process core,
+// and turns its error kinds into status codes. It keeps no list of workers.
+package server
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/hive/process"
+	"github.com/rbee-dev/rbee/internal/jobid"
+	"github.com/rbee-dev/rbee/internal/narrate"
+	"github.com/rbee-dev/rbee/internal/validate"
+)
+
+// Processes is what the hive's edge needs of the process core.
+type Processes interface {
+	Spawn(ctx context.Context, s process.SpawnSpec) (process.Spawned, error)
+	Delete(ctx context.Context, t process.Target, grace time.Duration) (process.Outcome, error)
+}
+
+// Config configures the hive's service.
+type Config struct {
+	HiveID string
+	// Queen is the address workers report to when a Spawn names none.
+	Queen string
+	// Grace is the default grace period of Delete.
+	Grace time.Duration
+	// WorkerEnv is added to every worker's environment (credentials, TLS settings).
+	WorkerEnv []string
+	// Registerer receives the hive's metrics, and Live counts its worker processes for them;
+	// nil keeps them unexported.
+	Registerer prometheus.Registerer
+	Live       func() int
+}
+
+// Hive implements HiveService.
+type Hive struct {
+	rbeev1.UnimplementedHiveServiceServer
+	cfg     Config
+	procs   Processes
+	metrics *metrics
+}
+
+// New returns the hive's service over procs.
+func New(cfg Config, procs Processes) *Hive {
+	return &Hive{cfg: cfg, procs: procs, metrics: newMetrics(cfg.Registerer, cfg.Live)}
+}
+
+func invalid(err error) error { return status.Error(codes.InvalidArgument, err.Error()) }
+
+// Spawn starts a worker process and answers its PID, port and start time.
+func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.SpawnResponse, error) {
+	if err := validate.ID("worker_id", req.GetWorkerId()); err != nil {
+		return nil, invalid(err)
+	}
+	if err := validate.Model("model", req.GetModel()); err != nil {
+		return nil, invalid(err)
+	}
+	device := req.GetDevice()
+	if device == "" {
+		device = "cpu"
+	}
+	if err := validate.Device("device", device); err != nil {
+		return nil, invalid(err)
+	}
+	queen := req.GetQueenAddress()
+	if queen == "" {
+		queen = h.cfg.Queen
+	} else if err := validate.Address("queen_address", queen); err != nil {
+		return nil, invalid(err)
+	}
+	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", req.GetWorkerId())))
+	narrate.Event(ctx, "hive", "worker_spawn_start", fmt.Sprintf("Spawning worker %s for model %q on %s", req.GetWorkerId(), req.GetModel(), device))
+	sp, err := h.procs.Spawn(ctx, process.SpawnSpec{
+		WorkerID: req.GetWorkerId(), HiveID: h.cfg.HiveID, Model: req.GetModel(), Device: device,
+		QueenAddress: queen, Env: h.cfg.WorkerEnv, JobID: jobid.FromContext(ctx),
+	})
+	if err != nil {
+		h.metrics.spawns.WithLabelValues(reason(err)).Inc()
+		narrate.Warn(ctx, "hive", "worker_spawn_failed", "Could not spawn the worker", zap.Error(err))
+		return nil, toStatus(err)
+	}
+	h.metrics.spawns.WithLabelValues("ok").Inc()
+	narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", req.GetWorkerId(), sp.PID, sp.Port),
+		zap.Int("pid", sp.PID), zap.Int("port", sp.Port), zap.Uint64("process_start_time", sp.StartTime))
+	return &rbeev1.SpawnResponse{Pid: int32(sp.PID), Port: uint32(sp.Port), ProcessStartTime: sp.StartTime}, nil
+}
+
+// Delete stops the named worker's process after proving the PID is that worker.
+func (h *Hive) Delete(ctx context.Context, req *rbeev1.DeleteRequest) (*rbeev1.DeleteResponse, error) {
+	if err := validate.ID("worker_id", req.GetWorkerId()); err != nil {
+		return nil, invalid(err)
+	}
+	grace, set, err := validate.Grace("grace_period", req.GetGracePeriod())
+	if err != nil {
+		return nil, invalid(err)
+	}
+	if !set {
+		grace = h.cfg.Grace
+	}
+	pid := req.GetPid()
+	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", req.GetWorkerId()), zap.Int32("pid", pid)))
+	// PIDs 1 and below, the hive and its parent are refused by the process core too; refusing
+	// here as well keeps the answer the same on every platform.
+	if pid <= 1 || int(pid) == os.Getpid() || int(pid) == os.Getppid() {
+		h.metrics.refusals.WithLabelValues("not_worker").Inc()
+		narrate.Warn(ctx, "hive", "worker_delete_refused", "Refused to signal a process that cannot be a worker")
+		return nil, status.Errorf(codes.FailedPrecondition, "pid %d is not worker %s's process (1 and below, the hive and its parent are never signalled); no signal sent", pid, req.GetWorkerId())
+	}
+	narrate.Event(ctx, "hive", "worker_delete_start", fmt.Sprintf("Deleting worker %s (PID %d, grace %v)", req.GetWorkerId(), pid, grace), zap.Duration("grace", grace))
+	out, err := h.procs.Delete(ctx, process.Target{WorkerID: req.GetWorkerId(), PID: int(pid), StartTime: req.GetProcessStartTime()}, grace)
+	if err != nil {
+		h.metrics.refusals.WithLabelValues(reason(err)).Inc()
+		narrate.Warn(ctx, "hive", "worker_delete_refused", "Delete failed", zap.Error(err))
+		return nil, toStatus(err)
+	}
+	h.metrics.deletes.WithLabelValues(outcomeLabel(out)).Inc()
+	o := outcomeToProto(out)
+	narrate.Event(ctx, "hive", "worker_delete_complete", fmt.Sprintf("Worker %s deleted: %s", req.GetWorkerId(), o), zap.Stringer("outcome", o))
+	return &rbeev1.DeleteResponse{Outcome: o}, nil
+}
+
+func outcomeToProto(o process.Outcome) rbeev1.DeleteOutcome {
+	switch o {
+	case process.Exited:
+		return rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED
+	case process.Killed:
+		return rbeev1.DeleteOutcome_DELETE_OUTCOME_KILLED
+	case process.AlreadyExited:
+		return rbeev1.DeleteOutcome_DELETE_OUTCOME_ALREADY_EXITED
+	}
+	return rbeev1.DeleteOutcome_DELETE_OUTCOME_UNSPECIFIED
+}
+
+// toStatus maps the process core's error kinds to gRPC codes, in this one place.
+func toStatus(err error) error {
+	var code codes.Code
+	switch process.KindOf(err) {
+	case process.KindInvalid:
+		code = codes.InvalidArgument
+	case process.KindNotWorker, process.KindBinary:
+		code = codes.FailedPrecondition
+	case process.KindExhausted:
+		code = codes.ResourceExhausted
+	case process.KindUnsupported:
+		code = codes.Unimplemented
+	default:
+		code = codes.Internal
+		if errors.Is(err, context.DeadlineExceeded) {
+			code = codes.DeadlineExceeded
+		} else if errors.Is(err, context.Canceled) {
+			code = codes.Canceled
+		}
+	}
+	return status.Error(code, err.Error())
+}

@@ -1,0 +1,125 @@
+package server
+
+import (
+	"context"
+	"os"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/hive/process"
+)
+
+// fakeProcs records what reaches the process core and answers with a chosen error.
+type fakeProcs struct {
+	err     error
+	spawned []process.SpawnSpec
+	deleted []process.Target
+	grace   []time.Duration
+}
+
+func (f *fakeProcs) Spawn(_ context.Context, s process.SpawnSpec) (process.Spawned, error) {
+	f.spawned = append(f.spawned, s)
+	if f.err != nil {
+		return process.Spawned{}, f.err
+	}
+	return process.Spawned{PID: 1234, Port: 9100, StartTime: 99}, nil
+}
+
+func (f *fakeProcs) Delete(_ context.Context, t process.Target, g time.Duration) (process.Outcome, error) {
+	f.deleted = append(f.deleted, t)
+	f.grace = append(f.grace, g)
+	if f.err != nil {
+		return 0, f.err
+	}
+	return process.Killed, nil
+}
+
+func TestSpawnRequests(t *testing.T) {
+	f := &fakeProcs{}
+	h := New(Config{HiveID: "h", Queen: "127.0.0.1:7833", Grace: 2 * time.Second}, f)
+	resp, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w", Model: "m"})
+	if err != nil || resp.GetPid() != 1234 || resp.GetPort() != 9100 || resp.GetProcessStartTime() != 99 {
+		t.Fatalf("Spawn = %v, %v", resp, err)
+	}
+	if s := f.spawned[0]; s.Device != "cpu" || s.QueenAddress != "127.0.0.1:7833" || s.HiveID != "h" {
+		t.Fatalf("spawn spec %+v: want device cpu and the hive's --queen", s)
+	}
+	for name, req := range map[string]*rbeev1.SpawnRequest{
+		"no worker id":  {Model: "m"},
+		"bad worker id": {WorkerId: "W/1", Model: "m"},
+		"no model":      {WorkerId: "w"},
+		"bad device":    {WorkerId: "w", Model: "m", Device: "gpu"},
+		"bad queen":     {WorkerId: "w", Model: "m", QueenAddress: "nowhere"},
+	} {
+		n := len(f.spawned)
+		if _, err := h.Spawn(t.Context(), req); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("%s: %v, want INVALID_ARGUMENT", name, err)
+		}
+		if len(f.spawned) != n {
+			t.Errorf("%s reached the process core", name)
+		}
+	}
+}
+
+func TestDeleteRequests(t *testing.T) {
+	f := &fakeProcs{}
+	h := New(Config{HiveID: "h", Grace: 2 * time.Second}, f)
+	resp, err := h.Delete(t.Context(), &rbeev1.DeleteRequest{WorkerId: "w", Pid: 4321, ProcessStartTime: 7})
+	if err != nil || resp.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_KILLED {
+		t.Fatalf("Delete = %v, %v", resp, err)
+	}
+	if f.grace[0] != 2*time.Second || f.deleted[0] != (process.Target{WorkerID: "w", PID: 4321, StartTime: 7}) {
+		t.Fatalf("core got %+v grace %v: want the default grace", f.deleted[0], f.grace[0])
+	}
+	if _, err := h.Delete(t.Context(), &rbeev1.DeleteRequest{WorkerId: "w", Pid: 4321, GracePeriod: durationpb.New(0)}); err != nil || f.grace[1] != 0 {
+		t.Fatalf("grace 0: %v, core grace %v", err, f.grace[1])
+	}
+	for name, tt := range map[string]struct {
+		req  *rbeev1.DeleteRequest
+		want codes.Code
+	}{
+		"negative grace": {&rbeev1.DeleteRequest{WorkerId: "w", Pid: 4321, GracePeriod: durationpb.New(-time.Second)}, codes.InvalidArgument},
+		"grace too long": {&rbeev1.DeleteRequest{WorkerId: "w", Pid: 4321, GracePeriod: durationpb.New(time.Hour)}, codes.InvalidArgument},
+		"bad worker id":  {&rbeev1.DeleteRequest{WorkerId: "", Pid: 4321}, codes.InvalidArgument},
+		"pid 0":          {&rbeev1.DeleteRequest{WorkerId: "w", Pid: 0}, codes.FailedPrecondition},
+		"pid -1":         {&rbeev1.DeleteRequest{WorkerId: "w", Pid: -1}, codes.FailedPrecondition},
+		"pid 1":          {&rbeev1.DeleteRequest{WorkerId: "w", Pid: 1}, codes.FailedPrecondition},
+		"the hive":       {&rbeev1.DeleteRequest{WorkerId: "w", Pid: int32(os.Getpid())}, codes.FailedPrecondition},
+		"hive's parent":  {&rbeev1.DeleteRequest{WorkerId: "w", Pid: int32(os.Getppid())}, codes.FailedPrecondition},
+	} {
+		n := len(f.deleted)
+		if _, err := h.Delete(t.Context(), tt.req); status.Code(err) != tt.want {
+			t.Errorf("%s: %v, want %v", name, err, tt.want)
+		}
+		if len(f.deleted) != n {
+			t.Errorf("%s reached the process core", name)
+		}
+	}
+}
+
+func TestErrorKindsMapToCodes(t *testing.T) {
+	for kind, want := range map[process.Kind]codes.Code{
+		process.KindInvalid:     codes.InvalidArgument,
+		process.KindNotWorker:   codes.FailedPrecondition,
+		process.KindBinary:      codes.FailedPrecondition,
+		process.KindExhausted:   codes.ResourceExhausted,
+		process.KindUnsupported: codes.Unimplemented,
+		process.KindStuck:       codes.Internal,
+	} {
+		f := &fakeProcs{err: &process.Error{Kind: kind, Msg: "because"}}
+		h := New(Config{HiveID: "h", Queen: "127.0.0.1:1"}, f)
+		_, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w", Model: "m"})
+		if status.Code(err) != want {
+			t.Errorf("kind %v: spawn answered %v, want %v", kind, err, want)
+		}
+		_, err = h.Delete(t.Context(), &rbeev1.DeleteRequest{WorkerId: "w", Pid: 4321})
+		if status.Code(err) != want {
+			t.Errorf("kind %v: delete answered %v, want %v", kind, err, want)
+		}
+	}
+}

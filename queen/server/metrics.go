@@ -1,0 +1,78 @@
+package server
+
+import (
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rbee-dev/rbee/queen/registry"
+)
+
+// metrics are the queen's own Prometheus metrics; the gRPC server metrics come from rpcserver.
+type metrics struct {
+	beats                  *prometheus.CounterVec
+	workerBeats, hiveBeats prometheus.Counter // resolved once: the heartbeat path is hot
+	spawnToReady           *prometheus.HistogramVec
+	deletes                *prometheus.HistogramVec
+}
+
+var durationBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300}
+
+func newMetrics(reg prometheus.Registerer, r *registry.Registry) *metrics {
+	m := &metrics{
+		beats: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "rbee_queen_heartbeats_received_total", Help: "Heartbeats applied to the registry, by sender (worker, hive).",
+		}, []string{"kind"}),
+		spawnToReady: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "rbee_queen_spawn_to_ready_seconds", Help: "Time from SpawnWorker to READY (or to failure), by outcome (ready, returned, timeout, exited, error).",
+			Buckets: durationBuckets,
+		}, []string{"outcome"}),
+		deletes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "rbee_queen_delete_duration_seconds", Help: "DeleteWorker duration, by outcome (exited, killed, already_exited, error).",
+			Buckets: durationBuckets,
+		}, []string{"outcome"}),
+	}
+	m.workerBeats, m.hiveBeats = m.beats.WithLabelValues("worker"), m.beats.WithLabelValues("hive")
+	if reg != nil {
+		reg.MustRegister(m.beats, m.spawnToReady, m.deletes, &registryCollector{r: r})
+	}
+	return m
+}
+
+func (m *metrics) spawned(outcome string, since time.Time) {
+	m.spawnToReady.WithLabelValues(outcome).Observe(time.Since(since).Seconds())
+}
+
+func (m *metrics) deleted(outcome string, since time.Time) {
+	m.deletes.WithLabelValues(outcome).Observe(time.Since(since).Seconds())
+}
+
+// registryCollector reads worker and hive counts from the registry at scrape time, so the gauges
+// are always exactly the registry's state and cost nothing between scrapes.
+type registryCollector struct{ r *registry.Registry }
+
+var (
+	workersDesc = prometheus.NewDesc("rbee_queen_workers", "Workers the queen knows, by state and hive.", []string{"state", "hive"}, nil)
+	hivesDesc   = prometheus.NewDesc("rbee_queen_hives", "Hives the queen knows, by state.", []string{"state"}, nil)
+)
+
+func (c *registryCollector) Describe(ch chan<- *prometheus.Desc) { ch <- workersDesc; ch <- hivesDesc }
+
+func (c *registryCollector) Collect(ch chan<- prometheus.Metric) {
+	type key struct{ state, hive string }
+	workers := map[key]int{}
+	for _, w := range c.r.List("") {
+		workers[key{strings.ToLower(w.State.String()), w.HiveID}]++
+	}
+	for k, n := range workers {
+		ch <- prometheus.MustNewConstMetric(workersDesc, prometheus.GaugeValue, float64(n), k.state, k.hive)
+	}
+	hives := map[string]int{"ready": 0, "stale": 0}
+	for _, h := range c.r.ListHives() {
+		hives[strings.ToLower(h.State.String())]++
+	}
+	for s, n := range hives {
+		ch <- prometheus.MustNewConstMetric(hivesDesc, prometheus.GaugeValue, float64(n), s)
+	}
+}
