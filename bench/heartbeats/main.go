@@ -1,0 +1,424 @@
+// Command heartbeats is the queen's load tool: it opens N worker heartbeat streams over M
+// connections against a queen (one it starts itself from -bin, or a running one at -queen), beats
+// at a given rate per stream or closed-loop, and prints achieved heartbeats/s, heartbeat-to-
+// acknowledgement latency percentiles, the queen's CPU and RSS (from /proc when it is local), how
+// many workers the queen shows STALE, and ListWorkers latency. With -restart it kills the queen
+// with SIGKILL mid-run, restarts it, and measures how long until every worker is known again.
+//
+//	go run ./bench/heartbeats -bin bin -workers 10000 -conns 16 -rate 1 -duration 60s
+//	go run ./bench/heartbeats -bin bin -workers 2000 -rate 0 -duration 20s     # closed loop
+//	go run ./bench/heartbeats -bin bin -workers 10000 -restart                 # self-healing
+//
+// Traffic stays on loopback; the run is bounded by -duration and -workers.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"math"
+	"math/bits"
+	"math/rand/v2"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+)
+
+type config struct {
+	bin, queen     string
+	workers, conns int
+	rate           float64
+	duration, warm time.Duration
+	restart        bool
+	interval       time.Duration
+	queenPID       int
+}
+
+func main() {
+	var c config
+	flag.StringVar(&c.bin, "bin", "", "directory with the queen binary: start a queen on loopback for the run")
+	flag.StringVar(&c.queen, "queen", "", "address of a running queen (instead of -bin)")
+	flag.IntVar(&c.workers, "workers", 1000, "heartbeat streams (1..50000)")
+	flag.IntVar(&c.conns, "conns", 16, "client connections the streams are spread over")
+	flag.Float64Var(&c.rate, "rate", 1, "beats per second per stream; 0: closed loop (each stream beats again on its answer)")
+	flag.DurationVar(&c.duration, "duration", 30*time.Second, "measured time after warm-up (at most 10m)")
+	flag.DurationVar(&c.warm, "warmup", 5*time.Second, "time to connect all streams and settle before measuring")
+	flag.BoolVar(&c.restart, "restart", false, "with -bin: SIGKILL the queen after warm-up, restart it, and time the relearning")
+	flag.DurationVar(&c.interval, "interval", time.Second, "with -bin: the queen's --heartbeat-interval")
+	flag.IntVar(&c.queenPID, "queen-pid", 0, "with -queen: the queen's PID, to read its CPU and RSS")
+	flag.Parse()
+	if c.workers < 1 || c.workers > 50000 || c.conns < 1 || c.conns > c.workers || c.duration <= 0 || c.duration > 10*time.Minute ||
+		c.rate < 0 || (c.bin == "") == (c.queen == "") || (c.restart && c.bin == "") {
+		fmt.Fprintln(os.Stderr, "heartbeats: give -bin or -queen; -workers 1..50000, -conns 1..workers, -duration up to 10m; -restart needs -bin")
+		os.Exit(2)
+	}
+	if err := run(c); err != nil {
+		fmt.Fprintln(os.Stderr, "heartbeats:", err)
+		os.Exit(1)
+	}
+}
+
+// queenProc is a queen this tool started.
+type queenProc struct {
+	cmd  *exec.Cmd
+	addr string
+}
+
+func startQueen(c config, addr string) (*queenProc, error) {
+	cmd := exec.Command(filepath.Join(c.bin, "queen"), "--listen", addr, "--max-beats-per-second", "0",
+		"--heartbeat-interval", c.interval.String(), "--log-level", "warn")
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	return &queenProc{cmd: cmd, addr: addr}, nil
+}
+
+func (q *queenProc) stop(sig syscall.Signal) {
+	_ = q.cmd.Process.Signal(sig)
+	done := make(chan struct{})
+	go func() { _ = q.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		_ = q.cmd.Process.Kill()
+		<-done
+	}
+}
+
+func run(c config) error {
+	addr := c.queen
+	var qp *queenProc
+	if c.bin != "" {
+		addr = freeAddr()
+		var err error
+		if qp, err = startQueen(c, addr); err != nil {
+			return err
+		}
+		defer func() { qp.stop(syscall.SIGTERM) }()
+		c.queenPID = qp.cmd.Process.Pid
+	}
+	conns := make([]*grpc.ClientConn, c.conns)
+	for i := range conns {
+		cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return err
+		}
+		defer cc.Close()
+		conns[i] = cc
+	}
+	if err := awaitServing(conns[0]); err != nil {
+		return err
+	}
+	queen := rbeev1.NewQueenServiceClient(conns[0])
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var st stats
+	var wg sync.WaitGroup
+	for i := 0; i < c.workers; i++ {
+		wg.Add(1)
+		go func() { defer wg.Done(); beat(ctx, c, conns[i%c.conns], i, &st) }()
+	}
+	defer func() { cancel(); wg.Wait() }()
+
+	fmt.Printf("queen %s: %d streams over %d connections, rate %s, warm-up %v, measuring %v (%d CPUs here)\n",
+		addr, c.workers, c.conns, rateName(c.rate), c.warm, c.duration, numCPU())
+	time.Sleep(c.warm) // the load's own schedule, not synchronisation
+	if got := st.connected.Load(); got < int64(c.workers) {
+		fmt.Printf("  warning: only %d of %d streams connected after warm-up\n", got, c.workers)
+	}
+	if c.restart {
+		return restart(c, qp, queen, &st)
+	}
+	st.reset()
+	cpu0, _ := cpuTicks(c.queenPID)
+	t0 := time.Now()
+	time.Sleep(c.duration)
+	elapsed := time.Since(t0)
+	cpu1, _ := cpuTicks(c.queenPID)
+	n := st.lat.count()
+	fmt.Printf("  heartbeats/s      %.0f (%d in %v, %d stream errors)\n", float64(n)/elapsed.Seconds(), n, elapsed.Round(time.Millisecond), st.errors.Load())
+	fmt.Printf("  beat->ack latency p50 %v  p99 %v  p99.9 %v  max %v\n", st.lat.quantile(0.5), st.lat.quantile(0.99), st.lat.quantile(0.999), st.lat.max())
+	if c.queenPID > 0 {
+		rss, _ := rssKB(c.queenPID)
+		fmt.Printf("  queen CPU         %.0f%% of one core; RSS %.1f MB (%.1f KB per worker)\n",
+			100*float64(cpu1-cpu0)/clockTicks/elapsed.Seconds(), float64(rss)/1024, float64(rss)/float64(c.workers))
+	}
+	return listReport(queen, c.workers)
+}
+
+// listReport prints how many of the load's workers the queen shows, by state, and times ListWorkers.
+func listReport(queen rbeev1.QueenServiceClient, want int) error {
+	var ds []time.Duration
+	var last *rbeev1.ListWorkersResponse
+	for range 11 {
+		t0 := time.Now()
+		resp, err := queen.ListWorkers(context.Background(), &rbeev1.ListWorkersRequest{HiveId: "load"})
+		if err != nil {
+			return fmt.Errorf("ListWorkers: %w", err)
+		}
+		ds = append(ds, time.Since(t0))
+		last = resp
+	}
+	slices.Sort(ds)
+	states := map[string]int{}
+	for _, w := range last.GetWorkers() {
+		states[strings.TrimPrefix(w.GetState().String(), "WORKER_STATE_")]++
+	}
+	fmt.Printf("  queen shows       %d of %d workers: %v\n", len(last.GetWorkers()), want, states)
+	fmt.Printf("  ListWorkers       median %v over 11 calls (%d workers each)\n", ds[len(ds)/2], len(last.GetWorkers()))
+	return nil
+}
+
+// restart kills the queen with SIGKILL, starts a new one on the same address and measures how long
+// until it knows every worker again, checking for duplicates.
+func restart(c config, qp *queenProc, queen rbeev1.QueenServiceClient, st *stats) error {
+	qp.stop(syscall.SIGKILL)
+	t0 := time.Now()
+	nq, err := startQueen(c, qp.addr)
+	if err != nil {
+		return err
+	}
+	*qp = *nq
+	deadline := t0.Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := queen.ListWorkers(context.Background(), &rbeev1.ListWorkersRequest{HiveId: "load"}, grpc.WaitForReady(true))
+		if err == nil {
+			ids := map[string]bool{}
+			for _, w := range resp.GetWorkers() {
+				ids[w.GetWorkerId()] = true
+			}
+			if len(resp.GetWorkers()) >= c.workers {
+				took := time.Since(t0)
+				fmt.Printf("  restart           all %d workers known again %v after SIGKILL (%.1f intervals); %d duplicates\n",
+					c.workers, took.Round(time.Millisecond), took.Seconds()/c.interval.Seconds(), len(resp.GetWorkers())-len(ids))
+				return listReport(queen, c.workers)
+			}
+		}
+		time.Sleep(20 * time.Millisecond) // polling the queen's view is the measurement itself
+	}
+	return errors.New("the restarted queen did not relearn every worker within 60s")
+}
+
+// beat runs one simulated worker: a heartbeat stream that reconnects with capped, jittered backoff
+// like a real worker.
+func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, st *stats) {
+	client := rbeev1.NewHeartbeatServiceClient(cc)
+	req := &rbeev1.WorkerHeartbeatRequest{Worker: &rbeev1.Worker{
+		WorkerId: "load-" + strconv.Itoa(i), HiveId: "load", Model: "load-model", Device: "cpu",
+		Pid: int32(100000 + i), Port: uint32(10000 + i%50000), State: rbeev1.WorkerState_WORKER_STATE_READY, ProcessStartTime: uint64(i + 1),
+	}}
+	period := time.Duration(0)
+	if c.rate > 0 {
+		period = time.Duration(float64(time.Second) / c.rate)
+	}
+	first := true
+	for attempt := 0; ctx.Err() == nil; attempt++ {
+		stream, err := client.WorkerHeartbeat(ctx)
+		if err == nil {
+			if first {
+				st.connected.Add(1)
+				first = false
+			}
+			var next time.Time
+			if period > 0 {
+				// Spread the fleet's beats over the period, as real workers started at different times.
+				next = time.Now().Add(time.Duration(rand.Int64N(int64(period))))
+			}
+			for ctx.Err() == nil {
+				if period > 0 {
+					if d := time.Until(next); d > 0 {
+						select {
+						case <-ctx.Done():
+							return
+						case <-time.After(d):
+						}
+					}
+					next = next.Add(period)
+				}
+				t0 := time.Now()
+				if err = stream.Send(req); err != nil {
+					break
+				}
+				if _, err = stream.Recv(); err != nil {
+					break
+				}
+				st.lat.add(time.Since(t0))
+				attempt = 0
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		st.errors.Add(1)
+		d := min(5*time.Second, 100*time.Millisecond<<min(attempt, 10))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Duration(rand.Int64N(int64(d) + 1))):
+		}
+	}
+}
+
+type stats struct {
+	lat       histogram
+	errors    atomic.Int64
+	connected atomic.Int64
+}
+
+func (s *stats) reset() { s.lat.reset(); s.errors.Store(0) }
+
+// histogram is a lock-free log-linear latency histogram: 32 sub-buckets per power of two of
+// microseconds, so quantiles are within about 3%.
+type histogram struct {
+	b   [64 * 32]atomic.Uint64
+	top atomic.Int64
+}
+
+func bucketOf(us int64) int {
+	if us < 32 {
+		return int(us)
+	}
+	e := 63 - bits.LeadingZeros64(uint64(us)) // us in [2^e, 2^(e+1))
+	sub := int((us >> (e - 5)) & 31)
+	return (e-4)*32 + sub
+}
+
+func bucketLow(b int) int64 {
+	if b < 32 {
+		return int64(b)
+	}
+	e := b/32 + 4
+	sub := int64(b % 32)
+	return (1 << e) + sub<<(e-5)
+}
+
+func (h *histogram) add(d time.Duration) {
+	us := d.Microseconds()
+	h.b[min(bucketOf(us), len(h.b)-1)].Add(1)
+	for {
+		t := h.top.Load()
+		if us <= t || h.top.CompareAndSwap(t, us) {
+			return
+		}
+	}
+}
+
+func (h *histogram) reset() {
+	for i := range h.b {
+		h.b[i].Store(0)
+	}
+	h.top.Store(0)
+}
+
+func (h *histogram) count() uint64 {
+	var n uint64
+	for i := range h.b {
+		n += h.b[i].Load()
+	}
+	return n
+}
+
+func (h *histogram) quantile(q float64) time.Duration {
+	n := h.count()
+	if n == 0 {
+		return 0
+	}
+	rank := uint64(math.Ceil(q * float64(n)))
+	var seen uint64
+	for i := range h.b {
+		seen += h.b[i].Load()
+		if seen >= rank {
+			return time.Duration(bucketLow(i)) * time.Microsecond
+		}
+	}
+	return h.max()
+}
+
+func (h *histogram) max() time.Duration { return time.Duration(h.top.Load()) * time.Microsecond }
+
+// clockTicks is USER_HZ, the unit of /proc/PID/stat times; 100 on every Linux this runs on.
+const clockTicks = 100
+
+func cpuTicks(pid int) (uint64, error) {
+	if pid <= 0 {
+		return 0, errors.New("no pid")
+	}
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	ut, _ := strconv.ParseUint(f[11], 10, 64) // field 14
+	stt, _ := strconv.ParseUint(f[12], 10, 64)
+	return ut + stt, nil
+}
+
+func rssKB(pid int) (int64, error) {
+	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
+			return strconv.ParseInt(strings.Fields(v)[0], 10, 64)
+		}
+	}
+	return 0, errors.New("no VmRSS")
+}
+
+func awaitServing(conn *grpc.ClientConn) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	w, err := healthpb.NewHealthClient(conn).Watch(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+	if err != nil {
+		return err
+	}
+	for {
+		r, err := w.Recv()
+		if err != nil {
+			return fmt.Errorf("queen not serving: %w", err)
+		}
+		if r.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+			return nil
+		}
+	}
+}
+
+func freeAddr() string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func rateName(r float64) string {
+	if r == 0 {
+		return "closed loop"
+	}
+	return fmt.Sprintf("%g/s per stream", r)
+}
+
+func numCPU() int { return runtime.NumCPU() }

@@ -1,0 +1,250 @@
+// Command lifecycle measures the worker lifecycle on this machine with the real binaries: the
+// hive's Spawn and Delete over gRPC (graceful and grace 0), and the queen's SpawnWorker with
+// wait_ready and DeleteWorker. It starts its own hive and queen on loopback, runs a bounded number
+// of cycles, prints percentiles, and stops everything it started.
+//
+//	go run ./bench/lifecycle -bin bin -n 200
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+)
+
+func main() {
+	bin := flag.String("bin", "bin", "directory with the queen, hive and worker-stub binaries")
+	n := flag.Int("n", 200, "cycles per measurement (at most 5000)")
+	queenN := flag.Int("queen-n", 20, "cycles of SpawnWorker(wait_ready)+DeleteWorker through the queen (at most 1000)")
+	flag.Parse()
+	if *n < 1 || *n > 5000 || *queenN < 0 || *queenN > 1000 {
+		fmt.Fprintln(os.Stderr, "lifecycle: -n must be 1..5000 and -queen-n 0..1000")
+		os.Exit(2)
+	}
+	if err := run(*bin, *n, *queenN); err != nil {
+		fmt.Fprintln(os.Stderr, "lifecycle:", err)
+		os.Exit(1)
+	}
+}
+
+func run(bin string, n, queenN int) error {
+	dir, err := os.MkdirTemp("", "rbee-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	// The hive-level figures measure the hive alone: workers that never call a queen.
+	quiet := filepath.Join(dir, "quiet-worker")
+	script := "#!/bin/sh\nexec " + abs(filepath.Join(bin, "worker-stub")) + " --no-heartbeat \"$@\"\n"
+	if err := os.WriteFile(quiet, []byte(script), 0o755); err != nil {
+		return err
+	}
+	hiveAddr := freeAddr()
+	hive, err := startProc(filepath.Join(bin, "hive"), "--listen", hiveAddr, "--hive-id", "bench", "--register=false",
+		"--worker-binary", quiet, "--log-dir", filepath.Join(dir, "logs"), "--log-level", "warn")
+	if err != nil {
+		return err
+	}
+	defer stopProc(hive)
+	conn, err := grpc.NewClient(hiveAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := awaitServing(conn); err != nil {
+		return fmt.Errorf("hive: %w", err)
+	}
+	hc := rbeev1.NewHiveServiceClient(conn)
+	ctx := context.Background()
+
+	var spawn, graceful, force []time.Duration
+	for i := 0; i < n; i++ {
+		for _, grace := range []time.Duration{time.Second, 0} {
+			id := fmt.Sprintf("b%d-%d", i, grace/time.Second)
+			t0 := time.Now()
+			sp, err := hc.Spawn(ctx, &rbeev1.SpawnRequest{WorkerId: id, Model: "bench", Device: "cpu", QueenAddress: "127.0.0.1:1"})
+			if err != nil {
+				return fmt.Errorf("spawn: %w", err)
+			}
+			spawn = append(spawn, time.Since(t0))
+			// Delete a worker that is up (its SIGTERM handler installed), as in production.
+			if err := awaitWorker(sp.GetPort()); err != nil {
+				return err
+			}
+			t0 = time.Now()
+			d, err := hc.Delete(ctx, &rbeev1.DeleteRequest{WorkerId: id, Pid: sp.GetPid(), ProcessStartTime: sp.GetProcessStartTime(), GracePeriod: durationpb.New(grace)})
+			took := time.Since(t0)
+			if err != nil {
+				return fmt.Errorf("delete: %w", err)
+			}
+			if grace > 0 {
+				if d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {
+					return fmt.Errorf("graceful delete: outcome %v", d.GetOutcome())
+				}
+				graceful = append(graceful, took)
+			} else {
+				if d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_KILLED {
+					return fmt.Errorf("grace-0 delete: outcome %v", d.GetOutcome())
+				}
+				force = append(force, took)
+			}
+		}
+	}
+	fmt.Printf("hive over gRPC, %d cycles each (machine: %d CPUs)\n", n, numCPU())
+	report("Spawn (RPC in, PID out)", spawn)
+	report("Delete graceful (exits at once on SIGTERM)", graceful)
+	report("Delete grace 0 (SIGKILL)", force)
+	if queenN == 0 {
+		return nil
+	}
+	return benchQueen(bin, dir, queenN)
+}
+
+func benchQueen(bin, dir string, n int) error {
+	queenAddr, hiveAddr := freeAddr(), freeAddr()
+	queen, err := startProc(filepath.Join(bin, "queen"), "--listen", queenAddr, "--hive", "bq="+hiveAddr, "--log-level", "warn")
+	if err != nil {
+		return err
+	}
+	defer stopProc(queen)
+	hive, err := startProc(filepath.Join(bin, "hive"), "--listen", hiveAddr, "--hive-id", "bq", "--queen", queenAddr,
+		"--log-dir", filepath.Join(dir, "qlogs"), "--log-level", "warn")
+	if err != nil {
+		return err
+	}
+	defer stopProc(hive)
+	conn, err := grpc.NewClient(queenAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := awaitServing(conn); err != nil {
+		return fmt.Errorf("queen: %w", err)
+	}
+	hconn, err := grpc.NewClient(hiveAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer hconn.Close()
+	if err := awaitServing(hconn); err != nil {
+		return fmt.Errorf("hive: %w", err)
+	}
+	q := rbeev1.NewQueenServiceClient(conn)
+	ctx := context.Background()
+	var spawn, del []time.Duration
+	for i := 0; i < n; i++ {
+		id := "q" + strconv.Itoa(i)
+		t0 := time.Now()
+		if _, err := q.SpawnWorker(ctx, &rbeev1.SpawnWorkerRequest{WorkerId: id, Model: "bench", WaitReady: true}); err != nil {
+			return fmt.Errorf("SpawnWorker: %w", err)
+		}
+		spawn = append(spawn, time.Since(t0))
+		t0 = time.Now()
+		d, err := q.DeleteWorker(ctx, &rbeev1.DeleteWorkerRequest{WorkerId: id})
+		if err != nil {
+			return fmt.Errorf("DeleteWorker: %w", err)
+		}
+		if d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {
+			return fmt.Errorf("DeleteWorker: outcome %v", d.GetOutcome())
+		}
+		del = append(del, time.Since(t0))
+	}
+	fmt.Printf("queen end to end, %d cycles\n", n)
+	report("SpawnWorker wait_ready (spawn to first READY beat)", spawn)
+	report("DeleteWorker graceful", del)
+	return nil
+}
+
+func report(name string, ds []time.Duration) {
+	slices.Sort(ds)
+	pct := func(p float64) time.Duration { return ds[min(len(ds)-1, int(p*float64(len(ds))))] }
+	fmt.Printf("  %-52s p50 %8.3fms  p99 %8.3fms  min %8.3fms  max %8.3fms\n", name,
+		ms(pct(0.50)), ms(pct(0.99)), ms(ds[0]), ms(ds[len(ds)-1]))
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// awaitWorker waits until the worker's health service says SERVING, via the health Watch stream.
+func awaitWorker(port uint32) error {
+	conn, err := grpc.NewClient(net.JoinHostPort("127.0.0.1", strconv.Itoa(int(port))), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	return awaitServing(conn)
+}
+
+func awaitServing(conn *grpc.ClientConn) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	w, err := healthpb.NewHealthClient(conn).Watch(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
+	if err != nil {
+		return err
+	}
+	for {
+		r, err := w.Recv()
+		if err != nil {
+			return fmt.Errorf("waiting for SERVING: %w", err)
+		}
+		if r.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+			return nil
+		}
+	}
+}
+
+func startProc(path string, args ...string) (*exec.Cmd, error) {
+	cmd := exec.Command(path, args...)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	return cmd, nil
+}
+
+func stopProc(cmd *exec.Cmd) {
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+	}
+}
+
+// freeAddr returns a loopback address with a port free at the time of asking.
+func freeAddr() string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func abs(p string) string {
+	a, err := filepath.Abs(p)
+	if err != nil {
+		return p
+	}
+	return a
+}
+
+func numCPU() int { return runtime.NumCPU() }
