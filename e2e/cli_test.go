@@ -327,8 +327,25 @@ func TestCLIExitStatus(t *testing.T) {
 	})
 
 	t.Run("unauthenticated", func(t *testing.T) {
-		// The exit status mapping itself is pinned by rbee/cli's TestExitCode.
-		t.Skip("queen has no token check yet")
+		_, locked := startQueen(t, "--token-file", tokenFile(t))
+		for _, tc := range []struct {
+			env  []string
+			want int
+		}{
+			{nil, 5},
+			{[]string{"RBEE_TOKEN=wrong-token-0123456789"}, 5},
+			{[]string{"RBEE_TOKEN=" + testToken}, 0},
+		} {
+			cmd := exec.Command(rbeeBinary(t), "worker", "ls")
+			cmd.Env = append(rbeeEnv(locked), tc.env...)
+			out, _ := cmd.CombinedOutput()
+			if got := cmd.ProcessState.ExitCode(); got != tc.want {
+				t.Errorf("rbee worker ls with %v: exit %d, want %d\n%s", tc.env, got, tc.want, out)
+			}
+			if strings.Contains(string(out), "wrong-token") || strings.Contains(string(out), testToken) {
+				t.Errorf("rbee printed the token: %s", out)
+			}
+		}
 	})
 	noWorkersLeft(t, hive)
 }

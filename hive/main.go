@@ -21,7 +21,6 @@ import (
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 
@@ -29,6 +28,7 @@ import (
 	"github.com/rbee-dev/rbee/hive/heartbeat"
 	"github.com/rbee-dev/rbee/hive/process"
 	"github.com/rbee-dev/rbee/hive/server"
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/metrics"
 	"github.com/rbee-dev/rbee/internal/rpcserver"
@@ -48,6 +48,8 @@ type options struct {
 	grace                                                                                      time.Duration
 	maxWorkers                                                                                 int
 	register, noCgroups                                                                        bool
+	authFlags                                                                                  auth.Flags
+	creds                                                                                      *auth.Material
 }
 
 func run(args []string) int {
@@ -66,6 +68,7 @@ func run(args []string) int {
 	fs.BoolVar(&o.noCgroups, "no-cgroups", false, "do not put workers in cgroups even where cgroup v2 is writable")
 	fs.StringVar(&o.metricsListen, "metrics-listen", "", "[HOST]:PORT to serve Prometheus /metrics and /debug/pprof on (off by default; loopback when no host)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	o.authFlags.Register(fs)
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: hive [flags]\n\nRuns worker processes on this machine for the rbee queen.\n\nFlags:\n")
@@ -121,6 +124,13 @@ func (o *options) check() (process.Config, error) {
 			return cfg, err
 		}
 	}
+	var err error
+	if o.creds, err = o.authFlags.Load(); err != nil {
+		return cfg, err
+	}
+	if err := auth.CheckExposure("--listen", o.listen, o.creds.Token, o.authFlags.Insecure); err != nil {
+		return cfg, err
+	}
 	lo, hi, err := parsePortRange(o.portRange)
 	if err != nil {
 		return cfg, err
@@ -164,9 +174,8 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	var m *process.Manager
 	var beater *heartbeat.Beater
 	if o.register {
-		conn, err := grpc.NewClient(o.queen,
-			grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: rpcserver.ClientPingInterval, PermitWithoutStream: true}))
+		conn, err := grpc.NewClient(o.queen, append(o.creds.Dial,
+			grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: rpcserver.ClientPingInterval, PermitWithoutStream: true}))...)
 		if err != nil {
 			return fmt.Errorf("--queen %q: %w", o.queen, err)
 		}
@@ -191,9 +200,10 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	srv := rpcserver.New(rpcserver.Options{Logger: log, Metrics: ms.GRPC})
+	srv := rpcserver.New(rpcserver.Options{Logger: log, Metrics: ms.GRPC, Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions()})
 	rbeev1.RegisterHiveServiceServer(srv.GRPC, server.New(server.Config{
 		HiveID: o.hiveID, Queen: o.queen, Grace: o.grace, Registerer: ms.Registry, Live: m.Live,
+		WorkerEnv: o.creds.TLS.Env(),
 	}, m))
 	srv.Health.SetServingStatus(rbeev1.HiveService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	done := make(chan struct{})

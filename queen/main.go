@@ -19,6 +19,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/metrics"
 	"github.com/rbee-dev/rbee/internal/rpcserver"
@@ -68,6 +69,8 @@ type options struct {
 	hives                                           hiveFlags
 	interval, staleAfter, expireAfter, startTimeout time.Duration
 	maxBeats, watchBuffer                           int
+	authFlags                                       auth.Flags
+	creds                                           *auth.Material
 }
 
 func run(args []string) int {
@@ -84,6 +87,7 @@ func run(args []string) int {
 	fs.StringVar(&o.advertise, "advertise", "", "HOST:PORT workers should report to (default: the listen address; each hive's --queen when that is 0.0.0.0 or [::])")
 	fs.StringVar(&o.metricsListen, "metrics-listen", "", "[HOST]:PORT to serve Prometheus /metrics and /debug/pprof on (off by default; loopback when no host)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	o.authFlags.Register(fs)
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Usage: queen [flags]\n\nRuns the rbee queen: the registry of workers and hives, and the API operators use.\n\nFlags:\n")
@@ -141,6 +145,13 @@ func (o *options) check() error {
 			return err
 		}
 	}
+	var err error
+	if o.creds, err = o.authFlags.Load(); err != nil {
+		return err
+	}
+	if err := auth.CheckExposure("--listen", o.listen, o.creds.Token, o.authFlags.Insecure); err != nil {
+		return err
+	}
 	if o.watchBuffer < 1 {
 		return fmt.Errorf("--watch-buffer %d: want at least 1", o.watchBuffer)
 	}
@@ -159,7 +170,7 @@ func serve(o options, log *zap.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	hives := server.NewHivePool()
+	hives := server.NewHivePool(o.creds.Dial...)
 	defer hives.Close()
 	var q *server.Queen
 	reg := registry.New(registry.Config{
@@ -187,12 +198,13 @@ func serve(o options, log *zap.Logger) error {
 	}
 	queenID := server.NewQueenID()
 	q = server.New(server.Config{
-		Registerer: ms.Registry, Registry: reg, Hives: hives, QueenID: queenID, Interval: o.interval, Advertise: o.advertise,
+		Registerer: ms.Registry, Registry: reg, Hives: hives, Token: o.creds.Token, QueenID: queenID, Interval: o.interval, Advertise: o.advertise,
 		StartTimeout: o.startTimeout, MaxBeatsPerSecond: o.maxBeats, Logger: log,
 	})
 	// Heartbeat streams end at their next beat once draining starts, so the graceful stop needs
 	// a little more than one interval.
-	srv := rpcserver.New(rpcserver.Options{Logger: log, ShutdownTimeout: 2*o.interval + 3*time.Second, Metrics: ms.GRPC})
+	srv := rpcserver.New(rpcserver.Options{Logger: log, ShutdownTimeout: 2*o.interval + 3*time.Second, Metrics: ms.GRPC,
+		Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions()})
 	rbeev1.RegisterQueenServiceServer(srv.GRPC, q)
 	rbeev1.RegisterHeartbeatServiceServer(srv.GRPC, q)
 	for _, name := range []string{rbeev1.QueenService_ServiceDesc.ServiceName, rbeev1.HeartbeatService_ServiceDesc.ServiceName} {

@@ -17,6 +17,7 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/activation"
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/procstat"
@@ -24,7 +25,6 @@ import (
 	"github.com/rbee-dev/rbee/worker-stub/heartbeat"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
@@ -93,10 +93,14 @@ func (d *descriptorSource) descriptor() *rbeev1.Worker {
 	return w
 }
 
-// dialOptions is the one place that decides how the worker reaches the queen; TLS and the
-// cluster token belong here once the queen requires them.
-func dialOptions() []grpc.DialOption {
-	return []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+// dialOptions is the one place that decides how the worker reaches the queen. The hive hands the
+// worker its own token and the cluster's TLS files in the environment, never on the command line.
+func dialOptions() ([]grpc.DialOption, error) {
+	creds, err := auth.TLSFromEnv().DialOption()
+	if err != nil {
+		return nil, err
+	}
+	return append([]grpc.DialOption{creds}, auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
 }
 
 // listen returns the socket inherited from the hive (LISTEN_FDS=1 on fd 3) or, without one, a new
@@ -170,9 +174,15 @@ func serve(cfg config, log *zap.Logger) error {
 
 	var hb *heartbeat.Client
 	if !cfg.noHeartbeat {
+		dial, err := dialOptions()
+		if err != nil {
+			srv.Stop()
+			wg.Wait()
+			return fmt.Errorf("credentials for the queen: %w", err)
+		}
 		hb = heartbeat.New(heartbeat.Config{
 			Queen:       cfg.queen,
-			DialOptions: dialOptions(),
+			DialOptions: dial,
 			Descriptor:  desc.descriptor,
 			Logger:      log,
 		})

@@ -42,7 +42,14 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	if code == 0 {
-		if leaked := leakedGoroutines(); leaked != "" {
+		// A goroutine that has just run its deferred wg.Done is still on its way out; like
+		// goleak, look again for a while before calling it a leak.
+		leaked := leakedGoroutines()
+		for wait := time.Millisecond; leaked != "" && wait < time.Second; wait *= 2 {
+			time.Sleep(wait)
+			leaked = leakedGoroutines()
+		}
+		if leaked != "" {
 			fmt.Fprintf(os.Stderr, "goroutines of package process still running after the tests:\n%s\n", leaked)
 			code = 1
 		}

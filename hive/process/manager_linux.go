@@ -320,9 +320,14 @@ func workerEnv(s SpawnSpec, hiveID, binary string) []string {
 		}
 		return false
 	}
+	// The hive's own credentials stay with the hive: a worker gets only what the spec hands it
+	// (its own token), never the cluster token the hive may have been started with.
+	secret := func(kv string) bool {
+		return strings.HasPrefix(kv, "RBEE_TOKEN=") || strings.HasPrefix(kv, "RBEE_WORKER_TOKEN=") || strings.HasPrefix(kv, "RBEE_TLS_")
+	}
 	env := make([]string, 0, len(os.Environ())+len(s.Env)+5)
 	for _, kv := range os.Environ() {
-		if !reserved(kv) {
+		if !reserved(kv) && !secret(kv) {
 			env = append(env, kv)
 		}
 	}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,6 +17,7 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/hive/process"
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/jobid"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/validate"
@@ -80,9 +82,13 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 	}
 	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", req.GetWorkerId())))
 	narrate.Event(ctx, "hive", "worker_spawn_start", fmt.Sprintf("Spawning worker %s for model %q on %s", req.GetWorkerId(), req.GetModel(), device))
+	env := h.cfg.WorkerEnv
+	if tok := req.GetWorkerToken(); tok != "" {
+		env = append(slices.Clip(env), auth.EnvWorkerToken+"="+tok)
+	}
 	sp, err := h.procs.Spawn(ctx, process.SpawnSpec{
 		WorkerID: req.GetWorkerId(), HiveID: h.cfg.HiveID, Model: req.GetModel(), Device: device,
-		QueenAddress: queen, Env: h.cfg.WorkerEnv, JobID: jobid.FromContext(ctx),
+		QueenAddress: queen, Env: env, JobID: jobid.FromContext(ctx),
 	})
 	if err != nil {
 		h.metrics.spawns.WithLabelValues(reason(err)).Inc()

@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/jobid"
 	"github.com/rbee-dev/rbee/internal/narrate"
 )
@@ -41,6 +42,8 @@ type Options struct {
 	ShutdownTimeout time.Duration
 	// Metrics, if set, counts and times every call (Prometheus).
 	Metrics *grpcprom.ServerMetrics
+	// Auth checks every call's credentials but health checks; nil lets every call through.
+	Auth *auth.Verifier
 }
 
 // Server is a gRPC server with health and reflection registered.
@@ -62,6 +65,10 @@ const (
 
 // MaxMessageBytes bounds every message the servers accept; rbee's messages are a few hundred bytes.
 const MaxMessageBytes = 1 << 20
+
+// MaxStreamsPerConn bounds the streams one connection may hold open at once, so one client cannot
+// pin unbounded server memory; a real worker or hive uses one.
+const MaxStreamsPerConn = 1024
 
 // New builds the server. Register services on s.GRPC, then call Serve.
 func New(o Options) *Server {
@@ -98,16 +105,19 @@ func New(o Options) *Server {
 		jobid.UnaryServerInterceptor(log),
 		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(interceptorLogger(log), logOpts...), notHealth),
 		recovery.UnaryServerInterceptor(recoverOpt),
+		o.Auth.UnaryInterceptor(),
 	), o.Unary...)
 	stream = append(append(stream,
 		jobid.StreamServerInterceptor(log),
 		selector.StreamServerInterceptor(logging.StreamServerInterceptor(interceptorLogger(log), logOpts...), notHealth),
 		recovery.StreamServerInterceptor(recoverOpt),
+		o.Auth.StreamInterceptor(),
 	), o.Stream...)
 	opts := append([]grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(unary...),
 		grpc.ChainStreamInterceptor(stream...),
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
+		grpc.MaxConcurrentStreams(MaxStreamsPerConn),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: minPingInterval, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
 	}, o.ServerOptions...)

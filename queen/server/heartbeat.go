@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/validate"
 	"github.com/rbee-dev/rbee/queen/registry"
@@ -151,6 +152,12 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 		return invalid(err)
 	}
 	id := w.ID
+	if who, ok := auth.FromContext(ctx); ok && !who.Cluster && who.WorkerID != id {
+		// A worker's token speaks for that worker only: no one may beat in another's name.
+		narrate.Warn(ctx, "queen", "worker_heartbeat_impersonation", "Refused a heartbeat for another worker's id",
+			zap.String("claimed_worker_id", id), zap.String("token_worker_id", who.WorkerID))
+		return status.Errorf(codes.PermissionDenied, "this stream's token is for worker %q, not %q", who.WorkerID, id)
+	}
 	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", id)))
 	key := "w/" + id
 	s := q.attach(key)

@@ -26,8 +26,8 @@ type HivePool struct {
 	conns map[string]*grpc.ClientConn
 }
 
-// NewHivePool returns a pool dialling with opts (credentials among them); without any credentials
-// option it dials in plaintext.
+// NewHivePool returns a pool dialling with opts (transport credentials and token among them);
+// without a transport credentials option it dials in plaintext.
 func NewHivePool(opts ...grpc.DialOption) *HivePool {
 	base := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),

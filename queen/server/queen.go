@@ -20,6 +20,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/validate"
 	"github.com/rbee-dev/rbee/internal/version"
@@ -41,6 +42,8 @@ type Config struct {
 	StartTimeout time.Duration
 	// MaxBeatsPerSecond ends a heartbeat stream that sends faster (0: no limit).
 	MaxBeatsPerSecond int
+	// Token is the cluster token; workers' own tokens are derived from it. "" runs without.
+	Token string
 	// Registerer receives the queen's metrics; nil keeps them unexported.
 	Registerer prometheus.Registerer
 	Logger     *zap.Logger
@@ -138,7 +141,11 @@ func (q *Queen) SpawnWorker(ctx context.Context, req *rbeev1.SpawnWorkerRequest)
 	// registered worker or leaves nothing behind, never a process the queen half knows.
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hiveSpawnTimeout)
 	defer cancel()
-	resp, err := hc.Spawn(sctx, &rbeev1.SpawnRequest{WorkerId: id, Model: req.GetModel(), Device: device, QueenAddress: q.cfg.Advertise})
+	sreq := &rbeev1.SpawnRequest{WorkerId: id, Model: req.GetModel(), Device: device, QueenAddress: q.cfg.Advertise}
+	if q.cfg.Token != "" {
+		sreq.WorkerToken = auth.WorkerToken(q.cfg.Token, id)
+	}
+	resp, err := hc.Spawn(sctx, sreq)
 	if err != nil {
 		q.metrics.spawned("error", t0)
 		q.reg.Remove(id, err)

@@ -28,7 +28,11 @@ type SpawnRequest struct {
 	Model    string                 `protobuf:"bytes,2,opt,name=model,proto3" json:"model,omitempty"`
 	Device   string                 `protobuf:"bytes,3,opt,name=device,proto3" json:"device,omitempty"`
 	// host:port the worker sends heartbeats to.
-	QueenAddress  string `protobuf:"bytes,4,opt,name=queen_address,json=queenAddress,proto3" json:"queen_address,omitempty"`
+	QueenAddress string `protobuf:"bytes,4,opt,name=queen_address,json=queenAddress,proto3" json:"queen_address,omitempty"`
+	// The worker's own credential for its heartbeat stream, derived by the queen from the cluster
+	// secret; handed to the worker in RBEE_WORKER_TOKEN, never on its command line. Empty when the
+	// cluster runs without a token.
+	WorkerToken   string `protobuf:"bytes,5,opt,name=worker_token,json=workerToken,proto3" json:"worker_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -87,6 +91,13 @@ func (x *SpawnRequest) GetDevice() string {
 func (x *SpawnRequest) GetQueenAddress() string {
 	if x != nil {
 		return x.QueenAddress
+	}
+	return ""
+}
+
+func (x *SpawnRequest) GetWorkerToken() string {
+	if x != nil {
+		return x.WorkerToken
 	}
 	return ""
 }
@@ -270,12 +281,13 @@ var File_rbee_v1_hive_service_proto protoreflect.FileDescriptor
 
 const file_rbee_v1_hive_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1arbee/v1/hive_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x14rbee/v1/worker.proto\"~\n" +
+	"\x1arbee/v1/hive_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x14rbee/v1/worker.proto\"\xa1\x01\n" +
 	"\fSpawnRequest\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
 	"\x06device\x18\x03 \x01(\tR\x06device\x12#\n" +
-	"\rqueen_address\x18\x04 \x01(\tR\fqueenAddress\"c\n" +
+	"\rqueen_address\x18\x04 \x01(\tR\fqueenAddress\x12!\n" +
+	"\fworker_token\x18\x05 \x01(\tR\vworkerToken\"c\n" +
 	"\rSpawnResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04port\x18\x02 \x01(\rR\x04port\x12,\n" +

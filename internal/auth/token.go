@@ -1,0 +1,214 @@
+// Package auth decides who may call what: the cluster token (operators, queen <-> hive), per-worker
+// tokens that open only that worker's own heartbeat stream, TLS and mutual TLS, and the refusal to
+// listen beyond loopback without credentials. It is wired into every server through rpcserver.
+package auth
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"strings"
+
+	grpcauth "github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/auth"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// EnvToken is the environment variable holding the cluster token; EnvWorkerToken holds a
+// worker's own token, set by the hive.
+const (
+	EnvToken       = "RBEE_TOKEN"
+	EnvWorkerToken = "RBEE_WORKER_TOKEN"
+)
+
+// MinTokenLen is the shortest cluster token accepted: anything shorter is guessable.
+const MinTokenLen = 16
+
+// LoadToken reads the cluster token from file (when given) or from $RBEE_TOKEN. "" means the
+// cluster runs without one. Never take a token from a flag value: it would show in ps.
+func LoadToken(file string) (string, error) {
+	tok := os.Getenv(EnvToken)
+	src := "$" + EnvToken
+	if file != "" {
+		b, err := os.ReadFile(file)
+		if err != nil {
+			return "", fmt.Errorf("--token-file: %w", err)
+		}
+		tok, src = string(b), "--token-file "+file
+	}
+	tok = strings.TrimSpace(tok)
+	if tok == "" {
+		if file != "" {
+			return "", fmt.Errorf("%s is empty", src)
+		}
+		return "", nil
+	}
+	if len(tok) < MinTokenLen {
+		return "", fmt.Errorf("the token in %s has %d characters; use at least %d (e.g. openssl rand -hex 32)", src, len(tok), MinTokenLen)
+	}
+	if strings.ContainsAny(tok, " \t\r\n") {
+		return "", fmt.Errorf("the token in %s contains white space", src)
+	}
+	return tok, nil
+}
+
+// workerPrefix marks worker tokens: "rbw1.<worker id>.<mac>". The id travels in the token, so
+// checking one needs only the cluster secret, no stored state, and survives a queen restart.
+const workerPrefix = "rbw1."
+
+// WorkerToken derives worker id's token from the cluster token.
+func WorkerToken(cluster, workerID string) string {
+	return workerPrefix + workerID + "." + mac(cluster, workerID)
+}
+
+func mac(cluster, workerID string) string {
+	h := hmac.New(sha256.New, []byte(cluster))
+	h.Write([]byte("rbee worker token v1\x00" + workerID))
+	return base64.RawURLEncoding.EncodeToString(h.Sum(nil))
+}
+
+// Identity is who a call's credentials name.
+type Identity struct {
+	// Cluster is true for the cluster token (operators, queen, hives).
+	Cluster bool
+	// WorkerID is set for a worker's token.
+	WorkerID string
+}
+
+type identityKey struct{}
+
+// FromContext returns the caller's identity; ok is false when the server runs without a token
+// (everyone may call everything).
+func FromContext(ctx context.Context) (Identity, bool) {
+	id, ok := ctx.Value(identityKey{}).(Identity)
+	return id, ok
+}
+
+// WorkerHeartbeatMethod is the one method a worker's token opens.
+const WorkerHeartbeatMethod = "/rbee.v1.HeartbeatService/WorkerHeartbeat"
+
+// healthService is open to everyone: load balancers and probes carry no credentials.
+const healthService = "/grpc.health.v1.Health/"
+
+// Verifier checks credentials against the cluster token.
+type Verifier struct{ cluster string }
+
+// NewVerifier returns a verifier for token; nil (no checks) when token is "".
+func NewVerifier(token string) *Verifier {
+	if token == "" {
+		return nil
+	}
+	return &Verifier{cluster: token}
+}
+
+// errUnauthenticated never says which part was wrong: a prober learns nothing.
+var errUnauthenticated = status.Error(codes.Unauthenticated, "missing or wrong credentials: send \"authorization: Bearer <token>\"")
+
+func (v *Verifier) authenticate(ctx context.Context) (context.Context, error) {
+	method, _ := grpc.Method(ctx)
+	if strings.HasPrefix(method, healthService) {
+		return ctx, nil
+	}
+	tok, err := grpcauth.AuthFromMD(ctx, "bearer")
+	if err != nil {
+		return nil, errUnauthenticated
+	}
+	if subtle.ConstantTimeCompare([]byte(tok), []byte(v.cluster)) == 1 {
+		return context.WithValue(ctx, identityKey{}, Identity{Cluster: true}), nil
+	}
+	id, ok := v.workerID(tok)
+	if !ok {
+		return nil, errUnauthenticated
+	}
+	if method != WorkerHeartbeatMethod {
+		return nil, status.Errorf(codes.PermissionDenied, "a worker's token opens only its own heartbeat stream, not %s", method)
+	}
+	return context.WithValue(ctx, identityKey{}, Identity{WorkerID: id}), nil
+}
+
+// workerID checks a worker token and returns the worker id it was made for.
+func (v *Verifier) workerID(tok string) (string, bool) {
+	rest, ok := strings.CutPrefix(tok, workerPrefix)
+	if !ok {
+		return "", false
+	}
+	i := strings.LastIndexByte(rest, '.')
+	if i <= 0 {
+		return "", false
+	}
+	id, got := rest[:i], rest[i+1:]
+	if !hmac.Equal([]byte(got), []byte(mac(v.cluster, id))) {
+		return "", false
+	}
+	return id, true
+}
+
+// UnaryInterceptor and StreamInterceptor enforce the credentials; a nil Verifier lets every call
+// through (the cluster runs without a token, on loopback only unless --insecure).
+func (v *Verifier) UnaryInterceptor() grpc.UnaryServerInterceptor {
+	if v == nil {
+		return passUnary
+	}
+	return grpcauth.UnaryServerInterceptor(v.authenticate)
+}
+
+func (v *Verifier) StreamInterceptor() grpc.StreamServerInterceptor {
+	if v == nil {
+		return passStream
+	}
+	return grpcauth.StreamServerInterceptor(v.authenticate)
+}
+
+func passUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	return h(ctx, req)
+}
+
+func passStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	return h(srv, ss)
+}
+
+// bearer sends a token on every call.
+type bearer struct{ token string }
+
+func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]string, error) {
+	return map[string]string{"authorization": "Bearer " + b.token}, nil
+}
+
+// RequireTransportSecurity is false so a token can be used on loopback without TLS; off loopback
+// the programs refuse to run without TLS or --insecure.
+func (b bearer) RequireTransportSecurity() bool { return false }
+
+// Bearer returns the dial option that sends token on every call; none when token is "".
+func Bearer(token string) []grpc.DialOption {
+	if token == "" {
+		return nil
+	}
+	return []grpc.DialOption{grpc.WithPerRPCCredentials(bearer{token: token})}
+}
+
+// CheckExposure refuses to serve beyond loopback without a token: the hive's Delete is a remote
+// "kill this PID" and SpawnWorker starts processes, so an open port off the machine is an
+// invitation. --insecure accepts the risk knowingly.
+func CheckExposure(flagName, listen, token string, insecure bool) error {
+	if token != "" || insecure {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil {
+		return err
+	}
+	if host == "localhost" {
+		return nil
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+		return nil
+	}
+	return errors.New(flagName + " " + listen + " is not a loopback address and no cluster token is set: anyone who can reach it could start and kill processes. Give --token-file (or " + EnvToken + "), or --insecure to run open anyway")
+}
