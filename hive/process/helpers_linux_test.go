@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"go.uber.org/goleak"
 	"golang.org/x/sys/unix"
 
 	"github.com/rbee-dev/rbee/internal/procstat"
@@ -40,36 +41,7 @@ func TestMain(m *testing.M) {
 	case "hive":
 		fakeHive()
 	}
-	code := m.Run()
-	if code == 0 {
-		// A goroutine that has just run its deferred wg.Done is still on its way out; like
-		// goleak, look again for a while before calling it a leak.
-		leaked := leakedGoroutines()
-		for wait := time.Millisecond; leaked != "" && wait < time.Second; wait *= 2 {
-			time.Sleep(wait)
-			leaked = leakedGoroutines()
-		}
-		if leaked != "" {
-			fmt.Fprintf(os.Stderr, "goroutines of package process still running after the tests:\n%s\n", leaked)
-			code = 1
-		}
-	}
-	os.Exit(code)
-}
-
-// leakedGoroutines stands in for goleak.VerifyTestMain (go.uber.org/goleak is in go.sum but not yet
-// required by go.mod, which this package may not change): every Manager is closed and every child
-// reaped by the end of each test, so no goroutine of this package may remain.
-func leakedGoroutines() string {
-	buf := make([]byte, 1<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for _, g := range strings.Split(string(buf), "\n\n") {
-		if strings.Contains(g, "rbee/hive/process.(*Manager)") || strings.Contains(g, "rbee/hive/process.wait") {
-			out = append(out, g)
-		}
-	}
-	return strings.Join(out, "\n\n")
+	goleak.VerifyTestMain(m)
 }
 
 // report is what a fake worker tells the test through its FIFO once it is ready.
