@@ -24,29 +24,34 @@ var reportable = map[rbeev1.WorkerState]registry.State{
 }
 
 func workerToProto(w registry.Worker) *rbeev1.Worker {
-	p := &rbeev1.Worker{
-		WorkerId:         w.ID,
-		HiveId:           w.HiveID,
-		Model:            w.Model,
-		Device:           w.Device,
-		Pid:              w.PID,
-		Port:             w.Port,
-		State:            stateToProto[w.State],
-		ProcessStartTime: w.ProcessStartTime,
-	}
-	if !w.LastHeartbeat.IsZero() {
-		p.LastHeartbeatTime = timestamppb.New(w.LastHeartbeat)
-	}
-	if !w.Created.IsZero() {
-		p.CreateTime = timestamppb.New(w.Created)
-	}
+	p := new(rbeev1.Worker)
+	fillWorker(p, w, new(timestamppb.Timestamp), new(timestamppb.Timestamp))
 	return p
 }
 
+// fillWorker writes w into p, using the two given timestamps (so a list can allocate them in bulk).
+func fillWorker(p *rbeev1.Worker, w registry.Worker, beat, created *timestamppb.Timestamp) {
+	p.WorkerId, p.HiveId, p.Model, p.Device = w.ID, w.HiveID, w.Model, w.Device
+	p.Pid, p.Port, p.State, p.ProcessStartTime = w.PID, w.Port, stateToProto[w.State], w.ProcessStartTime
+	if !w.LastHeartbeat.IsZero() {
+		beat.Seconds, beat.Nanos = w.LastHeartbeat.Unix(), int32(w.LastHeartbeat.Nanosecond())
+		p.LastHeartbeatTime = beat
+	}
+	if !w.Created.IsZero() {
+		created.Seconds, created.Nanos = w.Created.Unix(), int32(w.Created.Nanosecond())
+		p.CreateTime = created
+	}
+}
+
+// workersToProto converts a list with three allocations instead of three per worker: ListWorkers
+// on a 10,000-worker fleet otherwise spends as long collecting garbage as encoding.
 func workersToProto(ws []registry.Worker) []*rbeev1.Worker {
 	out := make([]*rbeev1.Worker, len(ws))
+	msgs := make([]rbeev1.Worker, len(ws))
+	stamps := make([]timestamppb.Timestamp, 2*len(ws))
 	for i, w := range ws {
-		out[i] = workerToProto(w)
+		fillWorker(&msgs[i], w, &stamps[2*i], &stamps[2*i+1])
+		out[i] = &msgs[i]
 	}
 	return out
 }

@@ -1,0 +1,35 @@
+package server
+
+import (
+	"fmt"
+	"testing"
+	"time"
+
+	"google.golang.org/protobuf/proto"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/queen/registry"
+)
+
+// BenchmarkListWorkers10k measures the queen's side of ListWorkers with 10,000 workers: the
+// registry copy, the conversion to protobuf and the encoding that goes on the wire.
+func BenchmarkListWorkers10k(b *testing.B) {
+	reg := registry.New(registry.Config{Interval: time.Second})
+	for i := range 10000 {
+		if _, err := reg.Beat(registry.Worker{ID: fmt.Sprintf("w-%05d", i), HiveID: "h1", Model: "llama-3-8b", Device: "cpu",
+			PID: int32(1000 + i), Port: uint32(9100 + i%900), ProcessStartTime: 12345, State: registry.StateReady, Reported: registry.StateReady}); err != nil {
+			b.Fatal(err)
+		}
+	}
+	q := New(Config{Registry: reg, QueenID: "q", Interval: time.Second})
+	b.ReportAllocs()
+	for b.Loop() {
+		resp, err := q.ListWorkers(b.Context(), &rbeev1.ListWorkersRequest{})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := proto.Marshal(resp); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
