@@ -4,13 +4,16 @@ GO       ?= go
 BIN      ?= bin
 PREFIX   ?= /usr/local
 PROGRAMS := queen hive worker-stub rbee
+# --version names the commit even where the build has no VCS stamp (GOFLAGS=-buildvcs=false).
+REVISION := $(shell git rev-parse --short=12 HEAD 2>/dev/null)
+LDFLAGS  := -X github.com/rbee-dev/rbee/internal/version.Revision=$(REVISION)
 
 .PHONY: all build run test lint generate check-generate cross clean install
 
 all: build
 
 build:
-	$(GO) build -o $(BIN)/ ./queen ./hive ./worker-stub ./rbee
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./queen ./hive ./worker-stub ./rbee
 
 # grpcurl for the README walkthrough and `make run`'s clean-up; built from go.mod's tool line.
 $(BIN)/grpcurl: go.mod go.sum

@@ -176,6 +176,9 @@ func serve(o options, log *zap.Logger) error {
 	reg := registry.New(registry.Config{
 		Interval: o.interval, StaleAfter: o.staleAfter, ExpireAfter: o.expireAfter, StartTimeout: o.startTimeout,
 		WatchBuffer: o.watchBuffer,
+		// STALE may be declared up to a tenth of an interval late; in exchange the clock wakes
+		// at most ten times an interval instead of once per worker.
+		ClockSlack: min(o.interval/10, 100*time.Millisecond),
 		// Runs on the registry's clock after q is set (Run starts below).
 		OnStartTimeout: func(w registry.Worker) { go q.StartTimedOut(w) },
 	})

@@ -504,7 +504,7 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 
 	out := Killed
 	if grace > 0 {
-		narrate.Event(ctx, "hive", "worker_delete_sigterm", "sending SIGTERM", append(fields, zap.Duration("grace", grace))...)
+		narrate.Event(ctx, "hive", "worker_delete_sigterm", "Sending SIGTERM", append(fields, zap.Duration("grace", grace))...)
 		if err := sendSignal(p.pidfd, unix.SIGTERM); err != nil {
 			return OutcomeUnknown, errf(KindInternal, err, "SIGTERM pid %d", p.pid)
 		}
@@ -514,7 +514,7 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 		}
 	}
 	if out == Killed {
-		narrate.Event(ctx, "hive", "worker_delete_sigkill", "sending SIGKILL", fields...)
+		narrate.Event(ctx, "hive", "worker_delete_sigkill", "Sending SIGKILL", fields...)
 		m.killAll(p, strays)
 		if !waitExit(p.pidfd, killWait) {
 			return OutcomeUnknown, errf(KindStuck, nil, "pid %d still alive %v after SIGKILL", p.pid, killWait)
@@ -531,7 +531,11 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 			return OutcomeUnknown, errf(KindStuck, nil, "pid %d exited but was not reaped within %v", p.pid, killWait)
 		}
 	}
-	narrate.Event(ctx, "hive", "worker_deleted", "worker deleted", append(fields, zap.Stringer("outcome", out))...)
+	if out == Exited {
+		narrate.Event(ctx, "hive", "worker_delete_graceful", "Worker left on SIGTERM within the grace period", append(fields, zap.Stringer("outcome", out))...)
+	} else {
+		narrate.Event(ctx, "hive", "worker_delete_forced", "Worker killed with SIGKILL", append(fields, zap.Stringer("outcome", out))...)
+	}
 	return out, nil
 }
 

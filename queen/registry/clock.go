@@ -94,7 +94,7 @@ func (r *Registry) Run(ctx context.Context) {
 			callbacks.Go(func() { rm.call(rm.w) })
 		}
 		if ok {
-			timer.Reset(time.Until(next))
+			timer.Reset(time.Until(next) + r.cfg.ClockSlack)
 		} else {
 			timer.Stop()
 		}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -30,7 +31,7 @@ type beats struct {
 }
 
 type session struct {
-	replaced bool // set under beats.mu
+	replaced atomic.Bool // read at every beat without taking beats.mu
 }
 
 func (b *beats) init() {
@@ -46,7 +47,7 @@ func (b *beats) attach(key string) *session {
 	s := &session{}
 	b.mu.Lock()
 	if old := b.owners[key]; old != nil {
-		old.replaced = true
+		old.replaced.Store(true)
 	}
 	b.owners[key] = s
 	b.mu.Unlock()
@@ -64,11 +65,7 @@ func (b *beats) detach(key string, s *session) bool {
 	return true
 }
 
-func (b *beats) isReplaced(s *session) bool {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return s.replaced
-}
+func (b *beats) isReplaced(s *session) bool { return s.replaced.Load() }
 
 // endStatus says why a heartbeat stream is being ended by the queen, or nil to keep going.
 func (q *Queen) endStatus(s *session, what string) error {
