@@ -60,10 +60,10 @@ func sleeper(t *testing.T) int {
 // signalled.
 func TestImpersonationIsRefused(t *testing.T) {
 	tf := tokenFile(t)
-	_, addr := startQueen(t, "--token-file", tf)
+	qp, addr := startQueen(t, "--token-file", tf)
 	hid := uniqueID("hi")
 	cleanupWorkers(t, hid)
-	startHive(t, addr, hid, "--token-file", tf)
+	hp, _ := startHive(t, addr, hid, "--token-file", tf)
 	q, conn := dial(t, addr)
 	if _, err := q.ListWorkers(ctxT(t, 5*time.Second), &rbeev1.ListWorkersRequest{}); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("ListWorkers without a token: %v, want UNAUTHENTICATED", err)
@@ -121,7 +121,21 @@ func TestImpersonationIsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	noWorkersLeft(t, hid)
+	// No log line carries a credential.
+	for _, p := range []*proc{qp, hp} {
+		p.mu.Lock()
+		logs := p.raw.String()
+		p.mu.Unlock()
+		for _, secret := range []string{testToken, auth.WorkerToken(testToken, "victim"), mac(auth.WorkerToken(testToken, "attacker"))} {
+			if strings.Contains(logs, secret) {
+				t.Errorf("%s logged a credential", p.name)
+			}
+		}
+	}
 }
+
+// mac is the secret part of a worker token (the worker id in it is not secret).
+func mac(tok string) string { return tok[strings.LastIndexByte(tok, '.')+1:] }
 
 // TestOpenListenNeedsToken: off loopback without a token the programs refuse to start.
 func TestOpenListenNeedsToken(t *testing.T) {

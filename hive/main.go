@@ -22,7 +22,6 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/grpc/keepalive"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/hive/heartbeat"
@@ -31,6 +30,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/metrics"
+	"github.com/rbee-dev/rbee/internal/rpcclient"
 	"github.com/rbee-dev/rbee/internal/rpcserver"
 	"github.com/rbee-dev/rbee/internal/validate"
 	"github.com/rbee-dev/rbee/internal/version"
@@ -174,8 +174,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	var m *process.Manager
 	var beater *heartbeat.Beater
 	if o.register {
-		conn, err := grpc.NewClient(o.queen, append(o.creds.Dial,
-			grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: rpcserver.ClientPingInterval, PermitWithoutStream: true}))...)
+		conn, err := grpc.NewClient(o.queen, append(rpcclient.Options(), o.creds.Dial...)...)
 		if err != nil {
 			return fmt.Errorf("--queen %q: %w", o.queen, err)
 		}

@@ -21,6 +21,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/procstat"
+	"github.com/rbee-dev/rbee/internal/rpcclient"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/worker-stub/heartbeat"
 	"go.uber.org/zap"
@@ -100,7 +101,7 @@ func dialOptions() ([]grpc.DialOption, error) {
 	if err != nil {
 		return nil, err
 	}
-	return append([]grpc.DialOption{creds}, auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
+	return append(append(rpcclient.Options(), creds), auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
 }
 
 // listen returns the socket inherited from the hive (LISTEN_FDS=1 on fd 3) or, without one, a new

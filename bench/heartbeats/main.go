@@ -39,6 +39,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/rpcclient"
 )
 
 type config struct {
@@ -117,7 +118,9 @@ func run(c config) error {
 	}
 	conns := make([]*grpc.ClientConn, c.conns)
 	for i := range conns {
-		cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		// The simulated workers dial like real ones (rpcclient), so reconnection after a queen
+		// restart is measured as the fleet would see it.
+		cc, err := grpc.NewClient(addr, append(rpcclient.Options(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 		if err != nil {
 			return err
 		}

@@ -15,9 +15,12 @@ import (
 	"os"
 	"strings"
 
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors"
 	grpcauth "github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/auth"
+	"github.com/grpc-ecosystem/go-grpc-middleware/v2/interceptors/selector"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 )
 
@@ -94,9 +97,6 @@ func FromContext(ctx context.Context) (Identity, bool) {
 // WorkerHeartbeatMethod is the one method a worker's token opens.
 const WorkerHeartbeatMethod = "/rbee.v1.HeartbeatService/WorkerHeartbeat"
 
-// healthService is open to everyone: load balancers and probes carry no credentials.
-const healthService = "/grpc.health.v1.Health/"
-
 // Verifier checks credentials against the cluster token.
 type Verifier struct{ cluster string }
 
@@ -113,9 +113,6 @@ var errUnauthenticated = status.Error(codes.Unauthenticated, "missing or wrong c
 
 func (v *Verifier) authenticate(ctx context.Context) (context.Context, error) {
 	method, _ := grpc.Method(ctx)
-	if strings.HasPrefix(method, healthService) {
-		return ctx, nil
-	}
 	tok, err := grpcauth.AuthFromMD(ctx, "bearer")
 	if err != nil {
 		return nil, errUnauthenticated
@@ -150,20 +147,26 @@ func (v *Verifier) workerID(tok string) (string, bool) {
 	return id, true
 }
 
-// UnaryInterceptor and StreamInterceptor enforce the credentials; a nil Verifier lets every call
-// through (the cluster runs without a token, on loopback only unless --insecure).
+// needsAuth selects every call but health checks.
+var needsAuth = selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool {
+	return c.Service != healthpb.Health_ServiceDesc.ServiceName
+})
+
+// UnaryInterceptor and StreamInterceptor enforce the credentials on every call but health checks;
+// a nil Verifier lets every call through (the cluster runs without a token, on loopback only
+// unless --insecure).
 func (v *Verifier) UnaryInterceptor() grpc.UnaryServerInterceptor {
 	if v == nil {
 		return passUnary
 	}
-	return grpcauth.UnaryServerInterceptor(v.authenticate)
+	return selector.UnaryServerInterceptor(grpcauth.UnaryServerInterceptor(v.authenticate), needsAuth)
 }
 
 func (v *Verifier) StreamInterceptor() grpc.StreamServerInterceptor {
 	if v == nil {
 		return passStream
 	}
-	return grpcauth.StreamServerInterceptor(v.authenticate)
+	return selector.StreamServerInterceptor(grpcauth.StreamServerInterceptor(v.authenticate), needsAuth)
 }
 
 func passUnary(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {

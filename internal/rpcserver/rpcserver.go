@@ -55,13 +55,9 @@ type Server struct {
 	metrics *grpcprom.ServerMetrics
 }
 
-// Keepalive settings shared by servers and their clients: clients ping an idle connection every
-// ClientPingInterval, which the server's enforcement policy permits with room to spare, so idle
-// heartbeat streams live for days without too_many_pings disconnects, and dead peers are noticed.
-const (
-	ClientPingInterval = 30 * time.Second
-	minPingInterval    = 10 * time.Second
-)
+// minPingInterval is the most frequent keepalive ping the servers permit; clients ping every
+// rpcclient.PingInterval, well within it, so idle streams are never cut for too_many_pings.
+const minPingInterval = 10 * time.Second
 
 // MaxMessageBytes bounds every message the servers accept; rbee's messages are a few hundred bytes.
 const MaxMessageBytes = 1 << 20

@@ -142,7 +142,7 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 	ctx := stream.Context()
 	first, err := stream.Recv()
 	if err != nil {
-		return recvEnd(ctx, err)
+		return q.recvEnd(ctx, err)
 	}
 	w, err := workerFromProto(first.GetWorker())
 	if err != nil {
@@ -190,19 +190,27 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 			return err
 		}
 		if req, err = stream.Recv(); err != nil {
-			return recvEnd(ctx, err)
+			return q.recvEnd(ctx, err)
 		}
 	}
 }
 
-// recvEnd turns the end of a client stream into the handler's result: io.EOF is a clean close, a
-// cancelled client is routine (debug), anything else is worth a warning.
-func recvEnd(ctx context.Context, err error) error {
+// recvEnd turns the end of a client stream into the handler's result: io.EOF is a clean close; a
+// cancelled client, a dropped connection or the queen's own shutdown are routine (debug: a fleet
+// reconnecting would otherwise write thousands of warnings, and the registry already marks the
+// worker STALE); anything else is worth a warning.
+func (q *Queen) recvEnd(ctx context.Context, err error) error {
 	if errors.Is(err, io.EOF) {
 		return nil
 	}
-	if st, ok := status.FromError(err); ok && st.Code() == codes.Canceled || ctx.Err() != nil {
-		narrate.Logger(ctx).Debug("heartbeat stream cancelled by the client", zap.Error(err))
+	code := status.Code(err)
+	select {
+	case <-q.stopping:
+		code = codes.Canceled
+	default:
+	}
+	if code == codes.Canceled || code == codes.Unavailable || ctx.Err() != nil {
+		narrate.Logger(ctx).Debug("heartbeat stream ended by the peer or the connection", zap.Error(err))
 		return nil
 	}
 	narrate.Logger(ctx).Warn("heartbeat stream failed", zap.Error(err))
@@ -235,7 +243,7 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 	ctx := stream.Context()
 	first, err := stream.Recv()
 	if err != nil {
-		return recvEnd(ctx, err)
+		return q.recvEnd(ctx, err)
 	}
 	h, err := hiveFromProto(first.GetHive())
 	if err != nil {
@@ -279,7 +287,7 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 			return err
 		}
 		if req, err = stream.Recv(); err != nil {
-			return recvEnd(ctx, err)
+			return q.recvEnd(ctx, err)
 		}
 	}
 }

@@ -6,11 +6,10 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/keepalive"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/jobid"
-	"github.com/rbee-dev/rbee/internal/rpcserver"
+	"github.com/rbee-dev/rbee/internal/rpcclient"
 )
 
 // HiveDialer gives a client for the hive at an address.
@@ -32,9 +31,8 @@ func NewHivePool(opts ...grpc.DialOption) *HivePool {
 	base := []grpc.DialOption{
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithChainUnaryInterceptor(jobid.UnaryClientInterceptor()),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: rpcserver.ClientPingInterval, PermitWithoutStream: true}),
 	}
-	return &HivePool{opts: append(base, opts...), conns: map[string]*grpc.ClientConn{}}
+	return &HivePool{opts: append(append(base, rpcclient.Options()...), opts...), conns: map[string]*grpc.ClientConn{}}
 }
 
 // Hive returns the client for address.
