@@ -207,7 +207,8 @@ func serve(o options, log *zap.Logger) error {
 	// Heartbeat streams end at their next beat once draining starts, so the graceful stop needs
 	// a little more than one interval.
 	srv := rpcserver.New(rpcserver.Options{Logger: log, ShutdownTimeout: 2*o.interval + 3*time.Second, Metrics: ms.GRPC,
-		Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions()})
+		Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions(),
+		Unmetered: []string{auth.WorkerHeartbeatMethod}})
 	rbeev1.RegisterQueenServiceServer(srv.GRPC, q)
 	rbeev1.RegisterHeartbeatServiceServer(srv.GRPC, q)
 	for _, name := range []string{rbeev1.QueenService_ServiceDesc.ServiceName, rbeev1.HeartbeatService_ServiceDesc.ServiceName} {
