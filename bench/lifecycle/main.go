@@ -17,6 +17,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -32,7 +33,12 @@ func main() {
 	bin := flag.String("bin", "bin", "directory with the queen, hive and worker-stub binaries")
 	n := flag.Int("n", 200, "cycles per measurement (at most 5000)")
 	queenN := flag.Int("queen-n", 20, "cycles of SpawnWorker(wait_ready)+DeleteWorker through the queen (at most 1000)")
+	flag.StringVar(&hiveWorker, "hive-worker", "sleep", "worker for the hive figures: sleep (a process that exits at once on SIGTERM, as the targets assume) or stub (worker-stub, which shuts down gracefully)")
 	flag.Parse()
+	if hiveWorker != "sleep" && hiveWorker != "stub" {
+		fmt.Fprintln(os.Stderr, "lifecycle: -hive-worker is sleep or stub")
+		os.Exit(2)
+	}
 	if *n < 1 || *n > 5000 || *queenN < 0 || *queenN > 1000 {
 		fmt.Fprintln(os.Stderr, "lifecycle: -n must be 1..5000 and -queen-n 0..1000")
 		os.Exit(2)
@@ -43,6 +49,8 @@ func main() {
 	}
 }
 
+var hiveWorker string
+
 func run(bin string, n, queenN int) error {
 	dir, err := os.MkdirTemp("", "rbee-bench-")
 	if err != nil {
@@ -52,6 +60,9 @@ func run(bin string, n, queenN int) error {
 	// The hive-level figures measure the hive alone: workers that never call a queen.
 	quiet := filepath.Join(dir, "quiet-worker")
 	script := "#!/bin/sh\nexec " + abs(filepath.Join(bin, "worker-stub")) + " --no-heartbeat \"$@\"\n"
+	if hiveWorker == "sleep" {
+		script = "#!/bin/sh\nexec sleep 600\n"
+	}
 	if err := os.WriteFile(quiet, []byte(script), 0o755); err != nil {
 		return err
 	}
@@ -83,8 +94,8 @@ func run(bin string, n, queenN int) error {
 				return fmt.Errorf("spawn: %w", err)
 			}
 			spawn = append(spawn, time.Since(t0))
-			// Delete a worker that is up (its SIGTERM handler installed), as in production.
-			if err := awaitWorker(sp.GetPort()); err != nil {
+			// Delete a worker that is up (exec'd, its SIGTERM handler installed), as in production.
+			if err := awaitUp(sp.GetPid(), sp.GetPort()); err != nil {
 				return err
 			}
 			t0 = time.Now()
@@ -106,7 +117,7 @@ func run(bin string, n, queenN int) error {
 			}
 		}
 	}
-	fmt.Printf("hive over gRPC, %d cycles each (machine: %d CPUs)\n", n, numCPU())
+	fmt.Printf("hive over gRPC, %d cycles each, worker %s (machine: %d CPUs)\n", n, hiveWorker, numCPU())
 	report("Spawn (RPC in, PID out)", spawn)
 	report("Delete graceful (exits at once on SIGTERM)", graceful)
 	report("Delete grace 0 (SIGKILL)", force)
@@ -179,6 +190,23 @@ func report(name string, ds []time.Duration) {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// awaitUp waits until the worker is running: for worker-stub, until it serves; for sleep, until it
+// has exec'd (its command line says sleep). Polling /proc here is the harness's set-up, outside
+// the measured calls.
+func awaitUp(pid int32, port uint32) error {
+	if hiveWorker == "stub" {
+		return awaitWorker(port)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile("/proc/" + strconv.Itoa(int(pid)) + "/cmdline"); err == nil && strings.HasPrefix(string(b), "sleep\x00") {
+			return nil
+		}
+		time.Sleep(100 * time.Microsecond)
+	}
+	return fmt.Errorf("worker %d did not start", pid)
+}
 
 // awaitWorker waits until the worker's health service says SERVING, via the health Watch stream.
 func awaitWorker(port uint32) error {
