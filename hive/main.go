@@ -28,6 +28,7 @@ import (
 	"github.com/rbee-dev/rbee/hive/process"
 	"github.com/rbee-dev/rbee/hive/server"
 	"github.com/rbee-dev/rbee/internal/auth"
+	"github.com/rbee-dev/rbee/internal/cmdline"
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/metrics"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
@@ -69,24 +70,8 @@ func run(args []string) int {
 	fs.StringVar(&o.metricsListen, "metrics-listen", "", "[HOST]:PORT to serve Prometheus /metrics and /debug/pprof on (off by default; loopback when no host)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	o.authFlags.Register(fs)
-	showVersion := fs.Bool("version", false, "print the version and exit")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: hive [flags]\n\nRuns worker processes on this machine for the rbee queen.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if *showVersion {
-		fmt.Println(version.String("hive"))
-		return 0
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "hive: unexpected argument %q\n", fs.Arg(0))
-		return 2
+	if code, done := cmdline.Parse(fs, "hive", "Runs worker processes on this machine for the rbee queen.", args); done {
+		return code
 	}
 	cfg, err := o.check()
 	if err != nil {

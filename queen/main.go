@@ -20,11 +20,11 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/auth"
+	"github.com/rbee-dev/rbee/internal/cmdline"
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/metrics"
 	"github.com/rbee-dev/rbee/internal/rpcserver"
 	"github.com/rbee-dev/rbee/internal/validate"
-	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/queen/registry"
 	"github.com/rbee-dev/rbee/queen/server"
 )
@@ -88,24 +88,8 @@ func run(args []string) int {
 	fs.StringVar(&o.metricsListen, "metrics-listen", "", "[HOST]:PORT to serve Prometheus /metrics and /debug/pprof on (off by default; loopback when no host)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	o.authFlags.Register(fs)
-	showVersion := fs.Bool("version", false, "print the version and exit")
-	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: queen [flags]\n\nRuns the rbee queen: the registry of workers and hives, and the API operators use.\n\nFlags:\n")
-		fs.PrintDefaults()
-	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return 0
-		}
-		return 2
-	}
-	if *showVersion {
-		fmt.Println(version.String("queen"))
-		return 0
-	}
-	if fs.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "queen: unexpected argument %q\n", fs.Arg(0))
-		return 2
+	if code, done := cmdline.Parse(fs, "queen", "Runs the rbee queen: the registry of workers and hives, and the API operators use.", args); done {
+		return code
 	}
 	if err := o.check(); err != nil {
 		fmt.Fprintf(os.Stderr, "queen: %v\n", err)

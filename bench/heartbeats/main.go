@@ -21,7 +21,6 @@ import (
 	"math"
 	"math/bits"
 	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -36,8 +35,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/rbee-dev/rbee/bench/internal/loopback"
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
 )
@@ -108,7 +107,7 @@ func run(c config) error {
 	addr := c.queen
 	var qp *queenProc
 	if c.bin != "" {
-		addr = freeAddr()
+		addr = loopback.FreeAddr()
 		var err error
 		if qp, err = startQueen(c, addr); err != nil {
 			return err
@@ -127,7 +126,7 @@ func run(c config) error {
 		defer cc.Close()
 		conns[i] = cc
 	}
-	if err := awaitServing(conns[0]); err != nil {
+	if err := loopback.AwaitServing(conns[0]); err != nil {
 		return err
 	}
 	queen := rbeev1.NewQueenServiceClient(conns[0])
@@ -398,33 +397,6 @@ func rssKB(pid int) (int64, error) {
 		}
 	}
 	return 0, errors.New("no VmRSS")
-}
-
-func awaitServing(conn *grpc.ClientConn) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	w, err := healthpb.NewHealthClient(conn).Watch(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
-	if err != nil {
-		return err
-	}
-	for {
-		r, err := w.Recv()
-		if err != nil {
-			return fmt.Errorf("queen not serving: %w", err)
-		}
-		if r.GetStatus() == healthpb.HealthCheckResponse_SERVING {
-			return nil
-		}
-	}
-}
-
-func freeAddr() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 func rateName(r float64) string {

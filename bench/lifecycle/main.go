@@ -23,9 +23,9 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/protobuf/types/known/durationpb"
 
+	"github.com/rbee-dev/rbee/bench/internal/loopback"
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 )
 
@@ -66,7 +66,7 @@ func run(bin string, n, queenN int) error {
 	if err := os.WriteFile(quiet, []byte(script), 0o755); err != nil {
 		return err
 	}
-	hiveAddr := freeAddr()
+	hiveAddr := loopback.FreeAddr()
 	hive, err := startProc(filepath.Join(bin, "hive"), "--listen", hiveAddr, "--hive-id", "bench", "--register=false",
 		"--worker-binary", quiet, "--log-dir", filepath.Join(dir, "logs"), "--log-level", "warn")
 	if err != nil {
@@ -78,7 +78,7 @@ func run(bin string, n, queenN int) error {
 		return err
 	}
 	defer conn.Close()
-	if err := awaitServing(conn); err != nil {
+	if err := loopback.AwaitServing(conn); err != nil {
 		return fmt.Errorf("hive: %w", err)
 	}
 	hc := rbeev1.NewHiveServiceClient(conn)
@@ -128,7 +128,7 @@ func run(bin string, n, queenN int) error {
 }
 
 func benchQueen(bin, dir string, n int) error {
-	queenAddr, hiveAddr := freeAddr(), freeAddr()
+	queenAddr, hiveAddr := loopback.FreeAddr(), loopback.FreeAddr()
 	queen, err := startProc(filepath.Join(bin, "queen"), "--listen", queenAddr, "--hive", "bq="+hiveAddr, "--log-level", "warn")
 	if err != nil {
 		return err
@@ -145,7 +145,7 @@ func benchQueen(bin, dir string, n int) error {
 		return err
 	}
 	defer conn.Close()
-	if err := awaitServing(conn); err != nil {
+	if err := loopback.AwaitServing(conn); err != nil {
 		return fmt.Errorf("queen: %w", err)
 	}
 	hconn, err := grpc.NewClient(hiveAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -153,7 +153,7 @@ func benchQueen(bin, dir string, n int) error {
 		return err
 	}
 	defer hconn.Close()
-	if err := awaitServing(hconn); err != nil {
+	if err := loopback.AwaitServing(hconn); err != nil {
 		return fmt.Errorf("hive: %w", err)
 	}
 	q := rbeev1.NewQueenServiceClient(conn)
@@ -215,25 +215,7 @@ func awaitWorker(port uint32) error {
 		return err
 	}
 	defer conn.Close()
-	return awaitServing(conn)
-}
-
-func awaitServing(conn *grpc.ClientConn) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	w, err := healthpb.NewHealthClient(conn).Watch(ctx, &healthpb.HealthCheckRequest{}, grpc.WaitForReady(true))
-	if err != nil {
-		return err
-	}
-	for {
-		r, err := w.Recv()
-		if err != nil {
-			return fmt.Errorf("waiting for SERVING: %w", err)
-		}
-		if r.GetStatus() == healthpb.HealthCheckResponse_SERVING {
-			return nil
-		}
-	}
+	return loopback.AwaitServing(conn)
 }
 
 func startProc(path string, args ...string) (*exec.Cmd, error) {
@@ -255,16 +237,6 @@ func stopProc(cmd *exec.Cmd) {
 		_ = cmd.Process.Kill()
 		<-done
 	}
-}
-
-// freeAddr returns a loopback address with a port free at the time of asking.
-func freeAddr() string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		panic(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 func abs(p string) string {

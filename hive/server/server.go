@@ -67,11 +67,8 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 	if err := validate.Model("model", req.GetModel()); err != nil {
 		return nil, invalid(err)
 	}
-	device := req.GetDevice()
-	if device == "" {
-		device = "cpu"
-	}
-	if err := validate.Device("device", device); err != nil {
+	device, err := validate.DeviceOrCPU("device", req.GetDevice())
+	if err != nil {
 		return nil, invalid(err)
 	}
 	queen := req.GetQueenAddress()

@@ -147,3 +147,11 @@ func ListenAddress(field, v string) error {
 	}
 	return nil
 }
+
+// DeviceOrCPU checks an optional device and returns it, "cpu" when empty.
+func DeviceOrCPU(field, v string) (string, error) {
+	if v == "" {
+		return "cpu", nil
+	}
+	return v, Device(field, v)
+}

@@ -92,11 +92,8 @@ func (q *Queen) SpawnWorker(ctx context.Context, req *rbeev1.SpawnWorkerRequest)
 	if err := validate.Model("model", req.GetModel()); err != nil {
 		return nil, invalid(err)
 	}
-	device := req.GetDevice()
-	if device == "" {
-		device = "cpu"
-	}
-	if err := validate.Device("device", device); err != nil {
+	device, err := validate.DeviceOrCPU("device", req.GetDevice())
+	if err != nil {
 		return nil, invalid(err)
 	}
 	id := req.GetWorkerId()
