@@ -5,6 +5,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -238,7 +239,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 			return Spawned{}, errf(KindExhausted, nil, "max workers %d reached (%d live)", m.cfg.MaxWorkers, live)
 		}
 	}
-	narrate.Event(ctx, "hive", "worker_spawn_start", "spawning worker",
+	narrate.Event(ctx, "hive", "worker_spawn_start", fmt.Sprintf("Spawning worker %s for model %q on %s", s.WorkerID, s.Model, s.Device),
 		zap.String("worker_id", s.WorkerID), zap.String("model", s.Model), zap.String("device", s.Device))
 
 	lis, port, err := m.listen()
@@ -303,7 +304,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	m.reapers.Add(1)
 	go m.reap(cmd, pid, c)
 
-	narrate.Event(ctx, "hive", "worker_spawned", "worker process started",
+	narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", s.WorkerID, pid, port),
 		zap.String("worker_id", s.WorkerID), zap.Int("pid", pid), zap.Int("port", port),
 		zap.Uint64("start_time", startTime), zap.String("cgroup", cgDir))
 	return Spawned{PID: pid, Port: port, StartTime: startTime, Cgroup: cgDir}, nil

@@ -78,7 +78,6 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 		return nil, invalid(err)
 	}
 	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", req.GetWorkerId())))
-	narrate.Event(ctx, "hive", "worker_spawn_start", fmt.Sprintf("Spawning worker %s for model %q on %s", req.GetWorkerId(), req.GetModel(), device))
 	env := h.cfg.WorkerEnv
 	if tok := req.GetWorkerToken(); tok != "" {
 		env = append(slices.Clip(env), auth.EnvWorkerToken+"="+tok)
@@ -93,8 +92,6 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 		return nil, toStatus(err)
 	}
 	h.metrics.spawns.WithLabelValues("ok").Inc()
-	narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", req.GetWorkerId(), sp.PID, sp.Port),
-		zap.Int("pid", sp.PID), zap.Int("port", sp.Port), zap.Uint64("process_start_time", sp.StartTime))
 	return &rbeev1.SpawnResponse{Pid: int32(sp.PID), Port: uint32(sp.Port), ProcessStartTime: sp.StartTime}, nil
 }
 
