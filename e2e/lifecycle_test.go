@@ -2,7 +2,10 @@ package e2e
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -219,4 +222,75 @@ func TestBadFlags(t *testing.T) {
 			t.Errorf("%s %v exited %d, want 2", tt.bin, tt.args, code)
 		}
 	}
+}
+
+// TestWorkerBindingItsOwnPort runs workers that take no inherited socket (as most servers): with
+// --no-socket-handoff the hive only chooses free, distinct ports and the workers bind them.
+func TestWorkerBindingItsOwnPort(t *testing.T) {
+	_, addr := startQueen(t)
+	hid := uniqueID("hp")
+	cleanupWorkers(t, hid)
+	startHive(t, addr, hid, "--no-socket-handoff", "--port-range", "9400-9409")
+	q, _ := dial(t, addr)
+	ports := map[uint32]bool{}
+	for _, id := range []string{"p1", "p2", "p3"} {
+		r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: id, WaitReady: true})
+		if err != nil {
+			t.Fatalf("SpawnWorker(%s): %v", id, err)
+		}
+		p := r.GetWorker().GetPort()
+		if ports[p] {
+			t.Fatalf("port %d handed out twice", p)
+		}
+		ports[p] = true
+		env, _ := os.ReadFile("/proc/" + strconv.Itoa(int(r.GetWorker().GetPid())) + "/environ")
+		if strings.Contains(string(env), "LISTEN_FDS=") {
+			t.Errorf("worker %s was told LISTEN_FDS though nothing is handed over", id)
+		}
+	}
+	for _, id := range []string{"p1", "p2", "p3"} {
+		if _, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	noWorkersLeft(t, hid)
+}
+
+// TestWorkerDyingAtStartSaysWhy: a worker that exits while starting fails the spawn at once with
+// its exit status and last output, through the API, the watch and the CLI.
+func TestWorkerDyingAtStartSaysWhy(t *testing.T) {
+	bad := filepath.Join(t.TempDir(), "bad-worker")
+	if err := os.WriteFile(bad, []byte("#!/bin/sh\necho 'loading llama: CUDA out of memory' >&2\nexit 3\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	_, addr := startQueen(t)
+	hid := uniqueID("hd")
+	cleanupWorkers(t, hid)
+	startHive(t, addr, hid, "--worker-binary", bad)
+	q, _ := dial(t, addr)
+	w, err := q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	_, err = q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: "doomed", WaitReady: true})
+	if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "exit status 3") || !strings.Contains(err.Error(), "CUDA out of memory") {
+		t.Fatalf("SpawnWorker = %v; want ABORTED with the exit status and the worker's last output", err)
+	}
+	if took := time.Since(t0); took > 5*time.Second {
+		t.Errorf("the failure took %v; the hive reports exits at once", took)
+	}
+	ev := watchUntil(t, w, "REMOVED", func(ev *rbeev1.WatchWorkersResponse) bool {
+		return ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_REMOVED
+	})
+	if !strings.Contains(ev.GetReason(), "CUDA out of memory") {
+		t.Errorf("REMOVED reason %q lacks the worker's output", ev.GetReason())
+	}
+	cmd := exec.Command(rbeeBinary(t), "worker", "spawn", "--model", "m", "--id", "doomed2", "--wait")
+	cmd.Env = rbeeEnv(addr)
+	out, _ := cmd.CombinedOutput()
+	if code := cmd.ProcessState.ExitCode(); code != 11 || !strings.Contains(string(out), "CUDA out of memory") {
+		t.Errorf("rbee worker spawn --wait: exit %d, output:\n%s\nwant exit 11 with the reason", code, out)
+	}
+	noWorkersLeft(t, hid)
 }

@@ -48,7 +48,7 @@ type options struct {
 	listen, hiveID, queen, workerBinary, portRange, advertise, logDir, logLevel, metricsListen string
 	grace                                                                                      time.Duration
 	maxWorkers                                                                                 int
-	register, noCgroups                                                                        bool
+	register, noCgroups, noHandoff                                                             bool
 	authFlags                                                                                  auth.Flags
 	creds                                                                                      *auth.Material
 }
@@ -67,6 +67,7 @@ func run(args []string) int {
 	fs.IntVar(&o.maxWorkers, "max-workers", 0, "most worker processes at once (0: no cap)")
 	fs.BoolVar(&o.register, "register", true, "register with the queen by heartbeat (off: the queen must be given --hive)")
 	fs.BoolVar(&o.noCgroups, "no-cgroups", false, "do not put workers in cgroups even where cgroup v2 is writable")
+	fs.BoolVar(&o.noHandoff, "no-socket-handoff", false, "for worker binaries that bind --port themselves: do not hand over the bound socket as LISTEN_FDS (fd 3), only choose a free port")
 	fs.StringVar(&o.metricsListen, "metrics-listen", "", "[HOST]:PORT to serve Prometheus /metrics and /debug/pprof on (off by default; loopback when no host)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	o.authFlags.Register(fs)
@@ -142,7 +143,7 @@ func (o *options) check() (process.Config, error) {
 	if o.noCgroups {
 		cgroups = process.CgroupOff
 	}
-	return process.Config{Binary: bin, PortLow: lo, PortHigh: hi, LogDir: o.logDir, MaxWorkers: o.maxWorkers, Cgroups: cgroups, HiveID: o.hiveID}, nil
+	return process.Config{Binary: bin, PortLow: lo, PortHigh: hi, LogDir: o.logDir, MaxWorkers: o.maxWorkers, Cgroups: cgroups, HiveID: o.hiveID, NoHandoff: o.noHandoff}, nil
 }
 
 func serve(o options, pcfg process.Config, log *zap.Logger) error {

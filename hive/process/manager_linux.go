@@ -53,7 +53,11 @@ type Manager struct {
 	family   int
 
 	nextPort atomic.Uint32 // rotating start of the port search
-	pending  atomic.Int64  // Spawns between the max-workers check and a countable process
+	// given holds, with NoHandoff only, the ports recently chosen for workers that bind them
+	// themselves, so that a second spawn does not pick a port before its worker has bound it.
+	givenMu sync.Mutex
+	given   map[int]time.Time
+	pending atomic.Int64 // Spawns between the max-workers check and a countable process
 
 	mu       sync.Mutex
 	children map[int]*child     // by PID, until reaped
@@ -247,6 +251,12 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		return Spawned{}, err
 	}
 	defer lis.Close() // the worker has its own copy once started
+	var inherit []*os.File
+	if m.cfg.NoHandoff {
+		lis.Close() // free for the worker to bind; m.given keeps other spawns off it meanwhile
+	} else {
+		inherit = []*os.File{lis}
+	}
 
 	// The trampoline, not the hive, opens the log (O_APPEND) and makes it the worker's stdout and
 	// stderr: creating a file costs a few hundred microseconds on ext4, as much as fork and exec
@@ -273,8 +283,8 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		Args: []string{m.cfg.Binary,
 			"--worker-id", s.WorkerID, "--hive-id", hiveID, "--model", s.Model, "--device", s.Device,
 			"--port", strconv.Itoa(port), "--queen", s.QueenAddress},
-		Env:         append(workerEnv(s, hiveID, m.cfg.Binary), envTrampolineLog+"="+logPath),
-		ExtraFiles:  []*os.File{lis},
+		Env:         append(workerEnv(s, hiveID, m.cfg.Binary, !m.cfg.NoHandoff), envTrampolineLog+"="+logPath),
+		ExtraFiles:  inherit,
 		SysProcAttr: attr,
 	}
 	if m.direct {
@@ -312,7 +322,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 
 // workerEnv is the hive's environment plus the spec's extras plus the contract variables, which
 // always win: a caller cannot hand a worker another worker's identity marker.
-func workerEnv(s SpawnSpec, hiveID, binary string) []string {
+func workerEnv(s SpawnSpec, hiveID, binary string, handoff bool) []string {
 	reserved := func(kv string) bool {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
@@ -337,11 +347,38 @@ func workerEnv(s SpawnSpec, hiveID, binary string) []string {
 			env = append(env, kv)
 		}
 	}
-	env = append(env, envWorkerID+"="+s.WorkerID, envHiveID+"="+hiveID, envListenFDs+"=1", envListenName+"=rbee", envTrampoline+"="+binary)
+	env = append(env, envWorkerID+"="+s.WorkerID, envHiveID+"="+hiveID, envTrampoline+"="+binary)
+	if handoff {
+		env = append(env, envListenFDs+"=1", envListenName+"=rbee")
+	}
 	if s.JobID != "" {
 		env = append(env, envJobID+"="+s.JobID)
 	}
 	return env
+}
+
+// givenHold is how long a port chosen for a worker that binds it itself stays off limits: ample for
+// the worker to start and bind.
+const givenHold = 30 * time.Second
+
+// give reserves port for a NoHandoff spawn unless it was given out within givenHold.
+func (m *Manager) give(port int) bool {
+	now := time.Now()
+	m.givenMu.Lock()
+	defer m.givenMu.Unlock()
+	if m.given == nil {
+		m.given = map[int]time.Time{}
+	}
+	if t, ok := m.given[port]; ok && now.Sub(t) < givenHold {
+		return false
+	}
+	for p, t := range m.given {
+		if now.Sub(t) >= givenHold {
+			delete(m.given, p)
+		}
+	}
+	m.given[port] = now
+	return true
 }
 
 // listen binds and listens on the first free port of the range, starting from a rotating offset so
@@ -363,6 +400,9 @@ func (m *Manager) listen() (*os.File, int, error) {
 	start := int(m.nextPort.Add(1) % uint32(n))
 	for i := 0; i < n; i++ {
 		port := m.cfg.PortLow + (start+i)%n
+		if m.cfg.NoHandoff && !m.give(port) {
+			continue
+		}
 		if err := unix.Bind(fd, m.sa(port)); err != nil {
 			if err == unix.EADDRINUSE || err == unix.EACCES {
 				continue

@@ -38,6 +38,12 @@ type Config struct {
 	OnExit            func(Exit) // called when a worker this Manager spawned exits on its own; may be nil
 	Logger            *zap.Logger
 
+	// NoHandoff is for worker binaries that bind --port themselves and do not take an inherited
+	// socket (LISTEN_FDS): the hive then only chooses a port that is free at spawn time and does
+	// not choose it again for a while, instead of handing over the bound socket. Handing over is
+	// race-free and the default; this trades that for compatibility with any server.
+	NoHandoff bool
+
 	// HiveID scopes Live and MaxWorkers to this hive's workers when several hives share a machine
 	// (and cgroup); it is also the hive id of a SpawnSpec that has none. Empty: count every rbee
 	// worker below this hive's cgroup (or, without cgroups, on the machine).

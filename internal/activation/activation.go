@@ -36,7 +36,9 @@ var ErrInvalid = errors.New("invalid socket activation environment")
 // naming another process mean no descriptors and no error: the variables were not meant for us.
 // A malformed or out-of-range value is an error naming the variable.
 func Parse(listenPID, listenFDs string, pid int) (int, error) {
-	if listenPID == "" && listenFDs == "" {
+	// As sd_listen_fds: no LISTEN_FDS means nothing was passed, whatever LISTEN_PID says (a hive
+	// that lets workers bind their own port still sets LISTEN_PID, to mark the worker itself).
+	if listenFDs == "" {
 		return 0, nil
 	}
 	p, err := strconv.Atoi(listenPID)

@@ -29,7 +29,7 @@ func TestParse(t *testing.T) {
 		{name: "ours max", lpid: "4242", lfds: "64", want: 64},
 		{name: "another process", lpid: "4243", lfds: "1", want: 0},
 		{name: "pid missing", lfds: "1", wantErr: EnvListenPID},
-		{name: "fds missing", lpid: "4242", wantErr: EnvListenFDs},
+		{name: "fds missing: nothing passed", lpid: "4242", want: 0},
 		{name: "pid not a number", lpid: "abc", lfds: "1", wantErr: EnvListenPID},
 		{name: "pid zero", lpid: "0", lfds: "1", wantErr: EnvListenPID},
 		{name: "pid negative", lpid: "-1", lfds: "1", wantErr: EnvListenPID},

@@ -333,7 +333,7 @@ func (r *Registry) addLocked(w Worker) *workerEntry {
 	r.order = slices.Insert(r.order, i, e)
 	r.perHive[w.HiveID]++
 	r.rev++
-	r.emitLocked(EventAdded, w, w)
+	r.emitLocked(EventAdded, w, w, "")
 	r.scheduleLocked(&e.deadline, r.workerDue(e))
 	return e
 }
@@ -347,7 +347,7 @@ func (r *Registry) changedLocked(e *workerEntry, old Worker) {
 	}
 	if !sameButBeat(old, e.w) {
 		r.rev++
-		r.emitLocked(EventUpdated, old, e.w)
+		r.emitLocked(EventUpdated, old, e.w, "")
 	}
 	for _, wt := range e.waiters {
 		wt.wake()
@@ -364,7 +364,11 @@ func (r *Registry) removeLocked(e *workerEntry, cause error) {
 	r.countHiveLocked(e.w.HiveID, -1)
 	r.unscheduleLocked(&e.deadline)
 	r.rev++
-	r.emitLocked(EventRemoved, e.w, e.w)
+	reason := ""
+	if cause != nil {
+		reason = cause.Error()
+	}
+	r.emitLocked(EventRemoved, e.w, e.w, reason)
 	for _, wt := range e.waiters {
 		wt.gone, wt.last, wt.cause = true, e.w, cause
 		wt.wake()

@@ -48,6 +48,9 @@ type Event struct {
 	Type     EventType
 	Worker   Worker
 	Revision uint64
+	// Reason says why a worker was removed (its exit status and last output, expiry, a delete),
+	// so a watcher waiting for it learns what happened; empty for other events.
+	Reason string
 }
 
 // Watcher streams the workers of one hive, or of all hives, as a snapshot followed by changes.
@@ -118,7 +121,7 @@ func (r *Registry) unwatch(wt *Watcher) {
 // emitLocked fans a change out to the watchers it concerns. old is the worker before an update
 // (for Added and Removed, the worker itself): a worker that moves between hives leaves one
 // filtered stream as Removed and enters the other as Added.
-func (r *Registry) emitLocked(t EventType, old, w Worker) {
+func (r *Registry) emitLocked(t EventType, old, w Worker, reason string) {
 	for _, wt := range r.watchers {
 		typ := t
 		if wt.hive != "" {
@@ -133,7 +136,7 @@ func (r *Registry) emitLocked(t EventType, old, w Worker) {
 				continue
 			}
 		}
-		wt.push(Event{Type: typ, Worker: w, Revision: r.rev})
+		wt.push(Event{Type: typ, Worker: w, Revision: r.rev, Reason: reason})
 	}
 }
 

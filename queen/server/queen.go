@@ -330,7 +330,7 @@ func (q *Queen) WatchWorkers(req *rbeev1.WatchWorkersRequest, stream rbeev1.Quee
 			if !ok {
 				return status.Error(codes.Unavailable, "watch closed by the queen")
 			}
-			resp := &rbeev1.WatchWorkersResponse{Type: eventToProto[ev.Type], Revision: ev.Revision}
+			resp := &rbeev1.WatchWorkersResponse{Type: eventToProto[ev.Type], Revision: ev.Revision, Reason: ev.Reason}
 			if ev.Type == registry.EventAdded || ev.Type == registry.EventUpdated || ev.Type == registry.EventRemoved {
 				resp.Worker = workerToProto(ev.Worker)
 			}

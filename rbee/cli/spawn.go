@@ -159,8 +159,11 @@ func (a *app) spawnAndWait(ctx context.Context, cl *client, req *rbeev1.SpawnWor
 			return nil, status.Errorf(codes.Canceled, "interrupted while worker %s was starting; %s", id, removed)
 		}
 	}
-	gone := func() (*rbeev1.Worker, error) {
-		return nil, status.Errorf(codes.Aborted, "worker %s went away before it was READY (it exited or was removed; the hive's log for it says why)", id)
+	gone := func(reason string) (*rbeev1.Worker, error) {
+		if reason == "" {
+			reason = "it exited or was removed; the hive's log for it says why"
+		}
+		return nil, status.Errorf(codes.Aborted, "worker %s went away before it was READY: %s", id, reason)
 	}
 
 	if ctx.Err() != nil && !ready(w) {
@@ -187,7 +190,7 @@ func (a *app) spawnAndWait(ctx context.Context, cl *client, req *rbeev1.SpawnWor
 		case rbeev1.WatchEventType_WATCH_EVENT_TYPE_REMOVED:
 			if ev.GetWorker().GetWorkerId() == id {
 				p.stop()
-				return gone()
+				return gone(ev.GetReason())
 			}
 		case rbeev1.WatchEventType_WATCH_EVENT_TYPE_RESET:
 			// The watch fell behind: a fresh snapshot follows; if it lacks the worker, it is gone.
@@ -195,7 +198,7 @@ func (a *app) spawnAndWait(ctx context.Context, cl *client, req *rbeev1.SpawnWor
 		case rbeev1.WatchEventType_WATCH_EVENT_TYPE_SYNCED:
 			if resetting && !seen {
 				p.stop()
-				return gone()
+				return gone("")
 			}
 			resetting = false
 		}

@@ -546,7 +546,9 @@ type WatchWorkersResponse struct {
 	// Unset for SYNCED and RESET.
 	Worker *Worker `protobuf:"bytes,2,opt,name=worker,proto3" json:"worker,omitempty"`
 	// The registry's revision after this change; increases with every change.
-	Revision      uint64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	Revision uint64 `protobuf:"varint,3,opt,name=revision,proto3" json:"revision,omitempty"`
+	// For REMOVED: why (e.g. the worker's exit status and last output, expiry, deleted).
+	Reason        string `protobuf:"bytes,4,opt,name=reason,proto3" json:"reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -600,6 +602,13 @@ func (x *WatchWorkersResponse) GetRevision() uint64 {
 		return x.Revision
 	}
 	return 0
+}
+
+func (x *WatchWorkersResponse) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
 }
 
 type ListHivesRequest struct {
@@ -851,11 +860,12 @@ const file_rbee_v1_queen_service_proto_rawDesc = "" +
 	"\aoutcome\x18\x01 \x01(\x0e2\x16.rbee.v1.DeleteOutcomeR\aoutcome\x12'\n" +
 	"\x06worker\x18\x02 \x01(\v2\x0f.rbee.v1.WorkerR\x06worker\".\n" +
 	"\x13WatchWorkersRequest\x12\x17\n" +
-	"\ahive_id\x18\x01 \x01(\tR\x06hiveId\"\x88\x01\n" +
+	"\ahive_id\x18\x01 \x01(\tR\x06hiveId\"\xa0\x01\n" +
 	"\x14WatchWorkersResponse\x12+\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x17.rbee.v1.WatchEventTypeR\x04type\x12'\n" +
 	"\x06worker\x18\x02 \x01(\v2\x0f.rbee.v1.WorkerR\x06worker\x12\x1a\n" +
-	"\brevision\x18\x03 \x01(\x04R\brevision\"\x12\n" +
+	"\brevision\x18\x03 \x01(\x04R\brevision\x12\x16\n" +
+	"\x06reason\x18\x04 \x01(\tR\x06reason\"\x12\n" +
 	"\x10ListHivesRequest\"8\n" +
 	"\x11ListHivesResponse\x12#\n" +
 	"\x05hives\x18\x01 \x03(\v2\r.rbee.v1.HiveR\x05hives\"\x12\n" +
