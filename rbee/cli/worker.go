@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -215,8 +216,14 @@ func eventLine(ev *rbeev1.WatchWorkersResponse, now time.Time) string {
 	}
 	w := ev.GetWorker()
 	typ := strings.TrimPrefix(ev.GetType().String(), "WATCH_EVENT_TYPE_")
-	return fmt.Sprintf("%s %-7s %s hive=%s model=%s state=%s pid=%s port=%s", at, typ, w.GetWorkerId(), w.GetHiveId(),
+	line := fmt.Sprintf("%s %-7s %s hive=%s model=%s state=%s pid=%s port=%s", at, typ, w.GetWorkerId(), w.GetHiveId(),
 		w.GetModel(), stateName(w.GetState()), orDash(w.GetPid()), orDash(w.GetPort()))
+	if r := ev.GetReason(); r != "" {
+		// A reason may hold the worker's last lines; the first says enough for one line.
+		first, _, _ := strings.Cut(r, "\n")
+		line += " reason=" + strconv.Quote(first)
+	}
+	return line
 }
 
 // removeWorker deletes a worker the CLI will not keep (spawn --wait gave up), on a context of its
