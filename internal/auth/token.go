@@ -34,24 +34,31 @@ const (
 // MinTokenLen is the shortest cluster token accepted: anything shorter is guessable.
 const MinTokenLen = 16
 
-// LoadToken reads the cluster token from file (when given) or from $RBEE_TOKEN. "" means the
-// cluster runs without one. Never take a token from a flag value: it would show in ps.
-func LoadToken(file string) (string, error) {
-	tok := os.Getenv(EnvToken)
-	src := "$" + EnvToken
+// ReadToken reads a token from file (when given) or from $RBEE_TOKEN, trimmed; "" means none.
+// Never take a token from a flag value: it would show in ps. Errors name the source, never the
+// token.
+func ReadToken(file string) (tok, src string, err error) {
+	tok, src = os.Getenv(EnvToken), "$"+EnvToken
 	if file != "" {
 		b, err := os.ReadFile(file)
 		if err != nil {
-			return "", fmt.Errorf("--token-file: %w", err)
+			return "", "", fmt.Errorf("--token-file: %w", err)
 		}
 		tok, src = string(b), "--token-file "+file
 	}
 	tok = strings.TrimSpace(tok)
-	if tok == "" {
-		if file != "" {
-			return "", fmt.Errorf("%s is empty", src)
-		}
-		return "", nil
+	if tok == "" && file != "" {
+		return "", "", fmt.Errorf("%s is empty", src)
+	}
+	return tok, src, nil
+}
+
+// LoadToken reads the cluster token a server runs with (ReadToken) and refuses a weak one: a
+// short token is guessable, and one with white space is a copy-paste accident.
+func LoadToken(file string) (string, error) {
+	tok, src, err := ReadToken(file)
+	if err != nil || tok == "" {
+		return "", err
 	}
 	if len(tok) < MinTokenLen {
 		return "", fmt.Errorf("the token in %s has %d characters; use at least %d (e.g. openssl rand -hex 32)", src, len(tok), MinTokenLen)

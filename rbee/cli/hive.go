@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"context"
 	"fmt"
 	"sort"
 	"strings"
@@ -25,21 +26,11 @@ func (a *app) hiveCommand() *cobra.Command {
 		Args:    cobra.NoArgs,
 	}
 	ls.RunE = a.run(func(cmd *cobra.Command, _ []string) error {
-		cl, err := a.connect()
-		if err != nil {
-			return err
-		}
-		defer cl.Close()
-		ctx, cancel := callContext(cmd.Context(), timeout(cmd))
-		defer cancel()
-		resp, err := cl.ListHives(ctx, &rbeev1.ListHivesRequest{})
-		if err != nil {
-			return err
-		}
-		if a.json() {
-			return writeJSON(a.out, resp)
-		}
-		return writeHives(a.out, resp.GetHives(), time.Now())
+		return unary(a, cmd, func(ctx context.Context, cl *client) (*rbeev1.ListHivesResponse, error) {
+			return cl.ListHives(ctx, &rbeev1.ListHivesRequest{})
+		}, func(resp *rbeev1.ListHivesResponse) error {
+			return writeHives(a.out, resp.GetHives(), time.Now())
+		})
 	})
 	c.AddCommand(ls)
 	return c

@@ -40,21 +40,11 @@ func (a *app) lsCommand() *cobra.Command {
 	}
 	c.Flags().StringVar(&hive, "hive", "", "only the workers of this hive")
 	c.RunE = a.run(func(cmd *cobra.Command, _ []string) error {
-		cl, err := a.connect()
-		if err != nil {
-			return err
-		}
-		defer cl.Close()
-		ctx, cancel := callContext(cmd.Context(), timeout(cmd))
-		defer cancel()
-		resp, err := cl.ListWorkers(ctx, &rbeev1.ListWorkersRequest{HiveId: hive})
-		if err != nil {
-			return err
-		}
-		if a.json() {
-			return writeJSON(a.out, resp)
-		}
-		return writeWorkers(a.out, resp.GetWorkers(), time.Now())
+		return unary(a, cmd, func(ctx context.Context, cl *client) (*rbeev1.ListWorkersResponse, error) {
+			return cl.ListWorkers(ctx, &rbeev1.ListWorkersRequest{HiveId: hive})
+		}, func(resp *rbeev1.ListWorkersResponse) error {
+			return writeWorkers(a.out, resp.GetWorkers(), time.Now())
+		})
 	})
 	return c
 }
@@ -67,21 +57,11 @@ func (a *app) getCommand() *cobra.Command {
 		Args:    exactID("worker id"),
 	}
 	c.RunE = a.run(func(cmd *cobra.Command, args []string) error {
-		cl, err := a.connect()
-		if err != nil {
-			return err
-		}
-		defer cl.Close()
-		ctx, cancel := callContext(cmd.Context(), timeout(cmd))
-		defer cancel()
-		resp, err := cl.GetWorker(ctx, &rbeev1.GetWorkerRequest{WorkerId: args[0]})
-		if err != nil {
-			return err
-		}
-		if a.json() {
-			return writeJSON(a.out, resp)
-		}
-		return writeWorker(a.out, resp.GetWorker(), time.Now())
+		return unary(a, cmd, func(ctx context.Context, cl *client) (*rbeev1.GetWorkerResponse, error) {
+			return cl.GetWorker(ctx, &rbeev1.GetWorkerRequest{WorkerId: args[0]})
+		}, func(resp *rbeev1.GetWorkerResponse) error {
+			return writeWorker(a.out, resp.GetWorker(), time.Now())
+		})
 	})
 	return c
 }
