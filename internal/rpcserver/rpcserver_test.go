@@ -5,6 +5,7 @@ import (
 	"net"
 	"strings"
 	"testing"
+	"time"
 
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
@@ -112,10 +113,46 @@ func TestJobIDTakenFromCallerAndReturned(t *testing.T) {
 	}
 }
 
-func TestHealthAndShutdown(t *testing.T) {
-	conn := serve(t, zap.NewNop(), func(context.Context) (any, error) { return &emptypb.Empty{}, nil })
-	r, err := healthpb.NewHealthClient(conn).Check(t.Context(), &healthpb.HealthCheckRequest{})
-	if err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
-		t.Fatalf("health = %v, %v", r, err)
+func TestShutdownReportsNotServingDrainsAndStops(t *testing.T) {
+	s := New(Options{Logger: zap.NewNop()})
+	lis := bufconn.Listen(1 << 16)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	drained := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx, lis, func() { close(drained) }) }()
+	conn, err := grpc.NewClient("passthrough:///buf",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	wctx, stopWatch := context.WithCancel(t.Context())
+	defer stopWatch()
+	w, err := healthpb.NewHealthClient(conn).Watch(wctx, &healthpb.HealthCheckRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := w.Recv(); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+		t.Fatalf("health before shutdown = %v, %v", r, err)
+	}
+	cancel()
+	if r, err := w.Recv(); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Fatalf("health during shutdown = %v, %v; want NOT_SERVING first", r, err)
+	}
+	stopWatch() // a prober that saw NOT_SERVING goes elsewhere; the graceful stop then needs no timeout
+	select {
+	case <-drained:
+	case <-time.After(10 * time.Second):
+		t.Fatal("drain was not called")
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Serve = %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve did not return")
 	}
 }
