@@ -14,6 +14,7 @@ setsid "$BIN/hive" --hive-id local --listen "$HIVE" --queen "$QUEEN" --log-dir "
 hive=$!
 
 stop() {
+  local code=${1:-0}
   trap - INT TERM
   echo "stopping: deleting workers, then the hive and the queen" >&2
   # Workers outlive a hive by design; a development run should not leave any behind.
@@ -24,12 +25,12 @@ stop() {
   done
   kill -TERM "$hive" "$queen" 2>/dev/null
   wait "$hive" "$queen"
-  exit 0
+  exit "$code"
 }
 trap stop INT TERM
 
 echo "queen on $QUEEN, hive 'local' on $HIVE; worker logs in $STATE/logs. Ctrl-C stops both." >&2
 # If either dies on its own, stop the other too.
 wait -n "$queen" "$hive"
-echo "a process exited on its own; stopping" >&2
-stop
+echo "the queen or the hive exited on its own (see its log above); stopping" >&2
+stop 1
