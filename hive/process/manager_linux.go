@@ -226,12 +226,12 @@ func checkBinary(path string) error {
 // socket on fd 3 (systemd socket activation), its log file as stdout and stderr, its own session,
 // and its own cgroup where available. No lock is held across fork/exec, so Spawns run in parallel.
 func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
-	if !validID(s.WorkerID) {
-		return Spawned{}, errf(KindInvalid, nil, "worker id %q invalid: want 1-128 of [A-Za-z0-9._-], not starting with '.'", s.WorkerID)
+	if err := checkID("worker id", s.WorkerID); err != nil {
+		return Spawned{}, err
 	}
 	hiveID := cmp.Or(s.HiveID, m.cfg.HiveID, "hive")
-	if !validID(hiveID) {
-		return Spawned{}, errf(KindInvalid, nil, "hive id %q invalid", s.HiveID)
+	if err := checkID("hive id", hiveID); err != nil {
+		return Spawned{}, err
 	}
 	if err := checkBinary(m.cfg.Binary); err != nil {
 		return Spawned{}, err
@@ -482,8 +482,10 @@ func (m *Manager) Delete(ctx context.Context, t Target, grace time.Duration) (Ou
 	if err := checkGrace(grace); err != nil {
 		return OutcomeUnknown, err
 	}
-	if t.PID > 1 && t.PID != os.Getpid() && t.PID != os.Getppid() && !validID(t.WorkerID) {
-		return OutcomeUnknown, errf(KindInvalid, nil, "worker id %q invalid", t.WorkerID)
+	if t.PID > 1 && t.PID != os.Getpid() && t.PID != os.Getppid() {
+		if err := checkID("worker id", t.WorkerID); err != nil {
+			return OutcomeUnknown, err
+		}
 	}
 	key := target{t.PID, t.StartTime, t.WorkerID}
 	m.mu.Lock()

@@ -8,6 +8,7 @@ package process
 import (
 	"errors"
 	"fmt"
+	"github.com/rbee-dev/rbee/internal/validate"
 	"os"
 	"path/filepath"
 	"time"
@@ -56,8 +57,8 @@ type Config struct {
 
 const (
 	defaultLogMaxBytes = 8 << 20
-	// MaxGrace is the longest grace period Delete accepts.
-	MaxGrace = 5 * time.Minute
+	// MaxGrace is the longest grace period Delete accepts, the same as at the gRPC edge.
+	MaxGrace = validate.MaxGrace
 	// killWait bounds the wait after SIGKILL: a process still there afterwards is KindStuck.
 	killWait = 5 * time.Second
 )
@@ -187,20 +188,13 @@ func errf(k Kind, cause error, format string, args ...any) error {
 	return &Error{Kind: k, Msg: fmt.Sprintf(format, args...), Err: cause}
 }
 
-// validID accepts the worker and hive ids used in file and cgroup names: 1-128 of [A-Za-z0-9._-],
-// not starting with a dot, so that an id can never climb out of its directory.
-func validID(id string) bool {
-	if id == "" || len(id) > 128 || id[0] == '.' {
-		return false
+// checkID accepts worker and hive ids by the project's one rule (validate.ID: DNS labels), which
+// also keeps them safe in file and cgroup names: no '/', no leading '.', no '@'.
+func checkID(what, id string) error {
+	if err := validate.ID(what, id); err != nil {
+		return errf(KindInvalid, err, "%s %q invalid: %s", what, id, err.(*validate.Error).Rule)
 	}
-	for _, c := range []byte(id) {
-		switch {
-		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '_', c == '-':
-		default:
-			return false
-		}
-	}
-	return true
+	return nil
 }
 
 func checkGrace(grace time.Duration) error {
