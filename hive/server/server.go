@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"slices"
 	"time"
 
@@ -109,13 +108,6 @@ func (h *Hive) Delete(ctx context.Context, req *rbeev1.DeleteRequest) (*rbeev1.D
 	}
 	pid := req.GetPid()
 	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", req.GetWorkerId()), zap.Int32("pid", pid)))
-	// PIDs 1 and below, the hive and its parent are refused by the process core too; refusing
-	// here as well keeps the answer the same on every platform.
-	if pid <= 1 || int(pid) == os.Getpid() || int(pid) == os.Getppid() {
-		h.metrics.refusals.WithLabelValues("not_worker").Inc()
-		narrate.Warn(ctx, "hive", "worker_delete_refused", "Refused to signal a process that cannot be a worker")
-		return nil, status.Errorf(codes.FailedPrecondition, "pid %d is not worker %s's process (1 and below, the hive and its parent are never signalled); no signal sent", pid, req.GetWorkerId())
-	}
 	narrate.Event(ctx, "hive", "worker_delete_start", fmt.Sprintf("Deleting worker %s (PID %d, grace %v)", req.GetWorkerId(), pid, grace), zap.Duration("grace", grace))
 	out, err := h.procs.Delete(ctx, process.Target{WorkerID: req.GetWorkerId(), PID: int(pid), StartTime: req.GetProcessStartTime()}, grace)
 	if err != nil {
