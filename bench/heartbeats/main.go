@@ -281,11 +281,11 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, st *stats) 
 			return
 		}
 		st.errors.Add(1)
-		d := min(5*time.Second, 100*time.Millisecond<<min(attempt, 10))
+		// The same reconnect backoff as a real worker's.
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(time.Duration(rand.Int64N(int64(d) + 1))):
+		case <-time.After(rpcclient.Backoff(attempt, rpcclient.BackoffBase, rpcclient.BackoffCap)):
 		}
 	}
 }

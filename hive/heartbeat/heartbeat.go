@@ -5,7 +5,6 @@ package heartbeat
 
 import (
 	"context"
-	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -15,6 +14,7 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/hive/process"
+	"github.com/rbee-dev/rbee/internal/rpcclient"
 )
 
 // Config configures a Beater.
@@ -81,12 +81,6 @@ func (b *Beater) putBack(exits []*rbeev1.WorkerExit) {
 	b.mu.Unlock()
 }
 
-// Backoff bounds for reconnecting.
-const (
-	backoffBase = 100 * time.Millisecond
-	backoffCap  = 5 * time.Second
-)
-
 // Run keeps a heartbeat stream open until ctx is done.
 func (b *Beater) Run(ctx context.Context) {
 	client := rbeev1.NewHeartbeatServiceClient(b.cfg.Conn)
@@ -100,8 +94,7 @@ func (b *Beater) Run(ctx context.Context) {
 			attempt = 0
 		}
 		// Full jitter: a fleet of hives reconnecting to a restarted queen spreads out.
-		d := min(backoffCap, backoffBase<<min(attempt, 10))
-		d = time.Duration(rand.Int64N(int64(d) + 1))
+		d := rpcclient.Backoff(attempt, rpcclient.BackoffBase, rpcclient.BackoffCap)
 		attempt++
 		b.cfg.Logger.Info("heartbeat stream to the queen broke; reconnecting", zap.Error(err), zap.Duration("backoff", d),
 			zap.String("actor", "hive"), zap.String("action", "hive_heartbeat_reconnect"))

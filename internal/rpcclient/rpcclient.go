@@ -4,6 +4,7 @@
 package rpcclient
 
 import (
+	"math/rand/v2"
 	"time"
 
 	"google.golang.org/grpc"
@@ -27,4 +28,23 @@ func Options() []grpc.DialOption {
 			MinConnectTimeout: 3 * time.Second,
 		}),
 	}
+}
+
+// Reconnect backoff of heartbeat streams (workers, hives): the same envelope as the connection's.
+const (
+	BackoffBase = 100 * time.Millisecond
+	BackoffCap  = 5 * time.Second
+)
+
+// Backoff returns the delay before reconnect attempt n (0-based): full jitter over an exponential
+// envelope from base, capped at limit, so that a fleet reconnecting to a restarted queen spreads
+// out instead of arriving in lockstep.
+func Backoff(n int, base, limit time.Duration) time.Duration {
+	envelope := limit
+	if n < 32 {
+		if e := base << n; e > 0 && e < envelope {
+			envelope = e
+		}
+	}
+	return rand.N(envelope + 1)
 }

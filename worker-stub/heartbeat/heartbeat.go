@@ -8,12 +8,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"sync"
 	"time"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/narrate"
+	"github.com/rbee-dev/rbee/internal/rpcclient"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
@@ -22,8 +22,8 @@ import (
 // Defaults for Config fields left zero.
 const (
 	DefaultInterval    = time.Second // until the queen names one
-	DefaultBackoffBase = 100 * time.Millisecond
-	DefaultBackoffCap  = 5 * time.Second
+	DefaultBackoffBase = rpcclient.BackoffBase
+	DefaultBackoffCap  = rpcclient.BackoffCap
 	DefaultSilentBeats = 3
 )
 
@@ -211,13 +211,7 @@ func (c *Client) Run(ctx context.Context) {
 // envelope capped at BackoffCap, so that a fleet of workers does not reconnect in lockstep after a
 // queen restart.
 func (c *Client) backoff(n int) time.Duration {
-	envelope := c.cfg.BackoffCap
-	if n < 32 {
-		if e := c.cfg.BackoffBase << n; e > 0 && e < envelope {
-			envelope = e
-		}
-	}
-	return rand.N(envelope + 1)
+	return rpcclient.Backoff(n, c.cfg.BackoffBase, c.cfg.BackoffCap)
 }
 
 // pendingFlush is a Flush caller waiting for the response to beat number seq of the session.
