@@ -45,34 +45,27 @@ func (a *app) statusCommand() *cobra.Command {
 		Args: cobra.NoArgs,
 	}
 	c.RunE = a.run(func(cmd *cobra.Command, _ []string) error {
-		cl, err := a.connect()
-		if err != nil {
-			return err
-		}
-		defer cl.Close()
-		ctx, cancel := callContext(cmd.Context(), timeout(cmd))
-		defer cancel()
-		resp, err := cl.GetStatus(ctx, &rbeev1.GetStatusRequest{})
-		if err != nil {
-			return err
-		}
-		if a.json() {
-			return writeJSON(a.out, resp)
-		}
-		uptime := "-"
-		if resp.GetStartTime() != nil {
-			uptime = time.Since(resp.GetStartTime().AsTime()).Round(time.Second).String()
-		}
-		tw := newTable(a.out)
-		fmt.Fprintf(tw, "QUEEN\t%s (reachable)\n", a.g.queen)
-		fmt.Fprintf(tw, "ID\t%s\n", resp.GetQueenId())
-		fmt.Fprintf(tw, "VERSION\t%s\n", resp.GetVersion())
-		fmt.Fprintf(tw, "UPTIME\t%s\n", uptime)
-		fmt.Fprintf(tw, "WORKERS\t%d%s\n", resp.GetWorkerCount(), counts(resp.GetWorkersByState(), "WORKER_STATE_"))
-		fmt.Fprintf(tw, "HIVES\t%d%s\n", resp.GetHiveCount(), counts(resp.GetHivesByState(), "HIVE_STATE_"))
-		return tw.Flush()
+		return unary(a, cmd, func(ctx context.Context, cl *client) (*rbeev1.GetStatusResponse, error) {
+			return cl.GetStatus(ctx, &rbeev1.GetStatusRequest{})
+		}, a.writeStatus)
 	})
 	return c
+}
+
+// writeStatus prints the queen's summary for people.
+func (a *app) writeStatus(resp *rbeev1.GetStatusResponse) error {
+	uptime := "-"
+	if resp.GetStartTime() != nil {
+		uptime = time.Since(resp.GetStartTime().AsTime()).Round(time.Second).String()
+	}
+	tw := newTable(a.out)
+	fmt.Fprintf(tw, "QUEEN\t%s (reachable)\n", a.g.queen)
+	fmt.Fprintf(tw, "ID\t%s\n", resp.GetQueenId())
+	fmt.Fprintf(tw, "VERSION\t%s\n", resp.GetVersion())
+	fmt.Fprintf(tw, "UPTIME\t%s\n", uptime)
+	fmt.Fprintf(tw, "WORKERS\t%d%s\n", resp.GetWorkerCount(), counts(resp.GetWorkersByState(), "WORKER_STATE_"))
+	fmt.Fprintf(tw, "HIVES\t%d%s\n", resp.GetHiveCount(), counts(resp.GetHivesByState(), "HIVE_STATE_"))
+	return tw.Flush()
 }
 
 // counts renders per-state counts as " (READY 2, STARTING 1)", states in a stable order.
