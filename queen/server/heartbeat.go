@@ -156,40 +156,95 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 		return status.Errorf(codes.PermissionDenied, "this stream's token is for worker %q, not %q", who.WorkerID, id)
 	}
 	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", id)))
-	key := "w/" + id
+	resp := &rbeev1.WorkerHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}
+	return serveBeats(q, ctx, "worker", id, first, stream.Recv, func() error { return stream.Send(resp) },
+		func(req *rbeev1.WorkerHeartbeatRequest) error {
+			if req != first {
+				if w, err = workerFromProto(req.GetWorker()); err != nil {
+					return invalid(err)
+				}
+				if w.ID != id {
+					return invalid(&validate.Error{Field: "worker.worker_id", Rule: fmt.Sprintf("%q on a stream opened by worker %q", w.ID, id)})
+				}
+			}
+			if _, err := q.reg.Beat(w); err != nil {
+				return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
+			}
+			q.metrics.workerBeats.Inc()
+			return nil
+		},
+		func() { q.reg.StreamClosed(id) })
+}
+
+// HiveHeartbeat registers a hive, keeps it alive, and applies the worker exits it reports.
+func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer) error {
+	ctx := stream.Context()
+	first, err := stream.Recv()
+	if err != nil {
+		return q.recvEnd(ctx, err)
+	}
+	h, err := hiveFromProto(first.GetHive())
+	if err != nil {
+		return invalid(err)
+	}
+	id := h.ID
+	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("hive_id", id)))
+	narrate.Event(ctx, "queen", "hive_registered", fmt.Sprintf("Hive %s registered at %s", id, h.Address), zap.String("address", h.Address))
+	resp := &rbeev1.HiveHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}
+	return serveBeats(q, ctx, "hive", id, first, stream.Recv, func() error { return stream.Send(resp) },
+		func(req *rbeev1.HiveHeartbeatRequest) error {
+			if req != first {
+				if h, err = hiveFromProto(req.GetHive()); err != nil {
+					return invalid(err)
+				}
+				if h.ID != id {
+					return invalid(&validate.Error{Field: "hive.hive_id", Rule: fmt.Sprintf("%q on a stream opened by hive %q", h.ID, id)})
+				}
+			}
+			if _, err := q.reg.HiveBeat(h); err != nil {
+				return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
+			}
+			q.metrics.hiveBeats.Inc()
+			for _, e := range req.GetExits() {
+				q.workerExited(ctx, id, e)
+			}
+			return nil
+		},
+		func() { q.reg.HiveStreamClosed(id) })
+}
+
+// serveBeats is the loop both heartbeat streams share, from the (already checked) first request
+// on: it makes the stream the one that speaks for kind id (replacing an older one), applies each
+// request with beat and answers it with exactly one response, in order, and ends the stream when a
+// newer one replaced it, the queen shuts down, or it floods. closed runs when the stream ends while
+// it still spoke for id.
+func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *Req,
+	recv func() (*Req, error), answer func() error, beat func(*Req) error, closed func()) error {
+	key := kind + "/" + id
 	s := q.attach(key)
 	defer func() {
 		if q.detach(key, s) {
-			q.reg.StreamClosed(id)
+			closed()
 		}
 	}()
-	resp := &rbeev1.WorkerHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}
 	lim := limiter{rate: float64(q.cfg.MaxBeatsPerSecond)}
 	for req := first; ; {
-		if err := q.endStatus(s, "worker "+id); err != nil {
+		if err := q.endStatus(s, kind+" "+id); err != nil {
 			return err
 		}
 		if !lim.allow(time.Now()) {
-			narrate.Warn(ctx, "queen", "worker_heartbeat_flood", "Heartbeat stream over its rate limit; ending it",
+			narrate.Warn(ctx, "queen", kind+"_heartbeat_flood", "Heartbeat stream over its rate limit; ending it",
 				zap.Int("max_beats_per_second", q.cfg.MaxBeatsPerSecond))
 			return status.Errorf(codes.ResourceExhausted, "more than %d heartbeats a second on this stream", q.cfg.MaxBeatsPerSecond)
 		}
-		if req != first {
-			if w, err = workerFromProto(req.GetWorker()); err != nil {
-				return invalid(err)
-			}
-			if w.ID != id {
-				return invalid(&validate.Error{Field: "worker.worker_id", Rule: fmt.Sprintf("%q on a stream opened by worker %q", w.ID, id)})
-			}
-		}
-		if _, err := q.reg.Beat(w); err != nil {
-			return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
-		}
-		q.metrics.workerBeats.Inc()
-		if err := stream.Send(resp); err != nil {
+		if err := beat(req); err != nil {
 			return err
 		}
-		if req, err = stream.Recv(); err != nil {
+		if err := answer(); err != nil {
+			return err
+		}
+		var err error
+		if req, err = recv(); err != nil {
 			return q.recvEnd(ctx, err)
 		}
 	}
@@ -236,60 +291,6 @@ func hiveFromProto(p *rbeev1.Hive) (registry.Hive, error) {
 		ID: p.GetHiveId(), Address: p.GetAddress(), Version: p.GetVersion(), OS: p.GetOs(),
 		Devices: p.GetDevices(), FreePorts: p.GetFreePorts(),
 	}, nil
-}
-
-// HiveHeartbeat registers a hive, keeps it alive, and applies the worker exits it reports.
-func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer) error {
-	ctx := stream.Context()
-	first, err := stream.Recv()
-	if err != nil {
-		return q.recvEnd(ctx, err)
-	}
-	h, err := hiveFromProto(first.GetHive())
-	if err != nil {
-		return invalid(err)
-	}
-	id := h.ID
-	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("hive_id", id)))
-	key := "h/" + id
-	s := q.attach(key)
-	defer func() {
-		if q.detach(key, s) {
-			q.reg.HiveStreamClosed(id)
-		}
-	}()
-	narrate.Event(ctx, "queen", "hive_registered", fmt.Sprintf("Hive %s registered at %s", id, h.Address), zap.String("address", h.Address))
-	resp := &rbeev1.HiveHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}
-	lim := limiter{rate: float64(q.cfg.MaxBeatsPerSecond)}
-	for req := first; ; {
-		if err := q.endStatus(s, "hive "+id); err != nil {
-			return err
-		}
-		if !lim.allow(time.Now()) {
-			return status.Errorf(codes.ResourceExhausted, "more than %d heartbeats a second on this stream", q.cfg.MaxBeatsPerSecond)
-		}
-		if req != first {
-			if h, err = hiveFromProto(req.GetHive()); err != nil {
-				return invalid(err)
-			}
-			if h.ID != id {
-				return invalid(&validate.Error{Field: "hive.hive_id", Rule: fmt.Sprintf("%q on a stream opened by hive %q", h.ID, id)})
-			}
-		}
-		if _, err := q.reg.HiveBeat(h); err != nil {
-			return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
-		}
-		q.metrics.hiveBeats.Inc()
-		for _, e := range req.GetExits() {
-			q.workerExited(ctx, id, e)
-		}
-		if err := stream.Send(resp); err != nil {
-			return err
-		}
-		if req, err = stream.Recv(); err != nil {
-			return q.recvEnd(ctx, err)
-		}
-	}
 }
 
 // workerExited forgets a worker its hive saw die, if the report is about the process the registry
