@@ -133,7 +133,25 @@ type Registry struct {
 	hives     map[string]*hiveEntry
 	deadlines deadlineHeap
 	watchers  []*Watcher
+	// graves remembers the last state and removal cause of recently removed workers (at most
+	// maxGraves, oldest first out), so that a wait that starts just after a worker died still
+	// learns why: a spawn returns before its worker's first beat, and a crash can beat the wait.
+	graves     map[string]grave
+	graveOrder []graveRef
 }
+
+type grave struct {
+	w     Worker
+	cause error
+	rev   uint64 // the removal's revision, to tell this grave from a later one of the same id
+}
+
+type graveRef struct {
+	id  string
+	rev uint64
+}
+
+const maxGraves = 1024
 
 type workerEntry struct {
 	w          Worker
@@ -326,6 +344,7 @@ func (r *Registry) Remove(id string, cause error) (Worker, bool) {
 
 // addLocked inserts a new worker and publishes it.
 func (r *Registry) addLocked(w Worker) *workerEntry {
+	delete(r.graves, w.ID) // a new worker under the id; its stale graveOrder entry matches nothing
 	e := &workerEntry{w: w}
 	e.deadline = item{index: -1, worker: e}
 	r.workers[w.ID] = e
@@ -369,6 +388,18 @@ func (r *Registry) removeLocked(e *workerEntry, cause error) {
 		reason = cause.Error()
 	}
 	r.emitLocked(EventRemoved, e.w, e.w, reason)
+	if r.graves == nil {
+		r.graves = map[string]grave{}
+	}
+	if len(r.graveOrder) >= maxGraves {
+		old := r.graveOrder[0]
+		r.graveOrder = r.graveOrder[1:]
+		if g, ok := r.graves[old.id]; ok && g.rev == old.rev {
+			delete(r.graves, old.id)
+		}
+	}
+	r.graves[e.w.ID] = grave{w: e.w, cause: cause, rev: r.rev}
+	r.graveOrder = append(r.graveOrder, graveRef{e.w.ID, r.rev})
 	for _, wt := range e.waiters {
 		wt.gone, wt.last, wt.cause = true, e.w, cause
 		wt.wake()

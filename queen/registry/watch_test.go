@@ -2,6 +2,7 @@ package registry
 
 import (
 	"errors"
+	"fmt"
 	"slices"
 	"testing"
 	"testing/synctest"
@@ -265,4 +266,34 @@ func TestLaggingWatcherWithinBuffer(t *testing.T) {
 		read(42)
 		wantNone(t, wt)
 	})
+}
+
+// TestAwaitAfterRemovalKnowsWhy: a wait that starts only after its worker was removed (a crash can
+// beat the spawn's wait) still gets the removal cause; a new worker under the id clears it.
+func TestAwaitAfterRemovalKnowsWhy(t *testing.T) {
+	r := New(Config{})
+	if err := r.Reserve(Worker{ID: "w1", HiveID: "h"}); err != nil {
+		t.Fatal(err)
+	}
+	crash := errors.New("exit status 3: CUDA out of memory")
+	r.Remove("w1", crash)
+	w, err := r.Await(t.Context(), "w1", func(Worker) bool { return true })
+	if !errors.Is(err, ErrNotFound) || !errors.Is(err, crash) || w.ID != "w1" {
+		t.Fatalf("Await after removal = %+v, %v; want the last worker and the cause", w, err)
+	}
+	if err := r.Reserve(Worker{ID: "w1", HiveID: "h"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Await(t.Context(), "w1", func(Worker) bool { return true }); err != nil {
+		t.Fatalf("Await on the new w1 = %v", err)
+	}
+	// Graves are bounded.
+	for i := range maxGraves + 10 {
+		id := fmt.Sprintf("g%d", i)
+		_ = r.Reserve(Worker{ID: id, HiveID: "h"})
+		r.Remove(id, crash)
+	}
+	if len(r.graves) > maxGraves || len(r.graveOrder) > maxGraves {
+		t.Fatalf("%d graves, %d in order; want at most %d", len(r.graves), len(r.graveOrder), maxGraves)
+	}
 }
