@@ -84,7 +84,10 @@ func (m *Manager) prove(t Target) (p proven, gone bool, err error) {
 	if t.StartTime != 0 && st.StartTime != t.StartTime {
 		return fail(notWorker(pid, "start time %d differs from the worker's %d (PID reused)", st.StartTime, t.StartTime))
 	}
-	if st.State == 'Z' || st.State == 'X' {
+	// A zombie leader is not proof of death: while a multithreaded process execs from another
+	// thread (the trampoline is a Go program), its leader reads 'Z' until the exec completes. Only
+	// the pidfd, readable once the whole process has exited, tells the two apart.
+	if (st.State == 'Z' || st.State == 'X') && exited(fd) {
 		return proven{}, true, nil
 	}
 	p.startTime = st.StartTime
