@@ -153,6 +153,15 @@ type graveRef struct {
 
 const maxGraves = 1024
 
+// notFoundLocked is the answer for a worker id the registry does not hold: with the last state
+// and the cause when it was removed lately (its process died before the caller got to it).
+func (r *Registry) notFoundLocked(id string) (Worker, error) {
+	if g, ok := r.graves[id]; ok {
+		return g.w, removedError(id, g.cause)
+	}
+	return Worker{}, fmt.Errorf("worker %q: %w", id, ErrNotFound)
+}
+
 type workerEntry struct {
 	w          Worker
 	staleSince time.Time
@@ -215,7 +224,7 @@ func (r *Registry) Started(id string, pid int32, port uint32, startTime uint64) 
 	defer r.mu.Unlock()
 	e := r.workers[id]
 	if e == nil {
-		return Worker{}, fmt.Errorf("worker %q: %w", id, ErrNotFound)
+		return r.notFoundLocked(id)
 	}
 	old := e.w
 	e.w.PID, e.w.Port, e.w.ProcessStartTime = pid, port, startTime

@@ -282,12 +282,9 @@ func (r *Registry) Await(ctx context.Context, id string, cond func(Worker) bool)
 			// Waiters hang on the entry, not the id, so a worker removed and re-added under the
 			// same id still ends this wait with the removal.
 			if e = r.workers[id]; e == nil {
-				g, ok := r.graves[id]
+				w, err := r.notFoundLocked(id)
 				r.mu.Unlock()
-				if ok {
-					return g.w, removedError(id, g.cause)
-				}
-				return Worker{}, fmt.Errorf("worker %q: %w", id, ErrNotFound)
+				return w, err
 			}
 			e.waiters = append(e.waiters, wt)
 		}

@@ -281,6 +281,10 @@ func TestAwaitAfterRemovalKnowsWhy(t *testing.T) {
 	if !errors.Is(err, ErrNotFound) || !errors.Is(err, crash) || w.ID != "w1" {
 		t.Fatalf("Await after removal = %+v, %v; want the last worker and the cause", w, err)
 	}
+	// The hive's answer to the spawn can arrive after the crash report, too.
+	if _, err := r.Started("w1", 4242, 9100, 7); !errors.Is(err, ErrNotFound) || !errors.Is(err, crash) {
+		t.Fatalf("Started after removal = %v; want ErrNotFound with the cause", err)
+	}
 	if err := r.Reserve(Worker{ID: "w1", HiveID: "h"}); err != nil {
 		t.Fatal(err)
 	}

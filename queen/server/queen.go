@@ -155,7 +155,7 @@ func (q *Queen) SpawnWorker(ctx context.Context, req *rbeev1.SpawnWorkerRequest)
 		// process behind.
 		q.cleanup(ctx, hive, id, resp.GetPid(), resp.GetProcessStartTime())
 		q.metrics.spawned("error", t0)
-		return nil, status.Errorf(codes.Aborted, "worker %s was removed while it was being spawned: %v", id, err)
+		return nil, status.Errorf(codes.Aborted, "worker %s went away while it was being spawned: %v", id, err)
 	}
 	narrate.Event(ctx, "queen", "worker_spawned", fmt.Sprintf("Worker %s spawned on hive %s (PID %d, port %d)", id, hive.ID, w.PID, w.Port),
 		zap.Int32("pid", w.PID), zap.Uint32("port", w.Port))
