@@ -32,7 +32,10 @@ type SpawnRequest struct {
 	// The worker's own credential for its heartbeat stream, derived by the queen from the cluster
 	// secret; handed to the worker in RBEE_WORKER_TOKEN, never on its command line. Empty when the
 	// cluster runs without a token.
-	WorkerToken   string `protobuf:"bytes,5,opt,name=worker_token,json=workerToken,proto3" json:"worker_token,omitempty"`
+	WorkerToken string `protobuf:"bytes,5,opt,name=worker_token,json=workerToken,proto3" json:"worker_token,omitempty"`
+	// The election revision of the queen that sends this (several queens on etcd); a hive refuses a
+	// call with a lower token than the highest it has seen. 0: no election.
+	FencingToken  uint64 `protobuf:"varint,6,opt,name=fencing_token,json=fencingToken,proto3" json:"fencing_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -102,14 +105,24 @@ func (x *SpawnRequest) GetWorkerToken() string {
 	return ""
 }
 
+func (x *SpawnRequest) GetFencingToken() uint64 {
+	if x != nil {
+		return x.FencingToken
+	}
+	return 0
+}
+
 type SpawnResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Pid   int32                  `protobuf:"varint,1,opt,name=pid,proto3" json:"pid,omitempty"`
 	Port  uint32                 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
 	// Clock ticks since boot (field 22 of /proc/PID/stat).
 	ProcessStartTime uint64 `protobuf:"varint,3,opt,name=process_start_time,json=processStartTime,proto3" json:"process_start_time,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// The host other machines reach the worker's port at (the hive's --worker-host); empty: the
+	// hive's own host as the queen knows it.
+	Address       string `protobuf:"bytes,4,opt,name=address,proto3" json:"address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SpawnResponse) Reset() {
@@ -163,6 +176,13 @@ func (x *SpawnResponse) GetProcessStartTime() uint64 {
 	return 0
 }
 
+func (x *SpawnResponse) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
 type DeleteRequest struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	WorkerId string                 `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
@@ -170,7 +190,9 @@ type DeleteRequest struct {
 	// 0: unknown (the identity check then rests on the worker's marker alone).
 	ProcessStartTime uint64 `protobuf:"varint,3,opt,name=process_start_time,json=processStartTime,proto3" json:"process_start_time,omitempty"`
 	// Unset: the hive's default (--grace).
-	GracePeriod   *durationpb.Duration `protobuf:"bytes,4,opt,name=grace_period,json=gracePeriod,proto3" json:"grace_period,omitempty"`
+	GracePeriod *durationpb.Duration `protobuf:"bytes,4,opt,name=grace_period,json=gracePeriod,proto3" json:"grace_period,omitempty"`
+	// As in SpawnRequest.
+	FencingToken  uint64 `protobuf:"varint,5,opt,name=fencing_token,json=fencingToken,proto3" json:"fencing_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -233,6 +255,13 @@ func (x *DeleteRequest) GetGracePeriod() *durationpb.Duration {
 	return nil
 }
 
+func (x *DeleteRequest) GetFencingToken() uint64 {
+	if x != nil {
+		return x.FencingToken
+	}
+	return 0
+}
+
 type DeleteResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Outcome       DeleteOutcome          `protobuf:"varint,1,opt,name=outcome,proto3,enum=rbee.v1.DeleteOutcome" json:"outcome,omitempty"`
@@ -277,31 +306,150 @@ func (x *DeleteResponse) GetOutcome() DeleteOutcome {
 	return DeleteOutcome_DELETE_OUTCOME_UNSPECIFIED
 }
 
+type LogsRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	WorkerId string                 `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
+	// Keep the stream open and send what the worker writes next, until the caller cancels or the
+	// worker's log is closed.
+	Follow bool `protobuf:"varint,2,opt,name=follow,proto3" json:"follow,omitempty"`
+	// Start with the last this-many lines; 0: the hive's default (100).
+	TailLines     uint32 `protobuf:"varint,3,opt,name=tail_lines,json=tailLines,proto3" json:"tail_lines,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogsRequest) Reset() {
+	*x = LogsRequest{}
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogsRequest) ProtoMessage() {}
+
+func (x *LogsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
+func (*LogsRequest) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_hive_service_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *LogsRequest) GetWorkerId() string {
+	if x != nil {
+		return x.WorkerId
+	}
+	return ""
+}
+
+func (x *LogsRequest) GetFollow() bool {
+	if x != nil {
+		return x.Follow
+	}
+	return false
+}
+
+func (x *LogsRequest) GetTailLines() uint32 {
+	if x != nil {
+		return x.TailLines
+	}
+	return 0
+}
+
+type LogsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A chunk of the log, whole lines where possible.
+	Data          []byte `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogsResponse) Reset() {
+	*x = LogsResponse{}
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogsResponse) ProtoMessage() {}
+
+func (x *LogsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
+func (*LogsResponse) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_hive_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *LogsResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 var File_rbee_v1_hive_service_proto protoreflect.FileDescriptor
 
 const file_rbee_v1_hive_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1arbee/v1/hive_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x14rbee/v1/worker.proto\"\xa1\x01\n" +
+	"\x1arbee/v1/hive_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x14rbee/v1/worker.proto\"\xc6\x01\n" +
 	"\fSpawnRequest\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
 	"\x06device\x18\x03 \x01(\tR\x06device\x12#\n" +
 	"\rqueen_address\x18\x04 \x01(\tR\fqueenAddress\x12!\n" +
-	"\fworker_token\x18\x05 \x01(\tR\vworkerToken\"c\n" +
+	"\fworker_token\x18\x05 \x01(\tR\vworkerToken\x12#\n" +
+	"\rfencing_token\x18\x06 \x01(\x04R\ffencingToken\"}\n" +
 	"\rSpawnResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04port\x18\x02 \x01(\rR\x04port\x12,\n" +
-	"\x12process_start_time\x18\x03 \x01(\x04R\x10processStartTime\"\xaa\x01\n" +
+	"\x12process_start_time\x18\x03 \x01(\x04R\x10processStartTime\x12\x18\n" +
+	"\aaddress\x18\x04 \x01(\tR\aaddress\"\xcf\x01\n" +
 	"\rDeleteRequest\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x10\n" +
 	"\x03pid\x18\x02 \x01(\x05R\x03pid\x12,\n" +
 	"\x12process_start_time\x18\x03 \x01(\x04R\x10processStartTime\x12<\n" +
-	"\fgrace_period\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vgracePeriod\"B\n" +
+	"\fgrace_period\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vgracePeriod\x12#\n" +
+	"\rfencing_token\x18\x05 \x01(\x04R\ffencingToken\"B\n" +
 	"\x0eDeleteResponse\x120\n" +
-	"\aoutcome\x18\x01 \x01(\x0e2\x16.rbee.v1.DeleteOutcomeR\aoutcome2\x80\x01\n" +
+	"\aoutcome\x18\x01 \x01(\x0e2\x16.rbee.v1.DeleteOutcomeR\aoutcome\"a\n" +
+	"\vLogsRequest\x12\x1b\n" +
+	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x16\n" +
+	"\x06follow\x18\x02 \x01(\bR\x06follow\x12\x1d\n" +
+	"\n" +
+	"tail_lines\x18\x03 \x01(\rR\ttailLines\"\"\n" +
+	"\fLogsResponse\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data2\xb7\x01\n" +
 	"\vHiveService\x126\n" +
 	"\x05Spawn\x12\x15.rbee.v1.SpawnRequest\x1a\x16.rbee.v1.SpawnResponse\x129\n" +
-	"\x06Delete\x12\x16.rbee.v1.DeleteRequest\x1a\x17.rbee.v1.DeleteResponseB\x89\x01\n" +
+	"\x06Delete\x12\x16.rbee.v1.DeleteRequest\x1a\x17.rbee.v1.DeleteResponse\x125\n" +
+	"\x04Logs\x12\x14.rbee.v1.LogsRequest\x1a\x15.rbee.v1.LogsResponse0\x01B\x89\x01\n" +
 	"\vcom.rbee.v1B\x10HiveServiceProtoP\x01Z+github.com/rbee-dev/rbee/gen/rbee/v1;rbeev1\xa2\x02\x03RXX\xaa\x02\aRbee.V1\xca\x02\aRbee\\V1\xe2\x02\x13Rbee\\V1\\GPBMetadata\xea\x02\bRbee::V1b\x06proto3"
 
 var (
@@ -316,24 +464,28 @@ func file_rbee_v1_hive_service_proto_rawDescGZIP() []byte {
 	return file_rbee_v1_hive_service_proto_rawDescData
 }
 
-var file_rbee_v1_hive_service_proto_msgTypes = make([]protoimpl.MessageInfo, 4)
+var file_rbee_v1_hive_service_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_rbee_v1_hive_service_proto_goTypes = []any{
 	(*SpawnRequest)(nil),        // 0: rbee.v1.SpawnRequest
 	(*SpawnResponse)(nil),       // 1: rbee.v1.SpawnResponse
 	(*DeleteRequest)(nil),       // 2: rbee.v1.DeleteRequest
 	(*DeleteResponse)(nil),      // 3: rbee.v1.DeleteResponse
-	(*durationpb.Duration)(nil), // 4: google.protobuf.Duration
-	(DeleteOutcome)(0),          // 5: rbee.v1.DeleteOutcome
+	(*LogsRequest)(nil),         // 4: rbee.v1.LogsRequest
+	(*LogsResponse)(nil),        // 5: rbee.v1.LogsResponse
+	(*durationpb.Duration)(nil), // 6: google.protobuf.Duration
+	(DeleteOutcome)(0),          // 7: rbee.v1.DeleteOutcome
 }
 var file_rbee_v1_hive_service_proto_depIdxs = []int32{
-	4, // 0: rbee.v1.DeleteRequest.grace_period:type_name -> google.protobuf.Duration
-	5, // 1: rbee.v1.DeleteResponse.outcome:type_name -> rbee.v1.DeleteOutcome
+	6, // 0: rbee.v1.DeleteRequest.grace_period:type_name -> google.protobuf.Duration
+	7, // 1: rbee.v1.DeleteResponse.outcome:type_name -> rbee.v1.DeleteOutcome
 	0, // 2: rbee.v1.HiveService.Spawn:input_type -> rbee.v1.SpawnRequest
 	2, // 3: rbee.v1.HiveService.Delete:input_type -> rbee.v1.DeleteRequest
-	1, // 4: rbee.v1.HiveService.Spawn:output_type -> rbee.v1.SpawnResponse
-	3, // 5: rbee.v1.HiveService.Delete:output_type -> rbee.v1.DeleteResponse
-	4, // [4:6] is the sub-list for method output_type
-	2, // [2:4] is the sub-list for method input_type
+	4, // 4: rbee.v1.HiveService.Logs:input_type -> rbee.v1.LogsRequest
+	1, // 5: rbee.v1.HiveService.Spawn:output_type -> rbee.v1.SpawnResponse
+	3, // 6: rbee.v1.HiveService.Delete:output_type -> rbee.v1.DeleteResponse
+	5, // 7: rbee.v1.HiveService.Logs:output_type -> rbee.v1.LogsResponse
+	5, // [5:8] is the sub-list for method output_type
+	2, // [2:5] is the sub-list for method input_type
 	2, // [2:2] is the sub-list for extension type_name
 	2, // [2:2] is the sub-list for extension extendee
 	0, // [0:2] is the sub-list for field type_name
@@ -351,7 +503,7 @@ func file_rbee_v1_hive_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rbee_v1_hive_service_proto_rawDesc), len(file_rbee_v1_hive_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   4,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -21,6 +21,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	HiveService_Spawn_FullMethodName  = "/rbee.v1.HiveService/Spawn"
 	HiveService_Delete_FullMethodName = "/rbee.v1.HiveService/Delete"
+	HiveService_Logs_FullMethodName   = "/rbee.v1.HiveService/Logs"
 )
 
 // HiveServiceClient is the client API for HiveService service.
@@ -33,6 +34,9 @@ type HiveServiceClient interface {
 	Spawn(ctx context.Context, in *SpawnRequest, opts ...grpc.CallOption) (*SpawnResponse, error)
 	// Delete stops the worker process with this PID, after proving it is that worker.
 	Delete(ctx context.Context, in *DeleteRequest, opts ...grpc.CallOption) (*DeleteResponse, error)
+	// Logs streams a worker's captured output (stdout and stderr), the last tail_lines lines first,
+	// then, with follow, what it writes next.
+	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogsResponse], error)
 }
 
 type hiveServiceClient struct {
@@ -63,6 +67,25 @@ func (c *hiveServiceClient) Delete(ctx context.Context, in *DeleteRequest, opts 
 	return out, nil
 }
 
+func (c *hiveServiceClient) Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &HiveService_ServiceDesc.Streams[0], HiveService_Logs_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[LogsRequest, LogsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type HiveService_LogsClient = grpc.ServerStreamingClient[LogsResponse]
+
 // HiveServiceServer is the server API for HiveService service.
 // All implementations must embed UnimplementedHiveServiceServer
 // for forward compatibility.
@@ -73,6 +96,9 @@ type HiveServiceServer interface {
 	Spawn(context.Context, *SpawnRequest) (*SpawnResponse, error)
 	// Delete stops the worker process with this PID, after proving it is that worker.
 	Delete(context.Context, *DeleteRequest) (*DeleteResponse, error)
+	// Logs streams a worker's captured output (stdout and stderr), the last tail_lines lines first,
+	// then, with follow, what it writes next.
+	Logs(*LogsRequest, grpc.ServerStreamingServer[LogsResponse]) error
 	mustEmbedUnimplementedHiveServiceServer()
 }
 
@@ -88,6 +114,9 @@ func (UnimplementedHiveServiceServer) Spawn(context.Context, *SpawnRequest) (*Sp
 }
 func (UnimplementedHiveServiceServer) Delete(context.Context, *DeleteRequest) (*DeleteResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Delete not implemented")
+}
+func (UnimplementedHiveServiceServer) Logs(*LogsRequest, grpc.ServerStreamingServer[LogsResponse]) error {
+	return status.Error(codes.Unimplemented, "method Logs not implemented")
 }
 func (UnimplementedHiveServiceServer) mustEmbedUnimplementedHiveServiceServer() {}
 func (UnimplementedHiveServiceServer) testEmbeddedByValue()                     {}
@@ -146,6 +175,17 @@ func _HiveService_Delete_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _HiveService_Logs_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(LogsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(HiveServiceServer).Logs(m, &grpc.GenericServerStream[LogsRequest, LogsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type HiveService_LogsServer = grpc.ServerStreamingServer[LogsResponse]
+
 // HiveService_ServiceDesc is the grpc.ServiceDesc for HiveService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -162,6 +202,12 @@ var HiveService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _HiveService_Delete_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Logs",
+			Handler:       _HiveService_Logs_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "rbee/v1/hive_service.proto",
 }

@@ -215,7 +215,16 @@ func (x *SpawnWorkerResponse) GetWorker() *Worker {
 type ListWorkersRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Only workers of this hive; empty: all.
-	HiveId        string `protobuf:"bytes,1,opt,name=hive_id,json=hiveId,proto3" json:"hive_id,omitempty"`
+	HiveId string `protobuf:"bytes,1,opt,name=hive_id,json=hiveId,proto3" json:"hive_id,omitempty"`
+	// At most this many workers (AIP-158); 0: the default (1000); above the maximum (10000): the
+	// maximum.
+	PageSize int32 `protobuf:"varint,2,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// next_page_token of the previous call, to continue; the other fields must be the same.
+	PageToken string `protobuf:"bytes,3,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Only workers of this model; empty: all.
+	Model string `protobuf:"bytes,4,opt,name=model,proto3" json:"model,omitempty"`
+	// Only workers in this state; unspecified: all.
+	State         WorkerState `protobuf:"varint,5,opt,name=state,proto3,enum=rbee.v1.WorkerState" json:"state,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -257,9 +266,39 @@ func (x *ListWorkersRequest) GetHiveId() string {
 	return ""
 }
 
+func (x *ListWorkersRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListWorkersRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListWorkersRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+func (x *ListWorkersRequest) GetState() WorkerState {
+	if x != nil {
+		return x.State
+	}
+	return WorkerState_WORKER_STATE_UNSPECIFIED
+}
+
 type ListWorkersResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Workers       []*Worker              `protobuf:"bytes,1,rep,name=workers,proto3" json:"workers,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Workers []*Worker              `protobuf:"bytes,1,rep,name=workers,proto3" json:"workers,omitempty"`
+	// Pass as page_token for the next page; empty: this was the last.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -299,6 +338,13 @@ func (x *ListWorkersResponse) GetWorkers() []*Worker {
 		return x.Workers
 	}
 	return nil
+}
+
+func (x *ListWorkersResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
 }
 
 type GetWorkerRequest struct {
@@ -831,6 +877,111 @@ func (x *GetStatusResponse) GetRevision() uint64 {
 	return 0
 }
 
+type WorkerLogsRequest struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	WorkerId string                 `protobuf:"bytes,1,opt,name=worker_id,json=workerId,proto3" json:"worker_id,omitempty"`
+	Follow   bool                   `protobuf:"varint,2,opt,name=follow,proto3" json:"follow,omitempty"`
+	// 0: the hive's default (100).
+	TailLines     uint32 `protobuf:"varint,3,opt,name=tail_lines,json=tailLines,proto3" json:"tail_lines,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WorkerLogsRequest) Reset() {
+	*x = WorkerLogsRequest{}
+	mi := &file_rbee_v1_queen_service_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WorkerLogsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WorkerLogsRequest) ProtoMessage() {}
+
+func (x *WorkerLogsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_queen_service_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WorkerLogsRequest.ProtoReflect.Descriptor instead.
+func (*WorkerLogsRequest) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_queen_service_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *WorkerLogsRequest) GetWorkerId() string {
+	if x != nil {
+		return x.WorkerId
+	}
+	return ""
+}
+
+func (x *WorkerLogsRequest) GetFollow() bool {
+	if x != nil {
+		return x.Follow
+	}
+	return false
+}
+
+func (x *WorkerLogsRequest) GetTailLines() uint32 {
+	if x != nil {
+		return x.TailLines
+	}
+	return 0
+}
+
+type WorkerLogsResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WorkerLogsResponse) Reset() {
+	*x = WorkerLogsResponse{}
+	mi := &file_rbee_v1_queen_service_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WorkerLogsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WorkerLogsResponse) ProtoMessage() {}
+
+func (x *WorkerLogsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_queen_service_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WorkerLogsResponse.ProtoReflect.Descriptor instead.
+func (*WorkerLogsResponse) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_queen_service_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *WorkerLogsResponse) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
 var File_rbee_v1_queen_service_proto protoreflect.FileDescriptor
 
 const file_rbee_v1_queen_service_proto_rawDesc = "" +
@@ -844,11 +995,17 @@ const file_rbee_v1_queen_service_proto_rawDesc = "" +
 	"\n" +
 	"wait_ready\x18\x05 \x01(\bR\twaitReady\">\n" +
 	"\x13SpawnWorkerResponse\x12'\n" +
-	"\x06worker\x18\x01 \x01(\v2\x0f.rbee.v1.WorkerR\x06worker\"-\n" +
+	"\x06worker\x18\x01 \x01(\v2\x0f.rbee.v1.WorkerR\x06worker\"\xab\x01\n" +
 	"\x12ListWorkersRequest\x12\x17\n" +
-	"\ahive_id\x18\x01 \x01(\tR\x06hiveId\"@\n" +
+	"\ahive_id\x18\x01 \x01(\tR\x06hiveId\x12\x1b\n" +
+	"\tpage_size\x18\x02 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x03 \x01(\tR\tpageToken\x12\x14\n" +
+	"\x05model\x18\x04 \x01(\tR\x05model\x12*\n" +
+	"\x05state\x18\x05 \x01(\x0e2\x14.rbee.v1.WorkerStateR\x05state\"h\n" +
 	"\x13ListWorkersResponse\x12)\n" +
-	"\aworkers\x18\x01 \x03(\v2\x0f.rbee.v1.WorkerR\aworkers\"/\n" +
+	"\aworkers\x18\x01 \x03(\v2\x0f.rbee.v1.WorkerR\aworkers\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"/\n" +
 	"\x10GetWorkerRequest\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\"<\n" +
 	"\x11GetWorkerResponse\x12'\n" +
@@ -886,14 +1043,21 @@ const file_rbee_v1_queen_service_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a?\n" +
 	"\x11HivesByStateEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01*\xc3\x01\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"g\n" +
+	"\x11WorkerLogsRequest\x12\x1b\n" +
+	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x16\n" +
+	"\x06follow\x18\x02 \x01(\bR\x06follow\x12\x1d\n" +
+	"\n" +
+	"tail_lines\x18\x03 \x01(\rR\ttailLines\"(\n" +
+	"\x12WorkerLogsResponse\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data*\xc3\x01\n" +
 	"\x0eWatchEventType\x12 \n" +
 	"\x1cWATCH_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16WATCH_EVENT_TYPE_ADDED\x10\x01\x12\x1c\n" +
 	"\x18WATCH_EVENT_TYPE_UPDATED\x10\x02\x12\x1c\n" +
 	"\x18WATCH_EVENT_TYPE_REMOVED\x10\x03\x12\x1b\n" +
 	"\x17WATCH_EVENT_TYPE_SYNCED\x10\x04\x12\x1a\n" +
-	"\x16WATCH_EVENT_TYPE_RESET\x10\x052\x8a\x04\n" +
+	"\x16WATCH_EVENT_TYPE_RESET\x10\x052\xd3\x04\n" +
 	"\fQueenService\x12H\n" +
 	"\vSpawnWorker\x12\x1b.rbee.v1.SpawnWorkerRequest\x1a\x1c.rbee.v1.SpawnWorkerResponse\x12H\n" +
 	"\vListWorkers\x12\x1b.rbee.v1.ListWorkersRequest\x1a\x1c.rbee.v1.ListWorkersResponse\x12B\n" +
@@ -901,7 +1065,9 @@ const file_rbee_v1_queen_service_proto_rawDesc = "" +
 	"\fDeleteWorker\x12\x1c.rbee.v1.DeleteWorkerRequest\x1a\x1d.rbee.v1.DeleteWorkerResponse\x12M\n" +
 	"\fWatchWorkers\x12\x1c.rbee.v1.WatchWorkersRequest\x1a\x1d.rbee.v1.WatchWorkersResponse0\x01\x12B\n" +
 	"\tListHives\x12\x19.rbee.v1.ListHivesRequest\x1a\x1a.rbee.v1.ListHivesResponse\x12B\n" +
-	"\tGetStatus\x12\x19.rbee.v1.GetStatusRequest\x1a\x1a.rbee.v1.GetStatusResponseB\x8a\x01\n" +
+	"\tGetStatus\x12\x19.rbee.v1.GetStatusRequest\x1a\x1a.rbee.v1.GetStatusResponse\x12G\n" +
+	"\n" +
+	"WorkerLogs\x12\x1a.rbee.v1.WorkerLogsRequest\x1a\x1b.rbee.v1.WorkerLogsResponse0\x01B\x8a\x01\n" +
 	"\vcom.rbee.v1B\x11QueenServiceProtoP\x01Z+github.com/rbee-dev/rbee/gen/rbee/v1;rbeev1\xa2\x02\x03RXX\xaa\x02\aRbee.V1\xca\x02\aRbee\\V1\xe2\x02\x13Rbee\\V1\\GPBMetadata\xea\x02\bRbee::V1b\x06proto3"
 
 var (
@@ -917,7 +1083,7 @@ func file_rbee_v1_queen_service_proto_rawDescGZIP() []byte {
 }
 
 var file_rbee_v1_queen_service_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_rbee_v1_queen_service_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_rbee_v1_queen_service_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_rbee_v1_queen_service_proto_goTypes = []any{
 	(WatchEventType)(0),           // 0: rbee.v1.WatchEventType
 	(*SpawnWorkerRequest)(nil),    // 1: rbee.v1.SpawnWorkerRequest
@@ -934,46 +1100,52 @@ var file_rbee_v1_queen_service_proto_goTypes = []any{
 	(*ListHivesResponse)(nil),     // 12: rbee.v1.ListHivesResponse
 	(*GetStatusRequest)(nil),      // 13: rbee.v1.GetStatusRequest
 	(*GetStatusResponse)(nil),     // 14: rbee.v1.GetStatusResponse
-	nil,                           // 15: rbee.v1.GetStatusResponse.WorkersByStateEntry
-	nil,                           // 16: rbee.v1.GetStatusResponse.HivesByStateEntry
-	(*Worker)(nil),                // 17: rbee.v1.Worker
-	(*durationpb.Duration)(nil),   // 18: google.protobuf.Duration
-	(DeleteOutcome)(0),            // 19: rbee.v1.DeleteOutcome
-	(*Hive)(nil),                  // 20: rbee.v1.Hive
-	(*timestamppb.Timestamp)(nil), // 21: google.protobuf.Timestamp
+	(*WorkerLogsRequest)(nil),     // 15: rbee.v1.WorkerLogsRequest
+	(*WorkerLogsResponse)(nil),    // 16: rbee.v1.WorkerLogsResponse
+	nil,                           // 17: rbee.v1.GetStatusResponse.WorkersByStateEntry
+	nil,                           // 18: rbee.v1.GetStatusResponse.HivesByStateEntry
+	(*Worker)(nil),                // 19: rbee.v1.Worker
+	(WorkerState)(0),              // 20: rbee.v1.WorkerState
+	(*durationpb.Duration)(nil),   // 21: google.protobuf.Duration
+	(DeleteOutcome)(0),            // 22: rbee.v1.DeleteOutcome
+	(*Hive)(nil),                  // 23: rbee.v1.Hive
+	(*timestamppb.Timestamp)(nil), // 24: google.protobuf.Timestamp
 }
 var file_rbee_v1_queen_service_proto_depIdxs = []int32{
-	17, // 0: rbee.v1.SpawnWorkerResponse.worker:type_name -> rbee.v1.Worker
-	17, // 1: rbee.v1.ListWorkersResponse.workers:type_name -> rbee.v1.Worker
-	17, // 2: rbee.v1.GetWorkerResponse.worker:type_name -> rbee.v1.Worker
-	18, // 3: rbee.v1.DeleteWorkerRequest.grace_period:type_name -> google.protobuf.Duration
-	19, // 4: rbee.v1.DeleteWorkerResponse.outcome:type_name -> rbee.v1.DeleteOutcome
-	17, // 5: rbee.v1.DeleteWorkerResponse.worker:type_name -> rbee.v1.Worker
-	0,  // 6: rbee.v1.WatchWorkersResponse.type:type_name -> rbee.v1.WatchEventType
-	17, // 7: rbee.v1.WatchWorkersResponse.worker:type_name -> rbee.v1.Worker
-	20, // 8: rbee.v1.ListHivesResponse.hives:type_name -> rbee.v1.Hive
-	21, // 9: rbee.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
-	15, // 10: rbee.v1.GetStatusResponse.workers_by_state:type_name -> rbee.v1.GetStatusResponse.WorkersByStateEntry
-	16, // 11: rbee.v1.GetStatusResponse.hives_by_state:type_name -> rbee.v1.GetStatusResponse.HivesByStateEntry
-	1,  // 12: rbee.v1.QueenService.SpawnWorker:input_type -> rbee.v1.SpawnWorkerRequest
-	3,  // 13: rbee.v1.QueenService.ListWorkers:input_type -> rbee.v1.ListWorkersRequest
-	5,  // 14: rbee.v1.QueenService.GetWorker:input_type -> rbee.v1.GetWorkerRequest
-	7,  // 15: rbee.v1.QueenService.DeleteWorker:input_type -> rbee.v1.DeleteWorkerRequest
-	9,  // 16: rbee.v1.QueenService.WatchWorkers:input_type -> rbee.v1.WatchWorkersRequest
-	11, // 17: rbee.v1.QueenService.ListHives:input_type -> rbee.v1.ListHivesRequest
-	13, // 18: rbee.v1.QueenService.GetStatus:input_type -> rbee.v1.GetStatusRequest
-	2,  // 19: rbee.v1.QueenService.SpawnWorker:output_type -> rbee.v1.SpawnWorkerResponse
-	4,  // 20: rbee.v1.QueenService.ListWorkers:output_type -> rbee.v1.ListWorkersResponse
-	6,  // 21: rbee.v1.QueenService.GetWorker:output_type -> rbee.v1.GetWorkerResponse
-	8,  // 22: rbee.v1.QueenService.DeleteWorker:output_type -> rbee.v1.DeleteWorkerResponse
-	10, // 23: rbee.v1.QueenService.WatchWorkers:output_type -> rbee.v1.WatchWorkersResponse
-	12, // 24: rbee.v1.QueenService.ListHives:output_type -> rbee.v1.ListHivesResponse
-	14, // 25: rbee.v1.QueenService.GetStatus:output_type -> rbee.v1.GetStatusResponse
-	19, // [19:26] is the sub-list for method output_type
-	12, // [12:19] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	19, // 0: rbee.v1.SpawnWorkerResponse.worker:type_name -> rbee.v1.Worker
+	20, // 1: rbee.v1.ListWorkersRequest.state:type_name -> rbee.v1.WorkerState
+	19, // 2: rbee.v1.ListWorkersResponse.workers:type_name -> rbee.v1.Worker
+	19, // 3: rbee.v1.GetWorkerResponse.worker:type_name -> rbee.v1.Worker
+	21, // 4: rbee.v1.DeleteWorkerRequest.grace_period:type_name -> google.protobuf.Duration
+	22, // 5: rbee.v1.DeleteWorkerResponse.outcome:type_name -> rbee.v1.DeleteOutcome
+	19, // 6: rbee.v1.DeleteWorkerResponse.worker:type_name -> rbee.v1.Worker
+	0,  // 7: rbee.v1.WatchWorkersResponse.type:type_name -> rbee.v1.WatchEventType
+	19, // 8: rbee.v1.WatchWorkersResponse.worker:type_name -> rbee.v1.Worker
+	23, // 9: rbee.v1.ListHivesResponse.hives:type_name -> rbee.v1.Hive
+	24, // 10: rbee.v1.GetStatusResponse.start_time:type_name -> google.protobuf.Timestamp
+	17, // 11: rbee.v1.GetStatusResponse.workers_by_state:type_name -> rbee.v1.GetStatusResponse.WorkersByStateEntry
+	18, // 12: rbee.v1.GetStatusResponse.hives_by_state:type_name -> rbee.v1.GetStatusResponse.HivesByStateEntry
+	1,  // 13: rbee.v1.QueenService.SpawnWorker:input_type -> rbee.v1.SpawnWorkerRequest
+	3,  // 14: rbee.v1.QueenService.ListWorkers:input_type -> rbee.v1.ListWorkersRequest
+	5,  // 15: rbee.v1.QueenService.GetWorker:input_type -> rbee.v1.GetWorkerRequest
+	7,  // 16: rbee.v1.QueenService.DeleteWorker:input_type -> rbee.v1.DeleteWorkerRequest
+	9,  // 17: rbee.v1.QueenService.WatchWorkers:input_type -> rbee.v1.WatchWorkersRequest
+	11, // 18: rbee.v1.QueenService.ListHives:input_type -> rbee.v1.ListHivesRequest
+	13, // 19: rbee.v1.QueenService.GetStatus:input_type -> rbee.v1.GetStatusRequest
+	15, // 20: rbee.v1.QueenService.WorkerLogs:input_type -> rbee.v1.WorkerLogsRequest
+	2,  // 21: rbee.v1.QueenService.SpawnWorker:output_type -> rbee.v1.SpawnWorkerResponse
+	4,  // 22: rbee.v1.QueenService.ListWorkers:output_type -> rbee.v1.ListWorkersResponse
+	6,  // 23: rbee.v1.QueenService.GetWorker:output_type -> rbee.v1.GetWorkerResponse
+	8,  // 24: rbee.v1.QueenService.DeleteWorker:output_type -> rbee.v1.DeleteWorkerResponse
+	10, // 25: rbee.v1.QueenService.WatchWorkers:output_type -> rbee.v1.WatchWorkersResponse
+	12, // 26: rbee.v1.QueenService.ListHives:output_type -> rbee.v1.ListHivesResponse
+	14, // 27: rbee.v1.QueenService.GetStatus:output_type -> rbee.v1.GetStatusResponse
+	16, // 28: rbee.v1.QueenService.WorkerLogs:output_type -> rbee.v1.WorkerLogsResponse
+	21, // [21:29] is the sub-list for method output_type
+	13, // [13:21] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_rbee_v1_queen_service_proto_init() }
@@ -988,7 +1160,7 @@ func file_rbee_v1_queen_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rbee_v1_queen_service_proto_rawDesc), len(file_rbee_v1_queen_service_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	QueenService_WatchWorkers_FullMethodName = "/rbee.v1.QueenService/WatchWorkers"
 	QueenService_ListHives_FullMethodName    = "/rbee.v1.QueenService/ListHives"
 	QueenService_GetStatus_FullMethodName    = "/rbee.v1.QueenService/GetStatus"
+	QueenService_WorkerLogs_FullMethodName   = "/rbee.v1.QueenService/WorkerLogs"
 )
 
 // QueenServiceClient is the client API for QueenService service.
@@ -48,6 +49,8 @@ type QueenServiceClient interface {
 	ListHives(ctx context.Context, in *ListHivesRequest, opts ...grpc.CallOption) (*ListHivesResponse, error)
 	// GetStatus summarises the queen: its id, version and counts of workers and hives by state.
 	GetStatus(ctx context.Context, in *GetStatusRequest, opts ...grpc.CallOption) (*GetStatusResponse, error)
+	// WorkerLogs streams a worker's captured output from its hive (see HiveService.Logs).
+	WorkerLogs(ctx context.Context, in *WorkerLogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WorkerLogsResponse], error)
 }
 
 type queenServiceClient struct {
@@ -137,6 +140,25 @@ func (c *queenServiceClient) GetStatus(ctx context.Context, in *GetStatusRequest
 	return out, nil
 }
 
+func (c *queenServiceClient) WorkerLogs(ctx context.Context, in *WorkerLogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WorkerLogsResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &QueenService_ServiceDesc.Streams[1], QueenService_WorkerLogs_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WorkerLogsRequest, WorkerLogsResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type QueenService_WorkerLogsClient = grpc.ServerStreamingClient[WorkerLogsResponse]
+
 // QueenServiceServer is the server API for QueenService service.
 // All implementations must embed UnimplementedQueenServiceServer
 // for forward compatibility.
@@ -157,6 +179,8 @@ type QueenServiceServer interface {
 	ListHives(context.Context, *ListHivesRequest) (*ListHivesResponse, error)
 	// GetStatus summarises the queen: its id, version and counts of workers and hives by state.
 	GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error)
+	// WorkerLogs streams a worker's captured output from its hive (see HiveService.Logs).
+	WorkerLogs(*WorkerLogsRequest, grpc.ServerStreamingServer[WorkerLogsResponse]) error
 	mustEmbedUnimplementedQueenServiceServer()
 }
 
@@ -187,6 +211,9 @@ func (UnimplementedQueenServiceServer) ListHives(context.Context, *ListHivesRequ
 }
 func (UnimplementedQueenServiceServer) GetStatus(context.Context, *GetStatusRequest) (*GetStatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetStatus not implemented")
+}
+func (UnimplementedQueenServiceServer) WorkerLogs(*WorkerLogsRequest, grpc.ServerStreamingServer[WorkerLogsResponse]) error {
+	return status.Error(codes.Unimplemented, "method WorkerLogs not implemented")
 }
 func (UnimplementedQueenServiceServer) mustEmbedUnimplementedQueenServiceServer() {}
 func (UnimplementedQueenServiceServer) testEmbeddedByValue()                      {}
@@ -328,6 +355,17 @@ func _QueenService_GetStatus_Handler(srv interface{}, ctx context.Context, dec f
 	return interceptor(ctx, in, info, handler)
 }
 
+func _QueenService_WorkerLogs_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WorkerLogsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(QueenServiceServer).WorkerLogs(m, &grpc.GenericServerStream[WorkerLogsRequest, WorkerLogsResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type QueenService_WorkerLogsServer = grpc.ServerStreamingServer[WorkerLogsResponse]
+
 // QueenService_ServiceDesc is the grpc.ServiceDesc for QueenService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -364,6 +402,11 @@ var QueenService_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "WatchWorkers",
 			Handler:       _QueenService_WatchWorkers_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "WorkerLogs",
+			Handler:       _QueenService_WorkerLogs_Handler,
 			ServerStreams: true,
 		},
 	},

@@ -9,6 +9,7 @@ package rbeev1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -37,6 +38,9 @@ const (
 	WorkerState_WORKER_STATE_STOPPING WorkerState = 4
 	// No heartbeat for too long, or its stream broke without STOPPING; it may only be partitioned.
 	WorkerState_WORKER_STATE_STALE WorkerState = 5
+	// Was serving, but its health check now fails: no new requests are routed to it; stopped if it
+	// stays unhealthy past its model's bound. status_message says why.
+	WorkerState_WORKER_STATE_UNHEALTHY WorkerState = 6
 )
 
 // Enum value maps for WorkerState.
@@ -48,6 +52,7 @@ var (
 		3: "WORKER_STATE_BUSY",
 		4: "WORKER_STATE_STOPPING",
 		5: "WORKER_STATE_STALE",
+		6: "WORKER_STATE_UNHEALTHY",
 	}
 	WorkerState_value = map[string]int32{
 		"WORKER_STATE_UNSPECIFIED": 0,
@@ -56,6 +61,7 @@ var (
 		"WORKER_STATE_BUSY":        3,
 		"WORKER_STATE_STOPPING":    4,
 		"WORKER_STATE_STALE":       5,
+		"WORKER_STATE_UNHEALTHY":   6,
 	}
 )
 
@@ -209,7 +215,17 @@ type Worker struct {
 	ProcessStartTime  uint64                 `protobuf:"varint,8,opt,name=process_start_time,json=processStartTime,proto3" json:"process_start_time,omitempty"`
 	LastHeartbeatTime *timestamppb.Timestamp `protobuf:"bytes,9,opt,name=last_heartbeat_time,json=lastHeartbeatTime,proto3" json:"last_heartbeat_time,omitempty"`
 	// When the queen first learned of the worker (spawn or first heartbeat).
-	CreateTime    *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	CreateTime *timestamppb.Timestamp `protobuf:"bytes,10,opt,name=create_time,json=createTime,proto3" json:"create_time,omitempty"`
+	// The host (name or IP) other machines reach the worker's port at; empty: the worker's hive's
+	// host as the queen knows it.
+	Address string `protobuf:"bytes,11,opt,name=address,proto3" json:"address,omitempty"`
+	// Requests the queen's router has in flight on this worker (set by the queen, not the worker).
+	InFlight uint32 `protobuf:"varint,12,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	// Requests the worker serves at once, from its model's catalog entry; 0: not limited by rbee.
+	Concurrency uint32 `protobuf:"varint,13,opt,name=concurrency,proto3" json:"concurrency,omitempty"`
+	// Why the worker is in its state when that needs saying, e.g. "health check: 503 Service
+	// Unavailable" for UNHEALTHY.
+	StatusMessage string `protobuf:"bytes,14,opt,name=status_message,json=statusMessage,proto3" json:"status_message,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -314,6 +330,34 @@ func (x *Worker) GetCreateTime() *timestamppb.Timestamp {
 	return nil
 }
 
+func (x *Worker) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Worker) GetInFlight() uint32 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+func (x *Worker) GetConcurrency() uint32 {
+	if x != nil {
+		return x.Concurrency
+	}
+	return 0
+}
+
+func (x *Worker) GetStatusMessage() string {
+	if x != nil {
+		return x.StatusMessage
+	}
+	return ""
+}
+
 // Hive describes one hive: where the queen reaches it and what it offers.
 type Hive struct {
 	state  protoimpl.MessageState `protogen:"open.v1"`
@@ -328,7 +372,12 @@ type Hive struct {
 	Devices           []string               `protobuf:"bytes,8,rep,name=devices,proto3" json:"devices,omitempty"`
 	FreePorts         uint32                 `protobuf:"varint,9,opt,name=free_ports,json=freePorts,proto3" json:"free_ports,omitempty"`
 	// True for hives given to the queen with --hive rather than registered by heartbeat.
-	Static        bool `protobuf:"varint,10,opt,name=static,proto3" json:"static,omitempty"`
+	Static bool `protobuf:"varint,10,opt,name=static,proto3" json:"static,omitempty"`
+	// The hive's model catalog (hive --models): the models it can serve. Empty: the hive serves any
+	// model with its --worker-binary.
+	Models []*ModelOffer `protobuf:"bytes,11,rep,name=models,proto3" json:"models,omitempty"`
+	// The devices the hive has, with what is known of them (devices above lists their names).
+	DeviceInfo    []*Device `protobuf:"bytes,12,rep,name=device_info,json=deviceInfo,proto3" json:"device_info,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -433,6 +482,182 @@ func (x *Hive) GetStatic() bool {
 	return false
 }
 
+func (x *Hive) GetModels() []*ModelOffer {
+	if x != nil {
+		return x.Models
+	}
+	return nil
+}
+
+func (x *Hive) GetDeviceInfo() []*Device {
+	if x != nil {
+		return x.DeviceInfo
+	}
+	return nil
+}
+
+// ModelOffer is one model of a hive's catalog, as the queen needs it for placement and routing.
+type ModelOffer struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The model name clients and SpawnWorker use.
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// Devices it may run on; empty: any device the hive has.
+	Devices []string `protobuf:"bytes,2,rep,name=devices,proto3" json:"devices,omitempty"`
+	// Requests one worker serves at once; 0: not limited.
+	Concurrency uint32 `protobuf:"varint,3,opt,name=concurrency,proto3" json:"concurrency,omitempty"`
+	// How long loading may take before the worker is stopped.
+	LoadTimeout *durationpb.Duration `protobuf:"bytes,4,opt,name=load_timeout,json=loadTimeout,proto3" json:"load_timeout,omitempty"`
+	// Idle this long: stopped; unset or 0: never.
+	Ttl *durationpb.Duration `protobuf:"bytes,5,opt,name=ttl,proto3" json:"ttl,omitempty"`
+	// Delete's default grace period for this model.
+	Grace         *durationpb.Duration `protobuf:"bytes,6,opt,name=grace,proto3" json:"grace,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ModelOffer) Reset() {
+	*x = ModelOffer{}
+	mi := &file_rbee_v1_worker_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ModelOffer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ModelOffer) ProtoMessage() {}
+
+func (x *ModelOffer) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_worker_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ModelOffer.ProtoReflect.Descriptor instead.
+func (*ModelOffer) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_worker_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *ModelOffer) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *ModelOffer) GetDevices() []string {
+	if x != nil {
+		return x.Devices
+	}
+	return nil
+}
+
+func (x *ModelOffer) GetConcurrency() uint32 {
+	if x != nil {
+		return x.Concurrency
+	}
+	return 0
+}
+
+func (x *ModelOffer) GetLoadTimeout() *durationpb.Duration {
+	if x != nil {
+		return x.LoadTimeout
+	}
+	return nil
+}
+
+func (x *ModelOffer) GetTtl() *durationpb.Duration {
+	if x != nil {
+		return x.Ttl
+	}
+	return nil
+}
+
+func (x *ModelOffer) GetGrace() *durationpb.Duration {
+	if x != nil {
+		return x.Grace
+	}
+	return nil
+}
+
+// Device is one accelerator (or the CPU) of a hive.
+type Device struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "cpu", "cuda:0", "rocm:1", ...
+	Name string `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// What the device is, e.g. "NVIDIA A100-SXM4-80GB".
+	Description      string `protobuf:"bytes,2,opt,name=description,proto3" json:"description,omitempty"`
+	MemoryTotalBytes uint64 `protobuf:"varint,3,opt,name=memory_total_bytes,json=memoryTotalBytes,proto3" json:"memory_total_bytes,omitempty"`
+	MemoryUsedBytes  uint64 `protobuf:"varint,4,opt,name=memory_used_bytes,json=memoryUsedBytes,proto3" json:"memory_used_bytes,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
+}
+
+func (x *Device) Reset() {
+	*x = Device{}
+	mi := &file_rbee_v1_worker_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Device) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Device) ProtoMessage() {}
+
+func (x *Device) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_worker_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Device.ProtoReflect.Descriptor instead.
+func (*Device) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_worker_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *Device) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Device) GetDescription() string {
+	if x != nil {
+		return x.Description
+	}
+	return ""
+}
+
+func (x *Device) GetMemoryTotalBytes() uint64 {
+	if x != nil {
+		return x.MemoryTotalBytes
+	}
+	return 0
+}
+
+func (x *Device) GetMemoryUsedBytes() uint64 {
+	if x != nil {
+		return x.MemoryUsedBytes
+	}
+	return 0
+}
+
 // WorkerExit reports that a worker process the hive started has exited without being deleted.
 type WorkerExit struct {
 	state            protoimpl.MessageState `protogen:"open.v1"`
@@ -452,7 +677,7 @@ type WorkerExit struct {
 
 func (x *WorkerExit) Reset() {
 	*x = WorkerExit{}
-	mi := &file_rbee_v1_worker_proto_msgTypes[2]
+	mi := &file_rbee_v1_worker_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +689,7 @@ func (x *WorkerExit) String() string {
 func (*WorkerExit) ProtoMessage() {}
 
 func (x *WorkerExit) ProtoReflect() protoreflect.Message {
-	mi := &file_rbee_v1_worker_proto_msgTypes[2]
+	mi := &file_rbee_v1_worker_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +702,7 @@ func (x *WorkerExit) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WorkerExit.ProtoReflect.Descriptor instead.
 func (*WorkerExit) Descriptor() ([]byte, []int) {
-	return file_rbee_v1_worker_proto_rawDescGZIP(), []int{2}
+	return file_rbee_v1_worker_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *WorkerExit) GetWorkerId() string {
@@ -533,7 +758,7 @@ var File_rbee_v1_worker_proto protoreflect.FileDescriptor
 
 const file_rbee_v1_worker_proto_rawDesc = "" +
 	"\n" +
-	"\x14rbee/v1/worker.proto\x12\arbee.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x02\n" +
+	"\x14rbee/v1/worker.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf5\x03\n" +
 	"\x06Worker\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x17\n" +
 	"\ahive_id\x18\x02 \x01(\tR\x06hiveId\x12\x14\n" +
@@ -546,7 +771,11 @@ const file_rbee_v1_worker_proto_rawDesc = "" +
 	"\x13last_heartbeat_time\x18\t \x01(\v2\x1a.google.protobuf.TimestampR\x11lastHeartbeatTime\x12;\n" +
 	"\vcreate_time\x18\n" +
 	" \x01(\v2\x1a.google.protobuf.TimestampR\n" +
-	"createTime\"\xcd\x02\n" +
+	"createTime\x12\x18\n" +
+	"\aaddress\x18\v \x01(\tR\aaddress\x12\x1b\n" +
+	"\tin_flight\x18\f \x01(\rR\binFlight\x12 \n" +
+	"\vconcurrency\x18\r \x01(\rR\vconcurrency\x12%\n" +
+	"\x0estatus_message\x18\x0e \x01(\tR\rstatusMessage\"\xac\x03\n" +
 	"\x04Hive\x12\x17\n" +
 	"\ahive_id\x18\x01 \x01(\tR\x06hiveId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12(\n" +
@@ -559,7 +788,23 @@ const file_rbee_v1_worker_proto_rawDesc = "" +
 	"\n" +
 	"free_ports\x18\t \x01(\rR\tfreePorts\x12\x16\n" +
 	"\x06static\x18\n" +
-	" \x01(\bR\x06static\"\xf2\x01\n" +
+	" \x01(\bR\x06static\x12+\n" +
+	"\x06models\x18\v \x03(\v2\x13.rbee.v1.ModelOfferR\x06models\x120\n" +
+	"\vdevice_info\x18\f \x03(\v2\x0f.rbee.v1.DeviceR\n" +
+	"deviceInfo\"\xf8\x01\n" +
+	"\n" +
+	"ModelOffer\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\adevices\x18\x02 \x03(\tR\adevices\x12 \n" +
+	"\vconcurrency\x18\x03 \x01(\rR\vconcurrency\x12<\n" +
+	"\fload_timeout\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vloadTimeout\x12+\n" +
+	"\x03ttl\x18\x05 \x01(\v2\x19.google.protobuf.DurationR\x03ttl\x12/\n" +
+	"\x05grace\x18\x06 \x01(\v2\x19.google.protobuf.DurationR\x05grace\"\x98\x01\n" +
+	"\x06Device\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12 \n" +
+	"\vdescription\x18\x02 \x01(\tR\vdescription\x12,\n" +
+	"\x12memory_total_bytes\x18\x03 \x01(\x04R\x10memoryTotalBytes\x12*\n" +
+	"\x11memory_used_bytes\x18\x04 \x01(\x04R\x0fmemoryUsedBytes\"\xf2\x01\n" +
 	"\n" +
 	"WorkerExit\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x10\n" +
@@ -568,14 +813,15 @@ const file_rbee_v1_worker_proto_rawDesc = "" +
 	"\texit_code\x18\x04 \x01(\x05R\bexitCode\x12\x16\n" +
 	"\x06signal\x18\x05 \x01(\tR\x06signal\x12\x19\n" +
 	"\blog_tail\x18\x06 \x01(\tR\alogTail\x127\n" +
-	"\texit_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\bexitTime*\xa8\x01\n" +
+	"\texit_time\x18\a \x01(\v2\x1a.google.protobuf.TimestampR\bexitTime*\xc4\x01\n" +
 	"\vWorkerState\x12\x1c\n" +
 	"\x18WORKER_STATE_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15WORKER_STATE_STARTING\x10\x01\x12\x16\n" +
 	"\x12WORKER_STATE_READY\x10\x02\x12\x15\n" +
 	"\x11WORKER_STATE_BUSY\x10\x03\x12\x19\n" +
 	"\x15WORKER_STATE_STOPPING\x10\x04\x12\x16\n" +
-	"\x12WORKER_STATE_STALE\x10\x05*\x88\x01\n" +
+	"\x12WORKER_STATE_STALE\x10\x05\x12\x1a\n" +
+	"\x16WORKER_STATE_UNHEALTHY\x10\x06*\x88\x01\n" +
 	"\rDeleteOutcome\x12\x1e\n" +
 	"\x1aDELETE_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n" +
 	"\x15DELETE_OUTCOME_EXITED\x10\x01\x12\x19\n" +
@@ -600,28 +846,36 @@ func file_rbee_v1_worker_proto_rawDescGZIP() []byte {
 }
 
 var file_rbee_v1_worker_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_rbee_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 3)
+var file_rbee_v1_worker_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_rbee_v1_worker_proto_goTypes = []any{
 	(WorkerState)(0),              // 0: rbee.v1.WorkerState
 	(DeleteOutcome)(0),            // 1: rbee.v1.DeleteOutcome
 	(HiveState)(0),                // 2: rbee.v1.HiveState
 	(*Worker)(nil),                // 3: rbee.v1.Worker
 	(*Hive)(nil),                  // 4: rbee.v1.Hive
-	(*WorkerExit)(nil),            // 5: rbee.v1.WorkerExit
-	(*timestamppb.Timestamp)(nil), // 6: google.protobuf.Timestamp
+	(*ModelOffer)(nil),            // 5: rbee.v1.ModelOffer
+	(*Device)(nil),                // 6: rbee.v1.Device
+	(*WorkerExit)(nil),            // 7: rbee.v1.WorkerExit
+	(*timestamppb.Timestamp)(nil), // 8: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),   // 9: google.protobuf.Duration
 }
 var file_rbee_v1_worker_proto_depIdxs = []int32{
-	0, // 0: rbee.v1.Worker.state:type_name -> rbee.v1.WorkerState
-	6, // 1: rbee.v1.Worker.last_heartbeat_time:type_name -> google.protobuf.Timestamp
-	6, // 2: rbee.v1.Worker.create_time:type_name -> google.protobuf.Timestamp
-	2, // 3: rbee.v1.Hive.state:type_name -> rbee.v1.HiveState
-	6, // 4: rbee.v1.Hive.last_heartbeat_time:type_name -> google.protobuf.Timestamp
-	6, // 5: rbee.v1.WorkerExit.exit_time:type_name -> google.protobuf.Timestamp
-	6, // [6:6] is the sub-list for method output_type
-	6, // [6:6] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	0,  // 0: rbee.v1.Worker.state:type_name -> rbee.v1.WorkerState
+	8,  // 1: rbee.v1.Worker.last_heartbeat_time:type_name -> google.protobuf.Timestamp
+	8,  // 2: rbee.v1.Worker.create_time:type_name -> google.protobuf.Timestamp
+	2,  // 3: rbee.v1.Hive.state:type_name -> rbee.v1.HiveState
+	8,  // 4: rbee.v1.Hive.last_heartbeat_time:type_name -> google.protobuf.Timestamp
+	5,  // 5: rbee.v1.Hive.models:type_name -> rbee.v1.ModelOffer
+	6,  // 6: rbee.v1.Hive.device_info:type_name -> rbee.v1.Device
+	9,  // 7: rbee.v1.ModelOffer.load_timeout:type_name -> google.protobuf.Duration
+	9,  // 8: rbee.v1.ModelOffer.ttl:type_name -> google.protobuf.Duration
+	9,  // 9: rbee.v1.ModelOffer.grace:type_name -> google.protobuf.Duration
+	8,  // 10: rbee.v1.WorkerExit.exit_time:type_name -> google.protobuf.Timestamp
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_rbee_v1_worker_proto_init() }
@@ -635,7 +889,7 @@ func file_rbee_v1_worker_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rbee_v1_worker_proto_rawDesc), len(file_rbee_v1_worker_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   3,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
