@@ -25,6 +25,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/metrics"
 	"github.com/rbee-dev/rbee/internal/rpcserver"
 	"github.com/rbee-dev/rbee/internal/validate"
+	"github.com/rbee-dev/rbee/queen/fleet"
 	"github.com/rbee-dev/rbee/queen/registry"
 	"github.com/rbee-dev/rbee/queen/server"
 )
@@ -154,17 +155,17 @@ func serve(o options, log *zap.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	hives := server.NewHivePool(o.creds.Dial...)
+	hives := fleet.NewHivePool(o.creds.Dial...)
 	defer hives.Close()
-	var q *server.Queen
+	var fl *fleet.Fleet
 	reg := registry.New(registry.Config{
 		Interval: o.interval, StaleAfter: o.staleAfter, ExpireAfter: o.expireAfter, StartTimeout: o.startTimeout,
 		WatchBuffer: o.watchBuffer,
 		// STALE may be declared up to a tenth of an interval late; in exchange the clock wakes
 		// at most ten times an interval instead of once per worker.
 		ClockSlack: min(o.interval/10, 100*time.Millisecond),
-		// Runs on the registry's clock after q is set (Run starts below).
-		OnStartTimeout: func(w registry.Worker) { go q.StartTimedOut(w) },
+		// Runs on the registry's clock after fl is set (Run starts below).
+		OnStartTimeout: func(w registry.Worker) { go fl.StartTimedOut(w) },
 	})
 	for _, h := range o.hives {
 		if err := reg.AddStaticHive(h.id, h.address); err != nil {
@@ -184,9 +185,13 @@ func serve(o options, log *zap.Logger) error {
 		return err
 	}
 	queenID := server.NewQueenID()
-	q = server.New(server.Config{
-		Registerer: ms.Registry, Registry: reg, Hives: hives, Token: o.creds.Token, QueenID: queenID, Interval: o.interval, Advertise: o.advertise,
-		StartTimeout: o.startTimeout, MaxBeatsPerSecond: o.maxBeats, Logger: log,
+	fl = fleet.New(fleet.Config{
+		Registry: reg, Hives: hives, Advertise: o.advertise, StartTimeout: o.startTimeout, Token: o.creds.Token,
+		Registerer: ms.Registry, Logger: log,
+	})
+	q := server.New(server.Config{
+		Registerer: ms.Registry, Registry: reg, Fleet: fl, Token: o.creds.Token, QueenID: queenID, Interval: o.interval,
+		MaxBeatsPerSecond: o.maxBeats, Logger: log,
 	})
 	// Heartbeat streams end at their next beat once draining starts, so the graceful stop needs
 	// a little more than one interval.

@@ -2,7 +2,6 @@ package server
 
 import (
 	"strings"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -13,39 +12,19 @@ import (
 type metrics struct {
 	beats                  *prometheus.CounterVec
 	workerBeats, hiveBeats prometheus.Counter // resolved once: the heartbeat path is hot
-	spawnToReady           *prometheus.HistogramVec
-	deletes                *prometheus.HistogramVec
 }
-
-var durationBuckets = []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300}
 
 func newMetrics(reg prometheus.Registerer, r *registry.Registry) *metrics {
 	m := &metrics{
 		beats: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "rbee_queen_heartbeats_received_total", Help: "Heartbeats applied to the registry, by sender (worker, hive).",
 		}, []string{"kind"}),
-		spawnToReady: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "rbee_queen_spawn_to_ready_seconds", Help: "Time from SpawnWorker to READY (or to failure), by outcome (ready, returned, timeout, exited, error).",
-			Buckets: durationBuckets,
-		}, []string{"outcome"}),
-		deletes: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name: "rbee_queen_delete_duration_seconds", Help: "DeleteWorker duration, by outcome (exited, killed, already_exited, error).",
-			Buckets: durationBuckets,
-		}, []string{"outcome"}),
 	}
 	m.workerBeats, m.hiveBeats = m.beats.WithLabelValues("worker"), m.beats.WithLabelValues("hive")
 	if reg != nil {
-		reg.MustRegister(m.beats, m.spawnToReady, m.deletes, &registryCollector{r: r})
+		reg.MustRegister(m.beats, &registryCollector{r: r})
 	}
 	return m
-}
-
-func (m *metrics) spawned(outcome string, since time.Time) {
-	m.spawnToReady.WithLabelValues(outcome).Observe(time.Since(since).Seconds())
-}
-
-func (m *metrics) deleted(outcome string, since time.Time) {
-	m.deletes.WithLabelValues(outcome).Observe(time.Since(since).Seconds())
 }
 
 // registryCollector reads worker and hive counts from the registry at scrape time, so the gauges

@@ -19,6 +19,7 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/rpcserver"
+	"github.com/rbee-dev/rbee/queen/fleet"
 	"github.com/rbee-dev/rbee/queen/registry"
 )
 
@@ -51,6 +52,10 @@ func (f *fakeHive) Delete(_ context.Context, in *rbeev1.DeleteRequest, _ ...grpc
 	return &rbeev1.DeleteResponse{Outcome: rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED}, nil
 }
 
+func (f *fakeHive) Logs(context.Context, *rbeev1.LogsRequest, ...grpc.CallOption) (grpc.ServerStreamingClient[rbeev1.LogsResponse], error) {
+	return nil, status.Error(codes.Unimplemented, "fake hive keeps no logs")
+}
+
 func (f *fakeHive) deleted() []*rbeev1.DeleteRequest {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -68,6 +73,12 @@ type env struct {
 // newEnv runs a queen over bufconn with a registry (clock running) and one static hive "h1".
 func newEnv(t *testing.T, cfg Config) *env {
 	t.Helper()
+	return newEnvStart(t, cfg, 10*time.Second)
+}
+
+// newEnvStart is newEnv with wait_ready bounded by startTimeout.
+func newEnvStart(t *testing.T, cfg Config, startTimeout time.Duration) *env {
+	t.Helper()
 	reg := registry.New(registry.Config{Interval: time.Second, StartTimeout: time.Minute})
 	if err := reg.AddStaticHive("h1", "127.0.0.1:1"); err != nil {
 		t.Fatal(err)
@@ -76,12 +87,10 @@ func newEnv(t *testing.T, cfg Config) *env {
 	regDone := make(chan struct{})
 	go func() { defer close(regDone); reg.Run(ctx) }()
 	fh := &fakeHive{}
-	cfg.Registry, cfg.Hives, cfg.QueenID = reg, fh, "queen-test"
+	cfg.Registry, cfg.QueenID = reg, "queen-test"
+	cfg.Fleet = fleet.New(fleet.Config{Registry: reg, Hives: fh, StartTimeout: startTimeout})
 	if cfg.Interval == 0 {
 		cfg.Interval = time.Second
-	}
-	if cfg.StartTimeout == 0 {
-		cfg.StartTimeout = 10 * time.Second
 	}
 	q := New(cfg)
 	srv := rpcserver.New(rpcserver.Options{Logger: zap.NewNop(), ShutdownTimeout: time.Second})
@@ -216,7 +225,7 @@ func TestHeartbeatFloodIsCut(t *testing.T) {
 }
 
 func TestWaitReadyTimeoutRemovesTheWorker(t *testing.T) {
-	e := newEnv(t, Config{StartTimeout: 200 * time.Millisecond})
+	e := newEnvStart(t, Config{}, 200*time.Millisecond)
 	_, err := e.queen.SpawnWorker(t.Context(), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: "slow", WaitReady: true})
 	if status.Code(err) != codes.DeadlineExceeded {
 		t.Fatalf("got %v, want DEADLINE_EXCEEDED", err)

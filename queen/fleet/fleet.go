@@ -1,0 +1,278 @@
+// Package fleet is the queen's fleet operations: starting a worker (check the request, pick a
+// hive, reserve the id, ask the hive, wait for READY, clean up what is not kept) and stopping one
+// through its hive with its proven PID. The gRPC edge (queen/server) and the inference router call
+// the same operations; each maps the fleet's error kinds to its own answers.
+package fleet
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"google.golang.org/protobuf/types/known/durationpb"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/auth"
+	"github.com/rbee-dev/rbee/internal/narrate"
+	"github.com/rbee-dev/rbee/internal/validate"
+	"github.com/rbee-dev/rbee/queen/registry"
+)
+
+// Config configures the fleet operations.
+type Config struct {
+	Registry *registry.Registry
+	Hives    HiveDialer
+	// Advertise is the address workers should report to, passed to hives on Spawn; "" lets each
+	// hive use its own --queen.
+	Advertise string
+	// StartTimeout bounds a spawn's wait for READY when the spec gives no bound of its own.
+	StartTimeout time.Duration
+	// Token is the cluster token; workers' own tokens are derived from it. "" runs without.
+	Token string
+	// Registerer receives the fleet's metrics; nil keeps them unexported.
+	Registerer prometheus.Registerer
+	Logger     *zap.Logger
+}
+
+// Fleet runs spawn and delete against the hives, keeping the registry in step.
+type Fleet struct {
+	cfg     Config
+	reg     *registry.Registry
+	metrics *metrics
+}
+
+// New returns the fleet operations over cfg.Registry and cfg.Hives.
+func New(cfg Config) *Fleet {
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	return &Fleet{cfg: cfg, reg: cfg.Registry, metrics: newMetrics(cfg.Registerer)}
+}
+
+// hiveSpawnTimeout bounds a hive's Spawn, which only forks and execs.
+const hiveSpawnTimeout = 30 * time.Second
+
+// hiveDeleteSlack is how much longer than the grace period the queen waits for a hive's Delete.
+const hiveDeleteSlack = 15 * time.Second
+
+// SpawnSpec is what a caller asks of a spawn; empty fields take their defaults.
+type SpawnSpec struct {
+	HiveID   string // "": the queen picks a hive
+	Model    string // required
+	Device   string // "": cpu
+	WorkerID string // "": the queen makes one
+	// WaitReady returns only once the worker is READY (or BUSY); if it is not within
+	// ReadyTimeout (0: the fleet's StartTimeout) it is stopped and removed.
+	WaitReady    bool
+	ReadyTimeout time.Duration
+}
+
+// Spawn starts a worker and returns it as the registry knows it: STARTING, or READY with
+// WaitReady. On any failure nothing is left behind: no registry entry, no process.
+func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, error) {
+	t0 := time.Now()
+	if err := validate.Model("model", spec.Model); err != nil {
+		return registry.Worker{}, &Error{Kind: KindInvalid, Msg: err.Error(), Err: err}
+	}
+	device, err := validate.DeviceOrCPU("device", spec.Device)
+	if err != nil {
+		return registry.Worker{}, &Error{Kind: KindInvalid, Msg: err.Error(), Err: err}
+	}
+	id := spec.WorkerID
+	if id == "" {
+		id = newWorkerID()
+	} else if err := validate.ID("worker_id", id); err != nil {
+		return registry.Worker{}, &Error{Kind: KindInvalid, Msg: err.Error(), Err: err}
+	}
+	hive, err := f.pickHive(spec)
+	if err != nil {
+		return registry.Worker{}, err
+	}
+	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", id), zap.String("hive_id", hive.ID)))
+	narrate.Event(ctx, "queen", "worker_spawn_start", fmt.Sprintf("Spawning worker %s for model %q on %s, hive %s", id, spec.Model, device, hive.ID),
+		zap.String("model", spec.Model), zap.String("device", device))
+
+	if err := f.reg.Reserve(registry.Worker{ID: id, HiveID: hive.ID, Model: spec.Model, Device: device}); err != nil {
+		if errors.Is(err, registry.ErrExists) {
+			return registry.Worker{}, errorf(KindExists, "worker %q already exists", id)
+		}
+		return registry.Worker{}, &Error{Kind: KindInternal, Msg: fmt.Sprintf("reserving worker %q: %v", id, err), Err: err}
+	}
+	hc, err := f.cfg.Hives.Hive(hive.Address)
+	if err != nil {
+		f.reg.Remove(id, err)
+		return registry.Worker{}, &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s: %v", hive.ID, hive.Address, err), Err: err}
+	}
+	// The hive call is not cut short when the caller goes away: a spawn either returns a
+	// registered worker or leaves nothing behind, never a process the queen half knows.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hiveSpawnTimeout)
+	defer cancel()
+	sreq := &rbeev1.SpawnRequest{WorkerId: id, Model: spec.Model, Device: device, QueenAddress: f.cfg.Advertise}
+	if f.cfg.Token != "" {
+		sreq.WorkerToken = auth.WorkerToken(f.cfg.Token, id)
+	}
+	resp, err := hc.Spawn(sctx, sreq)
+	if err != nil {
+		f.metrics.spawned("error", t0)
+		f.reg.Remove(id, err)
+		narrate.Warn(ctx, "queen", "worker_spawn_failed", "Hive could not spawn the worker", zap.Error(err))
+		return registry.Worker{}, hiveError(hive.ID, hive.Address, "spawn", err)
+	}
+	w, err := f.reg.Started(id, resp.GetPid(), resp.GetPort(), resp.GetProcessStartTime())
+	if err != nil {
+		// Removed while the hive was starting it (deleted, or reported dead): do not leave the
+		// process behind.
+		f.cleanup(ctx, hive, id, resp.GetPid(), resp.GetProcessStartTime())
+		f.metrics.spawned("error", t0)
+		return registry.Worker{}, &Error{Kind: KindAborted, Msg: fmt.Sprintf("worker %s went away while it was being spawned: %v", id, err), Err: err}
+	}
+	narrate.Event(ctx, "queen", "worker_spawned", fmt.Sprintf("Worker %s spawned on hive %s (PID %d, port %d)", id, hive.ID, w.PID, w.Port),
+		zap.Int32("pid", w.PID), zap.Uint32("port", w.Port))
+	if !spec.WaitReady {
+		f.metrics.spawned("returned", t0)
+		return w, nil
+	}
+
+	timeout := spec.ReadyTimeout
+	if timeout <= 0 {
+		timeout = f.cfg.StartTimeout
+	}
+	wctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	w, err = f.reg.Await(wctx, id, func(w registry.Worker) bool {
+		return w.State == registry.StateReady || w.State == registry.StateBusy
+	})
+	if err == nil {
+		f.metrics.spawned("ready", t0)
+		narrate.Event(ctx, "queen", "worker_ready", fmt.Sprintf("Worker %s is READY", id))
+		return w, nil
+	}
+	if errors.Is(err, registry.ErrNotFound) {
+		f.metrics.spawned("exited", t0)
+		narrate.Warn(ctx, "queen", "worker_spawn_failed", "Worker went away before it was READY", zap.Error(err))
+		return registry.Worker{}, &Error{Kind: KindAborted, Msg: fmt.Sprintf("worker %s did not become READY: %v", id, err), Err: err}
+	}
+	// Not ready in time (or the caller gave up): remove the half-started worker so nothing leaks.
+	f.reg.Remove(id, err)
+	f.cleanup(ctx, hive, id, w.PID, w.ProcessStartTime)
+	if errors.Is(ctx.Err(), context.Canceled) {
+		f.metrics.spawned("canceled", t0)
+		narrate.Warn(ctx, "queen", "worker_spawn_canceled", "Caller gave up before the worker was READY; removed it")
+		return registry.Worker{}, errorf(KindCanceled, "spawn of worker %s cancelled by the caller; it was stopped and removed", id)
+	}
+	f.metrics.spawned("timeout", t0)
+	narrate.Warn(ctx, "queen", "worker_spawn_timeout", "Worker not READY in time; removed it", zap.Duration("start_timeout", timeout))
+	return registry.Worker{}, errorf(KindDeadline, "worker %s was not READY within %v; it was stopped and removed", id, timeout)
+}
+
+// pickHive is the spec's hive, or the least-loaded live one.
+func (f *Fleet) pickHive(spec SpawnSpec) (registry.Hive, error) {
+	if hid := spec.HiveID; hid != "" {
+		if err := validate.ID("hive_id", hid); err != nil {
+			return registry.Hive{}, &Error{Kind: KindInvalid, Msg: err.Error(), Err: err}
+		}
+		h, ok := f.reg.GetHive(hid)
+		if !ok {
+			return registry.Hive{}, errorf(KindNotFound, "hive %q is not known to this queen (see ListHives)", hid)
+		}
+		return h, nil
+	}
+	h, err := f.reg.PickHive()
+	if err != nil {
+		return registry.Hive{}, &Error{Kind: KindUnavailable, Msg: "no live hive to spawn on: start a hive, or give the queen --hive ID=HOST:PORT", Err: err}
+	}
+	return h, nil
+}
+
+// cleanup kills a worker the caller will not keep, on a context of its own: the call that wanted
+// the worker may already be cancelled, but the process must not outlive it.
+func (f *Fleet) cleanup(ctx context.Context, hive registry.Hive, id string, pid int32, start uint64) {
+	if pid <= 1 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hiveDeleteSlack)
+	defer cancel()
+	hc, err := f.cfg.Hives.Hive(hive.Address)
+	if err == nil {
+		_, err = hc.Delete(ctx, &rbeev1.DeleteRequest{WorkerId: id, Pid: pid, ProcessStartTime: start, GracePeriod: durationpb.New(0)})
+	}
+	if err != nil {
+		narrate.Warn(ctx, "queen", "worker_cleanup_failed", "Could not stop a worker that was not kept", zap.Error(err))
+	}
+}
+
+func newWorkerID() string {
+	var b [5]byte
+	_, _ = rand.Read(b[:])
+	return "w-" + hex.EncodeToString(b[:])
+}
+
+// Deleted is how a worker left.
+type Deleted struct {
+	Outcome rbeev1.DeleteOutcome
+	// Worker is the worker as it was last known.
+	Worker registry.Worker
+}
+
+// Delete stops a worker through its hive, which proves the PID before any signal, and forgets it
+// once its process is gone. grace < 0 leaves the grace period to the hive's default.
+func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Deleted, error) {
+	if err := validate.ID("worker_id", id); err != nil {
+		return Deleted{}, &Error{Kind: KindInvalid, Msg: err.Error(), Err: err}
+	}
+	w, ok := f.reg.Get(id)
+	if !ok {
+		return Deleted{}, errorf(KindNotFound, "worker %q is not known", id)
+	}
+	if w.PID <= 1 {
+		return Deleted{}, errorf(KindFailedPrecondition, "worker %s has no process yet (its spawn is in progress); retry", id)
+	}
+	hive, ok := f.reg.GetHive(w.HiveID)
+	if !ok {
+		return Deleted{}, errorf(KindNotFound, "hive %q of worker %s is not known to this queen", w.HiveID, id)
+	}
+	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", id), zap.String("hive_id", hive.ID)))
+	narrate.Event(ctx, "queen", "worker_delete_start", fmt.Sprintf("Deleting worker %s (PID %d) on hive %s", id, w.PID, hive.ID), zap.Int32("pid", w.PID))
+	hc, err := f.cfg.Hives.Hive(hive.Address)
+	if err != nil {
+		return Deleted{}, &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s: %v", hive.ID, hive.Address, err), Err: err}
+	}
+	dreq := &rbeev1.DeleteRequest{WorkerId: id, Pid: w.PID, ProcessStartTime: w.ProcessStartTime}
+	timeout := validate.MaxGrace + hiveDeleteSlack
+	if grace >= 0 {
+		dreq.GracePeriod = durationpb.New(grace)
+		timeout = grace + hiveDeleteSlack
+	}
+	dctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	t0 := time.Now()
+	resp, err := hc.Delete(dctx, dreq)
+	if err != nil {
+		f.metrics.deleted("error", t0)
+		narrate.Warn(ctx, "queen", "worker_delete_failed", "Hive did not delete the worker", zap.Error(err))
+		return Deleted{}, hiveError(hive.ID, hive.Address, "delete", err)
+	}
+	f.metrics.deleted(strings.ToLower(strings.TrimPrefix(resp.GetOutcome().String(), "DELETE_OUTCOME_")), t0)
+	if last, ok := f.reg.Remove(id, errors.New("deleted")); ok {
+		w = last
+	}
+	narrate.Event(ctx, "queen", "worker_delete_complete", fmt.Sprintf("Worker %s deleted: %s", id, resp.GetOutcome()),
+		zap.Stringer("outcome", resp.GetOutcome()))
+	return Deleted{Outcome: resp.GetOutcome(), Worker: w}, nil
+}
+
+// StartTimedOut stops a worker that never sent a heartbeat within the start timeout; the registry
+// has already forgotten it. It returns once the hive has answered (or the call failed).
+func (f *Fleet) StartTimedOut(w registry.Worker) {
+	ctx := narrate.WithLogger(context.Background(), f.cfg.Logger.With(zap.String("worker_id", w.ID), zap.String("hive_id", w.HiveID)))
+	narrate.Warn(ctx, "queen", "worker_start_timeout", fmt.Sprintf("Worker %s sent no heartbeat within the start timeout; stopping it", w.ID))
+	if h, ok := f.reg.GetHive(w.HiveID); ok {
+		f.cleanup(ctx, h, w.ID, w.PID, w.ProcessStartTime)
+	}
+}

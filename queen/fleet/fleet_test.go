@@ -1,0 +1,136 @@
+package fleet
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/goleak"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/queen/registry"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+// fakeHive answers Spawn with made-up process data and records Deletes.
+type fakeHive struct {
+	mu      sync.Mutex
+	deletes []*rbeev1.DeleteRequest
+	pid     int32
+}
+
+func (f *fakeHive) Hive(string) (rbeev1.HiveServiceClient, error) { return f, nil }
+
+func (f *fakeHive) Spawn(context.Context, *rbeev1.SpawnRequest, ...grpc.CallOption) (*rbeev1.SpawnResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.pid++
+	return &rbeev1.SpawnResponse{Pid: 1000 + f.pid, Port: 9100, ProcessStartTime: 7}, nil
+}
+
+func (f *fakeHive) Delete(_ context.Context, in *rbeev1.DeleteRequest, _ ...grpc.CallOption) (*rbeev1.DeleteResponse, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.deletes = append(f.deletes, in)
+	return &rbeev1.DeleteResponse{Outcome: rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED}, nil
+}
+
+func (f *fakeHive) Logs(context.Context, *rbeev1.LogsRequest, ...grpc.CallOption) (grpc.ServerStreamingClient[rbeev1.LogsResponse], error) {
+	return nil, status.Error(codes.Unimplemented, "no logs")
+}
+
+func (f *fakeHive) deleted() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.deletes)
+}
+
+func newFleet(t *testing.T) (*Fleet, *fakeHive, *registry.Registry) {
+	t.Helper()
+	reg := registry.New(registry.Config{Interval: time.Second, StartTimeout: time.Minute})
+	if err := reg.AddStaticHive("h1", "127.0.0.1:1"); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); reg.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	fh := &fakeHive{}
+	return New(Config{Registry: reg, Hives: fh, StartTimeout: time.Minute}), fh, reg
+}
+
+// A caller that gives up on wait_ready is told it cancelled, not that the worker timed out, and
+// the half-started worker is removed either way.
+func TestSpawnWaitReadyCancelledVersusTimedOut(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ctx  func() (context.Context, context.CancelFunc)
+		spec SpawnSpec
+		want Kind
+	}{
+		{"caller cancels", func() (context.Context, context.CancelFunc) {
+			ctx, cancel := context.WithCancel(t.Context())
+			time.AfterFunc(50*time.Millisecond, cancel)
+			return ctx, cancel
+		}, SpawnSpec{Model: "m", WorkerID: "c1", WaitReady: true}, KindCanceled},
+		{"ready timeout", func() (context.Context, context.CancelFunc) { return context.WithCancel(t.Context()) },
+			SpawnSpec{Model: "m", WorkerID: "t1", WaitReady: true, ReadyTimeout: 50 * time.Millisecond}, KindDeadline},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f, fh, reg := newFleet(t)
+			ctx, cancel := tc.ctx()
+			defer cancel()
+			_, err := f.Spawn(ctx, tc.spec)
+			if got := KindOf(err); got != tc.want {
+				t.Fatalf("Spawn error %v has kind %d, want %d", err, got, tc.want)
+			}
+			if _, ok := reg.Get(tc.spec.WorkerID); ok {
+				t.Fatal("the half-started worker is still in the registry")
+			}
+			if fh.deleted() != 1 {
+				t.Fatalf("hive got %d Deletes, want 1 (the half-started process must be stopped)", fh.deleted())
+			}
+		})
+	}
+}
+
+func TestSpawnRefusesBadFields(t *testing.T) {
+	f, _, _ := newFleet(t)
+	for _, spec := range []SpawnSpec{{}, {Model: "m", Device: "gpu0"}, {Model: "m", WorkerID: "Bad_ID"}, {Model: "m", HiveID: "-x"}} {
+		if _, err := f.Spawn(t.Context(), spec); KindOf(err) != KindInvalid {
+			t.Errorf("Spawn(%+v) = %v, want an invalid-argument error", spec, err)
+		}
+	}
+	if _, err := f.Spawn(t.Context(), SpawnSpec{Model: "m", HiveID: "nope"}); KindOf(err) != KindNotFound {
+		t.Errorf("unknown hive: %v, want not found", err)
+	}
+	if _, err := f.Delete(t.Context(), "ghost", -1); KindOf(err) != KindNotFound {
+		t.Errorf("unknown worker: %v, want not found", err)
+	}
+}
+
+func TestHiveErrorsKeepTheHivesVerdict(t *testing.T) {
+	for code, want := range map[codes.Code]Kind{
+		codes.FailedPrecondition: KindFailedPrecondition,
+		codes.ResourceExhausted:  KindResourceExhausted,
+		codes.Unavailable:        KindUnavailable,
+		codes.DeadlineExceeded:   KindUnavailable,
+		codes.Canceled:           KindCanceled,
+		codes.Unimplemented:      KindUnimplemented,
+		codes.Internal:           KindInternal,
+	} {
+		err := hiveError("h1", "127.0.0.1:1", "spawn", status.Error(code, "x"))
+		if err.Kind != want || !errors.Is(err, err.Err) {
+			t.Errorf("%v -> kind %d, want %d", code, err.Kind, want)
+		}
+		if CodeOf(want) != code && code != codes.DeadlineExceeded {
+			t.Errorf("CodeOf(%d) = %v, want %v", want, CodeOf(want), code)
+		}
+	}
+}
