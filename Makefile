@@ -1,6 +1,8 @@
 # rbee: queen, hive and worker-stub. `make run` starts a queen and a hive on loopback; `make test`
-# runs every test. Tools (buf, protoc plugins, grpcurl) come from go.mod's tool lines.
+# runs every test. Tools (buf, protoc plugins, grpcurl) are pinned in tools/go.mod, a module of
+# their own, so that their requirements stay out of the module users import.
 GO       ?= go
+TOOL     := $(GO) tool -modfile=tools/go.mod
 BIN      ?= bin
 PREFIX   ?= /usr/local
 PROGRAMS := queen hive worker-stub rbee
@@ -15,9 +17,9 @@ all: build
 build:
 	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./queen ./hive ./worker-stub ./rbee
 
-# grpcurl for the README walkthrough and `make run`'s clean-up; built from go.mod's tool line.
-$(BIN)/grpcurl: go.mod go.sum
-	$(GO) build -o $(BIN)/grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl
+# grpcurl for the README walkthrough; built from tools/go.mod.
+$(BIN)/grpcurl: tools/go.mod tools/go.sum
+	$(GO) build -modfile=tools/go.mod -o $(BIN)/grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl
 
 run: build $(BIN)/grpcurl
 	BIN=$(BIN) scripts/run.sh
@@ -26,13 +28,15 @@ test:
 	$(GO) test -race -count=1 -timeout 20m ./...
 
 lint:
-	$(GO) tool buf lint
+	$(TOOL) buf lint
+	@if grep -qE 'bufbuild/buf|fullstorydev/grpcurl' go.mod; then \
+	  echo "go.mod requires a build tool: tools belong in tools/go.mod"; exit 1; fi
 	$(GO) vet ./...
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '^gen/')); \
 	  if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
 generate:
-	$(GO) tool buf generate
+	$(TOOL) buf generate
 
 # Fails when the committed gen/ does not match the protos.
 check-generate: generate

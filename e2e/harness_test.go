@@ -42,7 +42,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "building binaries:", err)
 		os.Exit(1)
 	}
-	grpcurl := exec.Command("go", "build", "-o", filepath.Join(dir, "grpcurl"), "github.com/fullstorydev/grpcurl/cmd/grpcurl")
+	grpcurl := exec.Command("go", "build", "-modfile=tools/go.mod", "-o", filepath.Join(dir, "grpcurl"), "github.com/fullstorydev/grpcurl/cmd/grpcurl")
+	grpcurl.Dir = ".." // tools/go.mod names its module root by the go.mod beside it
 	grpcurl.Stdout, grpcurl.Stderr = os.Stderr, os.Stderr
 	if err := grpcurl.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "building grpcurl:", err)
