@@ -29,6 +29,8 @@ type config struct {
 
 	logLevel string
 	version  bool
+
+	openai openaiConfig // the OpenAI-compatible server mode (openai_config.go)
 }
 
 // maxChildren bounds --spawn-children: a test knob, not a fork bomb.
@@ -57,10 +59,12 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	fs.BoolVar(&c.noHeartbeat, "no-heartbeat", false, "test knob: never contact the queen")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.BoolVar(&c.version, "version", false, "print the version and exit")
+	c.openai.register(fs)
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
-			fmt.Fprintf(stdout, "Usage: worker-stub --worker-id ID [flags]\n\n"+
-				"A stand-in rbee worker: serves gRPC health, heartbeats to the queen, stops on SIGTERM.\n\nFlags:\n")
+			fmt.Fprintf(stdout, "Usage: worker-stub --worker-id ID [flags]\n       worker-stub --openai [flags]\n\n"+
+				"A stand-in rbee worker: serves gRPC health, heartbeats to the queen, stops on SIGTERM.\n"+
+				"With --openai, a stand-in OpenAI-compatible inference server instead.\n\nFlags:\n")
 			fs.SetOutput(stdout)
 			fs.PrintDefaults()
 			return c, err
@@ -73,7 +77,7 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	switch {
 	case fs.NArg() > 0:
 		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
-	case c.workerID == "":
+	case c.workerID == "" && !c.openai.enabled:
 		return c, fmt.Errorf("--worker-id is required")
 	case c.port > 65535:
 		return c, fmt.Errorf("--port %d is out of range", c.port)
@@ -84,7 +88,10 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	case c.readyAfter < 0 || c.exitAfter < 0:
 		return c, fmt.Errorf("--ready-after and --exit-after must not be negative")
 	}
-	if env, ok := os.LookupEnv(envWorkerID); ok && env != c.workerID {
+	if err := c.openai.check(fs, &c); err != nil {
+		return c, err
+	}
+	if env, ok := os.LookupEnv(envWorkerID); ok && env != c.workerID && (c.workerID != "" || !c.openai.enabled) {
 		return c, fmt.Errorf("$%s=%q does not match --worker-id %q", envWorkerID, env, c.workerID)
 	}
 	return c, nil

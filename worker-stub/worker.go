@@ -62,6 +62,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	// Every line names the worker, so that one grep follows it through hive and queen logs too.
 	log := base.With(zap.String("worker_id", cfg.workerID))
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stdout
+	if cfg.openai.enabled {
+		return serveOpenAI(cfg, log, stderr)
+	}
 	if err := serve(cfg, log); err != nil {
 		log.Error("worker failed", zap.Error(err))
 		return 1
