@@ -13,13 +13,10 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"flag"
 	"fmt"
-	"math"
-	"math/bits"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -37,6 +34,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/rbee-dev/rbee/bench/internal/loopback"
+	"github.com/rbee-dev/rbee/bench/internal/measure"
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
 )
@@ -151,18 +149,18 @@ func run(c config) error {
 		return restart(c, qp, queen, &st)
 	}
 	st.reset()
-	cpu0, _ := cpuTicks(c.queenPID)
+	cpu0, _ := measure.CPUTicks(c.queenPID)
 	t0 := time.Now()
 	time.Sleep(c.duration)
 	elapsed := time.Since(t0)
-	cpu1, _ := cpuTicks(c.queenPID)
-	n := st.lat.count()
+	cpu1, _ := measure.CPUTicks(c.queenPID)
+	n := st.lat.Count()
 	fmt.Printf("  heartbeats/s      %.0f (%d in %v, %d stream errors)\n", float64(n)/elapsed.Seconds(), n, elapsed.Round(time.Millisecond), st.errors.Load())
-	fmt.Printf("  beat->ack latency p50 %v  p99 %v  p99.9 %v  max %v\n", st.lat.quantile(0.5), st.lat.quantile(0.99), st.lat.quantile(0.999), st.lat.max())
+	fmt.Printf("  beat->ack latency p50 %v  p99 %v  p99.9 %v  max %v\n", st.lat.Quantile(0.5), st.lat.Quantile(0.99), st.lat.Quantile(0.999), st.lat.Max())
 	if c.queenPID > 0 {
-		rss, _ := rssKB(c.queenPID)
+		rss, _ := measure.RSSKB(c.queenPID)
 		fmt.Printf("  queen CPU         %.0f%% of one core; RSS %.1f MB (%.1f KB per worker)\n",
-			100*float64(cpu1-cpu0)/clockTicks/elapsed.Seconds(), float64(rss)/1024, float64(rss)/float64(c.workers))
+			100*float64(cpu1-cpu0)/measure.ClockTicks/elapsed.Seconds(), float64(rss)/1024, float64(rss)/float64(c.workers))
 	}
 	return listReport(queen, c.workers)
 }
@@ -273,7 +271,7 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, st *stats) 
 				if err = stream.RecvMsg(resp); err != nil {
 					break
 				}
-				st.lat.add(time.Since(t0))
+				st.lat.Add(time.Since(t0))
 				attempt = 0
 			}
 		}
@@ -291,113 +289,12 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, st *stats) 
 }
 
 type stats struct {
-	lat       histogram
+	lat       measure.Histogram
 	errors    atomic.Int64
 	connected atomic.Int64
 }
 
-func (s *stats) reset() { s.lat.reset(); s.errors.Store(0) }
-
-// histogram is a lock-free log-linear latency histogram: 32 sub-buckets per power of two of
-// microseconds, so quantiles are within about 3%.
-type histogram struct {
-	b   [64 * 32]atomic.Uint64
-	top atomic.Int64
-}
-
-func bucketOf(us int64) int {
-	if us < 32 {
-		return int(us)
-	}
-	e := 63 - bits.LeadingZeros64(uint64(us)) // us in [2^e, 2^(e+1))
-	sub := int((us >> (e - 5)) & 31)
-	return (e-4)*32 + sub
-}
-
-func bucketLow(b int) int64 {
-	if b < 32 {
-		return int64(b)
-	}
-	e := b/32 + 4
-	sub := int64(b % 32)
-	return (1 << e) + sub<<(e-5)
-}
-
-func (h *histogram) add(d time.Duration) {
-	us := d.Microseconds()
-	h.b[min(bucketOf(us), len(h.b)-1)].Add(1)
-	for {
-		t := h.top.Load()
-		if us <= t || h.top.CompareAndSwap(t, us) {
-			return
-		}
-	}
-}
-
-func (h *histogram) reset() {
-	for i := range h.b {
-		h.b[i].Store(0)
-	}
-	h.top.Store(0)
-}
-
-func (h *histogram) count() uint64 {
-	var n uint64
-	for i := range h.b {
-		n += h.b[i].Load()
-	}
-	return n
-}
-
-func (h *histogram) quantile(q float64) time.Duration {
-	n := h.count()
-	if n == 0 {
-		return 0
-	}
-	rank := uint64(math.Ceil(q * float64(n)))
-	var seen uint64
-	for i := range h.b {
-		seen += h.b[i].Load()
-		if seen >= rank {
-			return time.Duration(bucketLow(i)) * time.Microsecond
-		}
-	}
-	return h.max()
-}
-
-func (h *histogram) max() time.Duration { return time.Duration(h.top.Load()) * time.Microsecond }
-
-// clockTicks is USER_HZ, the unit of /proc/PID/stat times; 100 on every Linux this runs on.
-const clockTicks = 100
-
-func cpuTicks(pid int) (uint64, error) {
-	if pid <= 0 {
-		return 0, errors.New("no pid")
-	}
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return 0, err
-	}
-	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
-	ut, _ := strconv.ParseUint(f[11], 10, 64) // field 14
-	stt, _ := strconv.ParseUint(f[12], 10, 64)
-	return ut + stt, nil
-}
-
-func rssKB(pid int) (int64, error) {
-	f, err := os.Open("/proc/" + strconv.Itoa(pid) + "/status")
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "VmRSS:"); ok {
-			return strconv.ParseInt(strings.Fields(v)[0], 10, 64)
-		}
-	}
-	return 0, errors.New("no VmRSS")
-}
+func (s *stats) reset() { s.lat.Reset(); s.errors.Store(0) }
 
 func rateName(r float64) string {
 	if r == 0 {

@@ -12,13 +12,11 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -67,12 +65,12 @@ func run(bin string, n, queenN int) error {
 		return err
 	}
 	hiveAddr := loopback.FreeAddr()
-	hive, err := startProc(filepath.Join(bin, "hive"), "--listen", hiveAddr, "--hive-id", "bench", "--register=false",
+	hive, err := loopback.Start(filepath.Join(bin, "hive"), "--listen", hiveAddr, "--hive-id", "bench", "--register=false",
 		"--worker-binary", quiet, "--log-dir", filepath.Join(dir, "logs"), "--log-level", "warn")
 	if err != nil {
 		return err
 	}
-	defer stopProc(hive)
+	defer loopback.Stop(hive)
 	conn, err := grpc.NewClient(hiveAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return err
@@ -129,17 +127,17 @@ func run(bin string, n, queenN int) error {
 
 func benchQueen(bin, dir string, n int) error {
 	queenAddr, hiveAddr := loopback.FreeAddr(), loopback.FreeAddr()
-	queen, err := startProc(filepath.Join(bin, "queen"), "--listen", queenAddr, "--hive", "bq="+hiveAddr, "--log-level", "warn")
+	queen, err := loopback.Start(filepath.Join(bin, "queen"), "--listen", queenAddr, "--hive", "bq="+hiveAddr, "--log-level", "warn")
 	if err != nil {
 		return err
 	}
-	defer stopProc(queen)
-	hive, err := startProc(filepath.Join(bin, "hive"), "--listen", hiveAddr, "--hive-id", "bq", "--queen", queenAddr,
+	defer loopback.Stop(queen)
+	hive, err := loopback.Start(filepath.Join(bin, "hive"), "--listen", hiveAddr, "--hive-id", "bq", "--queen", queenAddr,
 		"--log-dir", filepath.Join(dir, "qlogs"), "--log-level", "warn")
 	if err != nil {
 		return err
 	}
-	defer stopProc(hive)
+	defer loopback.Stop(hive)
 	conn, err := grpc.NewClient(queenAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return err
@@ -216,27 +214,6 @@ func awaitWorker(port uint32) error {
 	}
 	defer conn.Close()
 	return loopback.AwaitServing(conn)
-}
-
-func startProc(path string, args ...string) (*exec.Cmd, error) {
-	cmd := exec.Command(path, args...)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		return nil, err
-	}
-	return cmd, nil
-}
-
-func stopProc(cmd *exec.Cmd) {
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		_ = cmd.Process.Kill()
-		<-done
-	}
 }
 
 func abs(p string) string {

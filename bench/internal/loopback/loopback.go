@@ -1,11 +1,16 @@
 // Package loopback holds what the load tools need to run servers on this machine: a free loopback
-// address, and waiting for a server's health to say SERVING.
+// address, starting and stopping a server process, and waiting for its health to say SERVING
+// (gRPC) or 200 (HTTP).
 package loopback
 
 import (
 	"context"
 	"fmt"
 	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -38,5 +43,51 @@ func AwaitServing(conn *grpc.ClientConn) error {
 		if r.GetStatus() == healthpb.HealthCheckResponse_SERVING {
 			return nil
 		}
+	}
+}
+
+// AwaitHTTP waits (at most 20s) until GET url answers 200, asking every 10ms: a server that is
+// loading has no stream to watch.
+func AwaitHTTP(url string) error {
+	client := &http.Client{Timeout: time.Second}
+	defer client.CloseIdleConnections()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		resp, err := client.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return nil
+			}
+			err = fmt.Errorf("status %d", resp.StatusCode)
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("waiting for 200 from %s: %w", url, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Start starts a server process with its stderr on ours.
+func Start(path string, args ...string) (*exec.Cmd, error) {
+	cmd := exec.Command(path, args...)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	return cmd, nil
+}
+
+// Stop sends SIGTERM to a process Start started, by its PID, and waits for it; after 10s it is
+// killed.
+func Stop(cmd *exec.Cmd) {
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
 	}
 }
