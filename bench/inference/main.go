@@ -580,7 +580,7 @@ func report(out io.Writer, c config, p *phase) {
 	first := p.firstErr
 	p.mu.Unlock()
 	if d := p.dropped.Load(); d > 0 {
-		fmt.Fprintf(out, ", not sent (%d in flight already) %d", c.concurrency, d)
+		fmt.Fprintf(out, ", not sent (already %d in flight) %d", c.concurrency, d)
 	}
 	fmt.Fprintln(out)
 	if first != "" {
