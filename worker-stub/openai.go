@@ -378,6 +378,9 @@ func (s *stubServer) complete(w http.ResponseWriter, r *http.Request, req reques
 	}
 	defer release()
 	s.promptTokens.Add(int64(promptTokens))
+	stream := req.Stream != nil && *req.Stream
+	s.log.Debug("request started", zap.String("request_id", id), zap.Bool("stream", stream), zap.Int("max_tokens", n),
+		zap.Int("prompt_tokens", promptTokens))
 	// ended releases the slot before the end is told, so that whoever reads the log line and then
 	// /metrics sees the request gone.
 	ended := func(got int, err error) bool {
@@ -390,7 +393,7 @@ func (s *stubServer) complete(w http.ResponseWriter, r *http.Request, req reques
 		return true
 	}
 
-	if req.Stream != nil && *req.Stream {
+	if stream {
 		// OpenAI streams chat as chat.completion.chunk objects, completions as text_completion.
 		if chat {
 			object = "chat.completion.chunk"

@@ -23,6 +23,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rbee-dev/rbee/internal/procstat"
 )
 
 // logOutput collects a process's output and lets a test wait for a line.
@@ -596,6 +598,58 @@ func TestOpenAICancelStopsGeneration(t *testing.T) {
 	}
 	if got := s.metricValue(t, "rbee_stub_requests_finished_total"); got != 0 {
 		t.Errorf("finished requests %d; want 0", got)
+	}
+}
+
+// TestOpenAICancelWholeAnswer: a client that gives up on a non-streamed answer stops its
+// generation too.
+func TestOpenAICancelWholeAnswer(t *testing.T) {
+	s := startOpenAI(t, nil, "--tokens-per-second", "50", "--log-level", "debug")
+	s.out.awaitAction(t, "worker_ready", 1)
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	req := newRequest(t, ctx, http.MethodPost, s.url+"/v1/completions", `{"prompt":"x","max_tokens":100000}`)
+	done := make(chan error, 1)
+	go func() {
+		resp, err := s.client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		done <- err
+	}()
+	s.out.awaitText(t, "request started")
+	cancel()
+	if err := <-done; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled request: %v; want context.Canceled", err)
+	}
+	s.out.awaitAction(t, "request_cancelled", 1)
+	if got := s.metricValue(t, "rbee_stub_requests_cancelled_total"); got != 1 {
+		t.Errorf("rbee_stub_requests_cancelled_total %d; want 1", got)
+	}
+}
+
+// TestOpenAIChildrenAndExitAfter: the heartbeat mode's --spawn-children and --exit-after work in
+// the OpenAI mode too (a server that forks helpers, a server that crashes while serving).
+func TestOpenAIChildrenAndExitAfter(t *testing.T) {
+	s := startOpenAI(t, nil, "--spawn-children", "2", "--exit-after", "1s", "--exit-code", "5")
+	s.out.awaitAction(t, "worker_children_spawned", 1)
+	children := childrenOf(t, s.pid)
+	for _, c := range children {
+		t.Cleanup(func() {
+			// By PID, and only while it is still the same process (a reused PID is not ours).
+			if st, err := procstat.Read(c.PID); err == nil && st.StartTime == c.StartTime {
+				syscall.Kill(c.PID, syscall.SIGKILL)
+			}
+		})
+	}
+	if len(children) != 2 {
+		t.Fatalf("server %d has %d children; want 2", s.pid, len(children))
+	}
+	if st := s.wait(t); st.ExitCode() != 5 {
+		t.Fatalf("exit %v; want status 5 from --exit-after", st)
+	}
+	if !strings.Contains(s.out.String(), "exiting with status 5") {
+		t.Fatalf("no last word on stderr:\n%s", s.out.String())
 	}
 }
 
