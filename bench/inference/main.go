@@ -345,7 +345,15 @@ func (l *loader) load(ctx context.Context, p *phase, n int, d time.Duration) {
 				break
 			}
 			if w := time.Until(due); w > 0 {
-				time.Sleep(w) // the open loop's own schedule
+				t := time.NewTimer(w) // the open loop's own schedule
+				select {
+				case <-t.C:
+				case <-ctx.Done():
+					t.Stop()
+				}
+				if ctx.Err() != nil {
+					break
+				}
 			}
 			select {
 			case slots <- struct{}{}:
