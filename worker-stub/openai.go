@@ -64,7 +64,7 @@ type stubServer struct {
 	model string // served model name; "" accepts any
 	log   *zap.Logger
 	ctx   context.Context // cancelled when the server cuts requests (shutdown past the drain)
-	// die ends the process mid-generation (--die-mid-stream-after); tests replace it.
+	// die ends the process mid-generation (--die-mid-stream-after), with a last word on stderr.
 	die func(tokens int)
 
 	routes   map[string]route
