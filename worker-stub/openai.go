@@ -22,6 +22,8 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -187,6 +189,7 @@ type request struct {
 	Stream              *bool            `json:"stream"`
 	MaxTokens           *int             `json:"max_tokens"`
 	MaxCompletionTokens *int             `json:"max_completion_tokens"`
+	EncodingFormat      *string          `json:"encoding_format"`
 	StreamOptions       *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
@@ -615,10 +618,23 @@ func (s *stubServer) embeddings(w http.ResponseWriter, r *http.Request) {
 	if json.Unmarshal(inputs[0], &tok) == nil {
 		inputs = []json.RawMessage{*req.Input}
 	}
+	// OpenAI's official clients ask for base64 (little-endian float32) by default; float is the
+	// API's default. vLLM and llama-server answer both.
+	base64Format := false
+	if f := req.EncodingFormat; f != nil {
+		switch *f {
+		case "float":
+		case "base64":
+			base64Format = true
+		default:
+			writeError(w, http.StatusBadRequest, "invalid_request_error", "`encoding_format` must be float or base64, not %q", *f)
+			return
+		}
+	}
 	type embedding struct {
-		Object    string    `json:"object"`
-		Index     int       `json:"index"`
-		Embedding []float64 `json:"embedding"`
+		Object    string `json:"object"`
+		Index     int    `json:"index"`
+		Embedding any    `json:"embedding"` // []float64, or a base64 string
 	}
 	data := make([]embedding, len(inputs))
 	total := 0
@@ -629,7 +645,11 @@ func (s *stubServer) embeddings(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		total += k
-		data[i] = embedding{Object: "embedding", Index: i, Embedding: embed(in)}
+		var vec any = embed(in)
+		if base64Format {
+			vec = float32Base64(embed(in))
+		}
+		data[i] = embedding{Object: "embedding", Index: i, Embedding: vec}
 	}
 	model := ""
 	if req.Model != nil {
@@ -639,6 +659,15 @@ func (s *stubServer) embeddings(w http.ResponseWriter, r *http.Request) {
 	s.finished.Add(1)
 	writeJSON(w, http.StatusOK, map[string]any{"object": "list", "data": data, "model": s.servedModel(model),
 		"usage": map[string]int{"prompt_tokens": total, "total_tokens": total}})
+}
+
+// float32Base64 encodes v as OpenAI's base64 embedding format: little-endian float32s.
+func float32Base64(v []float64) string {
+	b := make([]byte, 4*len(v))
+	for i, x := range v {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(float32(x)))
+	}
+	return base64.StdEncoding.EncodeToString(b)
 }
 
 // embed derives a unit vector from the input's bytes: the same input always gets the same vector.

@@ -8,6 +8,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -482,6 +484,27 @@ func TestOpenAIWholeAnswers(t *testing.T) {
 	}
 	if fmt.Sprint(emb.Data[0].Embedding) != fmt.Sprint(emb.Data[1].Embedding) || fmt.Sprint(emb.Data[0].Embedding) == fmt.Sprint(emb.Data[2].Embedding) {
 		t.Error("embeddings: equal inputs must get equal vectors, different ones different vectors")
+	}
+
+	// The official OpenAI clients ask for base64: little-endian float32s of the same vector.
+	code, body = s.do(t, http.MethodPost, "/v1/embeddings", `{"input":"hello world","encoding_format":"base64"}`)
+	var b64 struct {
+		Data []struct{ Embedding string }
+	}
+	if err := json.Unmarshal(body, &b64); code != http.StatusOK || err != nil || len(b64.Data) != 1 {
+		t.Fatalf("base64 embeddings: %d %s (%v)", code, body, err)
+	}
+	raw, err := base64.StdEncoding.DecodeString(b64.Data[0].Embedding)
+	if err != nil || len(raw) != 4*embeddingDims {
+		t.Fatalf("base64 embedding %q: %d bytes (%v); want %d float32s", b64.Data[0].Embedding, len(raw), err, embeddingDims)
+	}
+	for i, want := range emb.Data[0].Embedding {
+		if got := math.Float32frombits(binary.LittleEndian.Uint32(raw[4*i:])); got != float32(want) {
+			t.Fatalf("base64 embedding[%d] = %v; want %v as in the float answer", i, got, float32(want))
+		}
+	}
+	if code, body := s.do(t, http.MethodPost, "/v1/embeddings", `{"input":"x","encoding_format":"int8"}`); code != http.StatusBadRequest {
+		t.Fatalf("encoding_format int8: %d %s; want 400", code, body)
 	}
 
 	code, body = s.do(t, http.MethodGet, "/v1/models", "")
