@@ -72,6 +72,7 @@ type stubServer struct {
 	routes   map[string]route
 	handlers sync.WaitGroup // ServeHTTP calls in progress, for shutdown to wait on after a cut
 	loaded   atomic.Bool
+	hung     atomic.Bool   // --hang-after has passed: nothing is answered any more
 	slots    chan struct{} // nil: no --concurrency limit
 	created  int64         // unix seconds, for /v1/models
 	ids      atomic.Uint64
@@ -132,6 +133,12 @@ type route struct {
 func (s *stubServer) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.handlers.Add(1)
 	defer s.handlers.Done()
+	if s.hung.Load() {
+		// A wedged server: the request was read, no answer comes until the client gives up
+		// (or shutdown cuts it).
+		<-r.Context().Done()
+		return
+	}
 	rt, ok := s.routes[r.URL.Path]
 	switch {
 	case !ok:

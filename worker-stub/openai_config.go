@@ -30,6 +30,7 @@ type openaiConfig struct {
 
 	failLoad          string
 	hang              bool
+	hangAfter         time.Duration
 	unhealthyAfter    int
 	dieMidStreamAfter int
 	shutdownDelay     time.Duration
@@ -37,7 +38,7 @@ type openaiConfig struct {
 
 // openaiFlags lists the flags that only mean something with --openai.
 var openaiFlags = []string{"load-time", "tokens-per-second", "max-tokens", "concurrency", "drain-timeout",
-	"fail-load", "hang", "unhealthy-after", "die-mid-stream-after", "shutdown-delay"}
+	"fail-load", "hang", "hang-after", "unhealthy-after", "die-mid-stream-after", "shutdown-delay"}
 
 // register adds the OpenAI mode's flags to fs.
 func (o *openaiConfig) register(fs *flag.FlagSet) {
@@ -49,6 +50,7 @@ func (o *openaiConfig) register(fs *flag.FlagSet) {
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 5*time.Second, "OpenAI mode: on SIGTERM, how long requests in flight may finish before they are cut")
 	fs.StringVar(&o.failLoad, "fail-load", "", "OpenAI mode test knob: at the end of --load-time print this message on stderr and exit with --exit-code")
 	fs.BoolVar(&o.hang, "hang", false, "OpenAI mode test knob: accept connections and never answer")
+	fs.DurationVar(&o.hangAfter, "hang-after", 0, "OpenAI mode test knob: this long after the load, stop answering: requests (health too) are read and never answered (0: never)")
 	fs.IntVar(&o.unhealthyAfter, "unhealthy-after", 0, "OpenAI mode test knob: /health answers 503 once this many inference requests have finished (0: never)")
 	fs.IntVar(&o.dieMidStreamAfter, "die-mid-stream-after", 0, "OpenAI mode test knob: exit with --exit-code after generating this many tokens of a request (0: never)")
 	fs.DurationVar(&o.shutdownDelay, "shutdown-delay", 0, "OpenAI mode test knob: after SIGTERM and the drain, wait this long before exiting")
@@ -75,8 +77,8 @@ func (o *openaiConfig) check(fs *flag.FlagSet, c *config) error {
 		return fmt.Errorf("--concurrency must not be negative")
 	case o.unhealthyAfter < 0 || o.dieMidStreamAfter < 0:
 		return fmt.Errorf("--unhealthy-after and --die-mid-stream-after must not be negative")
-	case o.loadTime < 0 || o.drainTimeout < 0 || o.shutdownDelay < 0:
-		return fmt.Errorf("--load-time, --drain-timeout and --shutdown-delay must not be negative")
+	case o.loadTime < 0 || o.drainTimeout < 0 || o.shutdownDelay < 0 || o.hangAfter < 0:
+		return fmt.Errorf("--load-time, --drain-timeout, --shutdown-delay and --hang-after must not be negative")
 	case set["ready-after"] || set["queen"] || set["no-heartbeat"]:
 		return fmt.Errorf("--ready-after, --queen and --no-heartbeat are for the heartbeat mode; with --openai use --load-time (it never heartbeats)")
 	}

@@ -91,14 +91,25 @@ func serveOpenAI(cfg config, log *zap.Logger, stderr io.Writer) int {
 		defer t.Stop()
 		exit = t.C
 	}
+	var hangAfter <-chan time.Time
 	for {
 		select {
+		case <-hangAfter:
+			hangAfter = nil
+			api.hung.Store(true)
+			narrate.Warn(ctx, actor, "worker_hang", "hanging now (--hang-after): requests are read and never answered",
+				zap.Duration("hang_after", o.hangAfter))
 		case <-load.C:
 			if o.failLoad != "" {
 				crash("worker_load_failed", "failed to load model: "+o.failLoad)
 			}
 			api.loaded.Store(true)
 			narrate.Event(ctx, actor, "worker_ready", "model loaded; /health answers 200", zap.String("addr", addr))
+			if o.hangAfter > 0 {
+				t := time.NewTimer(o.hangAfter)
+				defer t.Stop()
+				hangAfter = t.C
+			}
 		case <-exit:
 			crash("worker_exit_injected", fmt.Sprintf("injected failure: exiting with status %d after %s", cfg.exitCode, cfg.exitAfter))
 		case err := <-serveErr:

@@ -769,6 +769,38 @@ func TestOpenAIHang(t *testing.T) {
 	}
 }
 
+// TestOpenAIHangAfter: once --hang-after has passed, health checks are read and never answered;
+// SIGTERM still stops the server (the wedged requests are cut after the drain).
+func TestOpenAIHangAfter(t *testing.T) {
+	s := startOpenAI(t, nil, "--hang-after", "500ms", "--drain-timeout", "200ms")
+	s.out.awaitAction(t, "worker_ready", 1)
+	if code, _ := s.do(t, http.MethodGet, "/health", ""); code != http.StatusOK {
+		t.Fatalf("/health before --hang-after: %d; want 200", code)
+	}
+	s.out.awaitAction(t, "worker_hang", 1)
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	resp, err := s.client.Do(newRequest(t, ctx, http.MethodGet, s.url+"/health", ""))
+	if err == nil {
+		resp.Body.Close()
+		t.Fatalf("/health after --hang-after answered %d; want no answer", resp.StatusCode)
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("/health after --hang-after: %v; want the client's deadline to pass", err)
+	}
+	// One more, left hanging for shutdown to cut.
+	stuck := newRequest(t, t.Context(), http.MethodGet, s.url+"/health", "")
+	go func() {
+		if resp, err := s.client.Do(stuck); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	s.signal(t, syscall.SIGTERM)
+	if st := s.wait(t); st.ExitCode() != 0 {
+		t.Fatalf("exit after SIGTERM: %v; want 0", st)
+	}
+}
+
 // TestOpenAIUnhealthyAfter: /health turns 503 once --unhealthy-after requests have been answered.
 func TestOpenAIUnhealthyAfter(t *testing.T) {
 	s := startOpenAI(t, nil, "--unhealthy-after", "2")
