@@ -5,11 +5,14 @@ package heartbeat
 
 import (
 	"context"
+	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
@@ -29,6 +32,16 @@ type Config struct {
 // maxPending bounds the exits kept while the queen is unreachable; older ones are dropped (the
 // registry's liveness clock still notices those workers stopped beating).
 const maxPending = 1024
+
+// The queen accepts messages up to rpcserver.MaxMessageBytes (1 MiB). A burst of exits re-sent
+// after the queen was away must never make one beat exceed it, or every retry fails the same way
+// and the hive falls out of the registry: each exit carries at most maxLogTailBytes of output (its
+// end, where the reason usually is), and one beat carries exits up to maxBatchBytes; the rest go
+// in the beats that follow at once.
+const (
+	maxLogTailBytes = 4 << 10
+	maxBatchBytes   = 512 << 10
+)
 
 // Beater is the hive's heartbeat client.
 type Beater struct {
@@ -51,7 +64,7 @@ func (b *Beater) ReportExit(e process.Exit) {
 	}
 	b.pending = append(b.pending, &rbeev1.WorkerExit{
 		WorkerId: e.WorkerID, Pid: int32(e.PID), ProcessStartTime: e.StartTime,
-		ExitCode: int32(e.ExitCode), Signal: e.Signal, LogTail: e.LogTail, ExitTime: timestamppb.New(e.Time),
+		ExitCode: int32(e.ExitCode), Signal: e.Signal, LogTail: truncateTail(e.LogTail, maxLogTailBytes), ExitTime: timestamppb.New(e.Time),
 	})
 	b.mu.Unlock()
 	select {
@@ -60,12 +73,45 @@ func (b *Beater) ReportExit(e process.Exit) {
 	}
 }
 
-func (b *Beater) takePending() []*rbeev1.WorkerExit {
+// truncatedMark starts a log tail that was cut.
+const truncatedMark = "[...]\n"
+
+// truncateTail keeps the end of s within max bytes, starting after a line break where one falls in
+// the kept part and never inside a UTF-8 sequence.
+func truncateTail(s string, max int) string {
+	if len(s) <= max {
+		return s
+	}
+	keep := s[len(s)-(max-len(truncatedMark)):]
+	if i := strings.IndexByte(keep, '\n'); i >= 0 && i < len(keep)-1 {
+		keep = keep[i+1:]
+	}
+	for len(keep) > 0 && !utf8.RuneStart(keep[0]) {
+		keep = keep[1:]
+	}
+	return truncatedMark + keep
+}
+
+// takePending takes the oldest pending exits that fit in budget bytes (at least one, which
+// truncation keeps far below any budget) and reports whether more are left.
+func (b *Beater) takePending(budget int) (exits []*rbeev1.WorkerExit, more bool) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	p := b.pending
-	b.pending = nil
-	return p
+	n, size := 0, 0
+	for ; n < len(b.pending); n++ {
+		// Each repeated field costs its bytes plus a tag and a length of at most 4 bytes here.
+		sz := proto.Size(b.pending[n]) + 5
+		if n > 0 && size+sz > budget {
+			break
+		}
+		size += sz
+	}
+	exits = b.pending[:n:n]
+	b.pending = b.pending[n:]
+	if len(b.pending) == 0 {
+		b.pending = nil
+	}
+	return exits, len(b.pending) > 0
 }
 
 // putBack returns exits that may not have reached the queen to the front of the queue.
@@ -119,8 +165,9 @@ func (b *Beater) stream(ctx context.Context, client rbeev1.HeartbeatServiceClien
 	interval := time.Second
 	queenID := ""
 	for {
-		exits := b.takePending()
-		if err := st.Send(&rbeev1.HiveHeartbeatRequest{Hive: b.cfg.Describe(), Exits: exits}); err != nil {
+		hive := b.cfg.Describe()
+		exits, more := b.takePending(maxBatchBytes - proto.Size(hive))
+		if err := st.Send(&rbeev1.HiveHeartbeatRequest{Hive: hive, Exits: exits}); err != nil {
 			b.putBack(exits)
 			return answered, err
 		}
@@ -140,6 +187,9 @@ func (b *Beater) stream(ctx context.Context, client rbeev1.HeartbeatServiceClien
 		}
 		if d := resp.GetInterval().AsDuration(); d > 0 {
 			interval = d
+		}
+		if more {
+			continue // the rest of a burst of exits, in the next beat at once
 		}
 		t := time.NewTimer(interval)
 		select {

@@ -2,19 +2,24 @@ package heartbeat
 
 import (
 	"context"
+	"fmt"
 	"net"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/test/bufconn"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/hive/process"
+	"github.com/rbee-dev/rbee/internal/rpcserver"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -82,12 +87,92 @@ func TestPendingExitsAreBounded(t *testing.T) {
 	for i := range maxPending + 10 {
 		b.ReportExit(process.Exit{WorkerID: "w", PID: i + 2})
 	}
-	p := b.takePending()
+	p, _ := b.takePending(1 << 30)
 	if len(p) != maxPending || p[0].GetPid() != 12 {
 		t.Fatalf("kept %d exits starting at PID %d; want the newest %d", len(p), p[0].GetPid(), maxPending)
 	}
 	b.putBack(p)
-	if got := b.takePending(); len(got) != maxPending {
+	if got, _ := b.takePending(1 << 30); len(got) != maxPending {
 		t.Fatalf("put back %d, got %d", maxPending, len(got))
+	}
+}
+
+// TestBurstOfExitsFitsTheQueensLimit: exits queued while the queen was away (80 workers whose last
+// output is 20 lines of 1,000 characters) reach a queen that accepts at most 1 MiB a message, all
+// of them, each with the end of its output.
+func TestBurstOfExitsFitsTheQueensLimit(t *testing.T) {
+	fq := &fakeQueen{beats: make(chan *rbeev1.HiveHeartbeatRequest, 256)}
+	srv := grpc.NewServer(grpc.MaxRecvMsgSize(rpcserver.MaxMessageBytes))
+	rbeev1.RegisterHeartbeatServiceServer(srv, fq)
+	lis := bufconn.Listen(1 << 16)
+	go func() { _ = srv.Serve(lis) }()
+	defer srv.Stop()
+	conn, err := grpc.NewClient("passthrough:///buf",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	b := New(Config{Conn: conn, Logger: zap.NewNop(), Describe: func() *rbeev1.Hive {
+		return &rbeev1.Hive{HiveId: "h1", Address: "127.0.0.1:7835"}
+	}})
+	const workers = 80
+	for i := range workers {
+		var tail strings.Builder
+		for l := range 20 {
+			if l > 0 {
+				tail.WriteByte('\n')
+			}
+			tail.WriteString(strings.Repeat(string(rune('a'+l)), 999) + "é")
+		}
+		tail.WriteString("\nCUDA out of memory")
+		b.ReportExit(process.Exit{WorkerID: fmt.Sprintf("w%d", i), PID: i + 2, ExitCode: 1, LogTail: tail.String(), Time: time.Now()})
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { defer close(done); b.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	seen := map[string]bool{}
+	timeout := time.After(20 * time.Second)
+	for len(seen) < workers {
+		select {
+		case beat := <-fq.beats:
+			if n := proto.Size(beat); n > rpcserver.MaxMessageBytes/2 {
+				t.Errorf("a beat of %d bytes: want at most half the queen's limit", n)
+			}
+			for _, e := range beat.GetExits() {
+				if seen[e.GetWorkerId()] {
+					t.Errorf("exit of %s sent twice", e.GetWorkerId())
+				}
+				seen[e.GetWorkerId()] = true
+				tail := e.GetLogTail()
+				if len(tail) > maxLogTailBytes || !strings.HasSuffix(tail, "é\nCUDA out of memory") ||
+					!strings.HasPrefix(tail, truncatedMark) || !utf8.ValidString(tail) {
+					t.Fatalf("exit of %s: tail of %d bytes %.40q...%q: want at most %d bytes, marked as cut, ending with the last output",
+						e.GetWorkerId(), len(tail), tail, tail[max(0, len(tail)-30):], maxLogTailBytes)
+				}
+			}
+		case <-timeout:
+			t.Fatalf("the queen learned %d of %d exits within 20s", len(seen), workers)
+		}
+	}
+}
+
+func TestTruncateTail(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		max  int
+		want string
+	}{
+		{"short", 64, "short"},
+		{"line one\nline two\nline three", 24, truncatedMark + "line three"},
+		{strings.Repeat("x", 40), 16, truncatedMark + strings.Repeat("x", 16-len(truncatedMark))},
+		{"ééééééééé", 11, truncatedMark + "éé"},
+	} {
+		if got := truncateTail(tc.in, tc.max); got != tc.want || len(got) > tc.max {
+			t.Errorf("truncateTail(%q, %d) = %q, want %q", tc.in, tc.max, got, tc.want)
+		}
 	}
 }
