@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +13,11 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 )
@@ -140,4 +147,88 @@ func (p *proc) countAction(action string) int {
 		}
 	}
 	return n
+}
+
+// holdPreface opens n connections to addr that send only the first line of the HTTP/2 preface and
+// hold; they are closed when the test ends.
+func holdPreface(t *testing.T, addr string, n int) {
+	t.Helper()
+	for range n {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if _, err := c.Write([]byte("PRI * HTTP/2.0\r\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestShutdownWithHeldConnections: 50 connections that sent half an HTTP/2 preface and hold do
+// not delay the queen's or the hive's exit after SIGTERM past its shutdown bound (5s with the
+// default flags), and a call on a connection that was open before SIGTERM is refused as
+// UNAVAILABLE once the shutdown began (health says NOT_SERVING), rather than served.
+func TestShutdownWithHeldConnections(t *testing.T) {
+	q, addr := startQueen(t)
+	hid := uniqueID("held")
+	h, hiveAddr := startHive(t, addr, hid)
+	_, qconn := dial(t, addr)
+	qc := rbeev1.NewQueenServiceClient(qconn)
+	hconn, err := grpc.NewClient(hiveAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hconn.Close()
+	hc := rbeev1.NewHiveServiceClient(hconn)
+	for _, tc := range []struct {
+		name string
+		p    *proc
+		addr string
+		conn *grpc.ClientConn
+		call func() error
+	}{
+		{"hive", h, hiveAddr, hconn, func() error {
+			_, err := hc.Delete(ctxT(t, 5*time.Second), &rbeev1.DeleteRequest{WorkerId: "nobody", Pid: 99999})
+			return err
+		}},
+		{"queen", q, addr, qconn, func() error {
+			_, err := qc.ListWorkers(ctxT(t, 5*time.Second), &rbeev1.ListWorkersRequest{})
+			return err
+		}},
+	} {
+		if err := tc.call(); status.Code(err) == codes.Unavailable {
+			t.Fatalf("%s: call before shutdown: %v", tc.name, err)
+		}
+		wctx, stopWatch := context.WithCancel(t.Context())
+		health, err := healthpb.NewHealthClient(tc.conn).Watch(wctx, &healthpb.HealthCheckRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r, err := health.Recv(); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("%s: health before shutdown: %v, %v", tc.name, r, err)
+		}
+		holdPreface(t, tc.addr, 50)
+		begin := time.Now()
+		if err := tc.p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if r, err := health.Recv(); err != nil || r.GetStatus() != healthpb.HealthCheckResponse_NOT_SERVING {
+			t.Fatalf("%s: health after SIGTERM: %v, %v; want NOT_SERVING", tc.name, r, err)
+		}
+		stopWatch() // a prober that saw NOT_SERVING goes away
+		if err := tc.call(); status.Code(err) != codes.Unavailable {
+			t.Errorf("%s: a call on an open connection while shutting down: %v, want UNAVAILABLE", tc.name, err)
+		}
+		// The handshake timeout is 10s and the clients hold for the whole test: the server must
+		// neither wait for them nor for that timeout.
+		if code := tc.p.exitCode(30 * time.Second); code != 0 {
+			t.Errorf("%s exited with %d", tc.name, code)
+		}
+		took := time.Since(begin)
+		t.Logf("%s exited %v after SIGTERM", tc.name, took.Round(time.Millisecond))
+		if took > 7*time.Second {
+			t.Errorf("%s took %v to exit after SIGTERM with 50 held connections, want within its 5s bound", tc.name, took.Round(time.Millisecond))
+		}
+	}
 }

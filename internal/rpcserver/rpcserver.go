@@ -9,6 +9,8 @@ import (
 	"net"
 	"runtime/debug"
 	"slices"
+	"strings"
+	"sync/atomic"
 	"time"
 
 	grpcprom "github.com/grpc-ecosystem/go-grpc-middleware/providers/prometheus"
@@ -39,7 +41,9 @@ type Options struct {
 	Stream []grpc.StreamServerInterceptor
 	// Extra server options (credentials, limits).
 	ServerOptions []grpc.ServerOption
-	// ShutdownTimeout bounds the graceful stop; past it open calls are cut. Default 5s.
+	// ShutdownTimeout bounds the graceful stop; past it open calls and connections are cut, so
+	// Serve returns within it (plus a moment) of ctx being done, whatever clients hold open.
+	// Default 5s.
 	ShutdownTimeout time.Duration
 	// Metrics, if set, counts and times every call (Prometheus), except the streams named in
 	// Unmetered: per-message counters on a stream carrying 100,000 heartbeats a second cost the
@@ -57,6 +61,11 @@ type Server struct {
 	log     *zap.Logger
 	timeout time.Duration
 	metrics *grpcprom.ServerMetrics
+	conns   *conns
+	// draining is set when shutdown starts; from then on new calls are refused, also on
+	// connections that are already open (grpc-go's GOAWAY only reaches them once every
+	// connection has finished its handshake).
+	draining atomic.Bool
 }
 
 // minPingInterval is the most frequent keepalive ping the servers permit; clients ping every
@@ -69,6 +78,10 @@ const MaxMessageBytes = 1 << 20
 // MaxStreamsPerConn bounds the streams one connection may hold open at once, so one client cannot
 // pin unbounded server memory; a real worker or hive uses one.
 const MaxStreamsPerConn = 1024
+
+// HandshakeTimeout bounds a new connection's handshake (TLS and the HTTP/2 preface); gRPC's default
+// of 120 s would let an idle client hold a connection, and the server's shutdown, that long.
+const HandshakeTimeout = 10 * time.Second
 
 // New builds the server. Register services on s.GRPC, then call Serve.
 func New(o Options) *Server {
@@ -95,8 +108,9 @@ func New(o Options) *Server {
 		narrate.Logger(ctx).Error("panic in handler", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 		return status.Error(codes.Internal, "internal error")
 	})
-	var unary []grpc.UnaryServerInterceptor
-	var stream []grpc.StreamServerInterceptor
+	s := &Server{Health: health.NewServer(), log: log, timeout: timeout, metrics: o.Metrics, conns: &conns{open: map[string]*conn{}}}
+	unary := []grpc.UnaryServerInterceptor{s.refuseWhileDraining}
+	stream := []grpc.StreamServerInterceptor{s.refuseStreamsWhileDraining}
 	if o.Metrics != nil {
 		metered := selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool {
 			return !slices.Contains(o.Unmetered, c.FullMethod())
@@ -123,37 +137,67 @@ func New(o Options) *Server {
 		grpc.MaxConcurrentStreams(MaxStreamsPerConn),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: minPingInterval, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
+		grpc.ConnectionTimeout(HandshakeTimeout),
+		grpc.StatsHandler(handshakes{s.conns}),
 	}, o.ServerOptions...)
-	s := &Server{GRPC: grpc.NewServer(opts...), Health: health.NewServer(), log: log, timeout: timeout, metrics: o.Metrics}
+	s.GRPC = grpc.NewServer(opts...)
 	healthpb.RegisterHealthServer(s.GRPC, s.Health)
 	reflection.Register(s.GRPC)
 	return s
 }
 
-// Serve serves on lis until ctx is done, then reports NOT_SERVING, calls drain (which ends
-// long-lived streams), stops gracefully and, past the shutdown timeout, cuts what is left.
+// errDraining answers calls that arrive once shutdown has started.
+var errDraining = status.Error(codes.Unavailable, "server shutting down; try again elsewhere or later")
+
+func isHealth(method string) bool {
+	return strings.HasPrefix(method, "/"+healthpb.Health_ServiceDesc.ServiceName+"/")
+}
+
+// Health checks go on during the drain: they answer NOT_SERVING, which is what a prober needs.
+func (s *Server) refuseWhileDraining(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+	if s.draining.Load() && !isHealth(info.FullMethod) {
+		return nil, errDraining
+	}
+	return h(ctx, req)
+}
+
+func (s *Server) refuseStreamsWhileDraining(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, h grpc.StreamHandler) error {
+	if s.draining.Load() && !isHealth(info.FullMethod) {
+		return errDraining
+	}
+	return h(srv, ss)
+}
+
+// Serve serves on lis until ctx is done, then refuses new calls, reports NOT_SERVING, calls
+// drain (which ends long-lived streams), closes connections still in their handshake, stops
+// gracefully and, past the shutdown timeout, cuts every connection left.
 func (s *Server) Serve(ctx context.Context, lis net.Listener, drain func()) error {
 	if s.metrics != nil {
 		// Every method shows in the metrics from the start, at zero, not only once called.
 		s.metrics.InitializeMetrics(s.GRPC)
 	}
 	errc := make(chan error, 1)
-	go func() { errc <- s.GRPC.Serve(lis) }()
+	go func() { errc <- s.GRPC.Serve(&listener{Listener: lis, c: s.conns}) }()
 	select {
 	case err := <-errc:
 		return err
 	case <-ctx.Done():
 	}
+	s.draining.Store(true)
+	s.log.Info("shutting down: refusing new calls, draining open ones", zap.Duration("timeout", s.timeout),
+		zap.String("action", "server_draining"))
 	s.Health.Shutdown()
 	if drain != nil {
 		drain()
 	}
 	stopped := make(chan struct{})
 	go func() { s.GRPC.GracefulStop(); close(stopped) }()
+	s.conns.closeHandshaking()
 	select {
 	case <-stopped:
 	case <-time.After(s.timeout):
-		s.log.Warn("graceful stop timed out; closing remaining calls", zap.Duration("timeout", s.timeout))
+		s.log.Warn("graceful stop timed out; closing remaining calls and connections", zap.Duration("timeout", s.timeout))
+		s.conns.closeAll()
 		s.GRPC.Stop()
 		<-stopped
 	}

@@ -2,6 +2,7 @@ package rpcserver
 
 import (
 	"context"
+	"io"
 	"net"
 	"strings"
 	"testing"
@@ -154,5 +155,59 @@ func TestShutdownReportsNotServingDrainsAndStops(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Serve did not return")
+	}
+}
+
+// TestShutdownCutsHeldConnections: connections held in their handshake (half a preface) or past
+// it without ever answering do not keep Serve from returning: those still in the handshake are
+// closed at once, the rest at the shutdown timeout.
+func TestShutdownCutsHeldConnections(t *testing.T) {
+	for _, tc := range []struct {
+		name, send string
+		within     time.Duration
+	}{
+		{"half a preface", "PRI * HTTP/2.0\r\n", 2 * time.Second},
+		// The whole preface and an empty SETTINGS frame: the handshake is done, then silence.
+		{"preface and settings", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00", 500*time.Millisecond + 2*time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := New(Options{Logger: zap.NewNop(), ShutdownTimeout: 500 * time.Millisecond})
+			lis, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			done := make(chan error, 1)
+			go func() { done <- s.Serve(ctx, lis, nil) }()
+			for range 20 {
+				c, err := net.Dial("tcp", lis.Addr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				if _, err := c.Write([]byte(tc.send)); err != nil {
+					t.Fatal(err)
+				}
+				// The server's SETTINGS frame says it has taken the connection in.
+				_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+				if _, err := io.ReadFull(c, make([]byte, 9)); err != nil {
+					t.Fatalf("no SETTINGS from the server: %v", err)
+				}
+			}
+			begin := time.Now()
+			cancel()
+			select {
+			case err := <-done:
+				if err != nil {
+					t.Fatalf("Serve = %v", err)
+				}
+			case <-time.After(15 * time.Second):
+				t.Fatal("Serve did not return within 15s of shutdown with held connections")
+			}
+			if took := time.Since(begin); took > tc.within {
+				t.Errorf("Serve returned %v after shutdown began, want within %v", took, tc.within)
+			}
+		})
 	}
 }
