@@ -232,3 +232,48 @@ func TestShutdownWithHeldConnections(t *testing.T) {
 		}
 	}
 }
+
+// TestCLIErrorsSayWhoIsDown: with the queen up and a hive down, rbee says the hive cannot be
+// reached (exit 4), not the queen; with the queen down it says the queen. Usage mistakes that
+// used to pass (an unknown subcommand, a zero or negative --timeout) exit 2.
+func TestCLIErrorsSayWhoIsDown(t *testing.T) {
+	queen, hid := cliFleet(t)
+	id := uniqueID("w")
+	rbeeOK(t, queen, "worker", "spawn", "--model", "m", "--id", id, "--hive", hid, "--wait")
+	dead := freeAddr(t)
+
+	for _, tc := range []struct {
+		name      string
+		queen     string
+		args      []string
+		code      int
+		want, not string
+	}{
+		{"unknown worker subcommand", queen, []string{"worker", "bogus"}, 2, `unknown command "bogus"`, ""},
+		{"unknown hive subcommand", queen, []string{"hive", "rmm"}, 2, `unknown command "rmm"`, ""},
+		{"zero timeout", queen, []string{"worker", "ls", "--timeout", "0"}, 2, "--timeout", ""},
+		{"negative timeout", queen, []string{"status", "--timeout", "-5s"}, 2, "--timeout", ""},
+		{"negative spawn timeout", queen, []string{"worker", "spawn", "--model", "m", "--timeout", "-1s"}, 2, "--timeout", ""},
+		{"queen down", dead, []string{"worker", "rm", id}, 4, "cannot reach the queen at " + dead, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := rbee(t, tc.queen, tc.args...)
+			if r.code != tc.code || !strings.Contains(r.stderr, tc.want) {
+				t.Fatalf("want exit %d and %q; %v", tc.code, tc.want, r)
+			}
+		})
+	}
+
+	// The hive goes away; the queen stays.
+	for _, pid := range pidsWithArg("hive", "--hive-id\x00"+hid) {
+		_ = unix.Kill(pid, unix.SIGKILL)
+		awaitExit(t, pid, 10*time.Second)
+	}
+	for _, args := range [][]string{{"worker", "rm", id}, {"worker", "spawn", "--model", "m", "--hive", hid}} {
+		r := rbee(t, queen, args...)
+		if r.code != 4 || strings.Contains(r.stderr, "cannot reach the queen") || !strings.Contains(r.stderr, "cannot reach hive "+hid) {
+			t.Errorf("rbee %v with its hive down: want exit 4 saying the queen cannot reach hive %s; %v", args, hid, r)
+		}
+	}
+	rbeeOK(t, queen, "status")
+}

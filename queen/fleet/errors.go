@@ -34,7 +34,13 @@ type Error struct {
 	Kind Kind
 	Msg  string
 	Err  error // the cause, if any
+	// Unreachable names the hive when the failure is that hive not answering (KindUnavailable),
+	// so that an edge can tell its callers which one, apart from the queen itself.
+	Unreachable *HiveRef
 }
+
+// HiveRef names a hive.
+type HiveRef struct{ ID, Address string }
 
 func (e *Error) Error() string { return e.Msg }
 func (e *Error) Unwrap() error { return e.Err }
@@ -85,7 +91,8 @@ func hiveError(hiveID, address, op string, err error) *Error {
 	case codes.Canceled:
 		return &Error{Kind: KindCanceled, Msg: fmt.Sprintf("%s on hive %s cancelled", op, hiveID), Err: err}
 	case codes.Unavailable, codes.DeadlineExceeded:
-		return &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s is unreachable (%s): %s", hiveID, address, op, st.Message()), Err: err}
+		return &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s is unreachable (%s): %s", hiveID, address, op, st.Message()), Err: err,
+			Unreachable: &HiveRef{hiveID, address}}
 	}
 	k, ok := kindOfCode[st.Code()]
 	if !ok {

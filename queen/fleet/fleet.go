@@ -107,7 +107,8 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 	hc, err := f.cfg.Hives.Hive(hive.Address)
 	if err != nil {
 		f.reg.Remove(id, err)
-		return registry.Worker{}, &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s: %v", hive.ID, hive.Address, err), Err: err}
+		return registry.Worker{}, &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s: %v", hive.ID, hive.Address, err), Err: err,
+			Unreachable: &HiveRef{hive.ID, hive.Address}}
 	}
 	// The hive call is not cut short when the caller goes away: a spawn either returns a
 	// registered worker or leaves nothing behind, never a process the queen half knows.
@@ -241,7 +242,8 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Del
 	narrate.Event(ctx, "queen", "worker_delete_start", fmt.Sprintf("Deleting worker %s (PID %d) on hive %s", id, w.PID, hive.ID), zap.Int32("pid", w.PID))
 	hc, err := f.cfg.Hives.Hive(hive.Address)
 	if err != nil {
-		return Deleted{}, &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s: %v", hive.ID, hive.Address, err), Err: err}
+		return Deleted{}, &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s: %v", hive.ID, hive.Address, err), Err: err,
+			Unreachable: &HiveRef{hive.ID, hive.Address}}
 	}
 	dreq := &rbeev1.DeleteRequest{WorkerId: id, Pid: w.PID, ProcessStartTime: w.ProcessStartTime}
 	timeout := validate.MaxGrace + hiveDeleteSlack

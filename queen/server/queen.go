@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -16,6 +17,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/errinfo"
 	"github.com/rbee-dev/rbee/internal/validate"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/queen/fleet"
@@ -76,7 +78,13 @@ func toStatus(err error) error {
 	if err == nil {
 		return nil
 	}
-	return status.Error(fleet.CodeOf(fleet.KindOf(err)), err.Error())
+	st := status.New(fleet.CodeOf(fleet.KindOf(err)), err.Error())
+	var fe *fleet.Error
+	if errors.As(err, &fe) && fe.Unreachable != nil {
+		// Clients tell "the queen answered: a hive is down" from "the queen is down" by this.
+		st = errinfo.WithHiveUnreachable(st, fe.Unreachable.ID, fe.Unreachable.Address)
+	}
+	return st.Err()
 }
 
 // SpawnWorker starts a worker through the fleet operations (pick a hive, reserve the id, ask the

@@ -2,10 +2,13 @@ package cli
 
 import (
 	"context"
+	"io"
 	"time"
 
 	"github.com/spf13/cobra"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
@@ -47,7 +50,9 @@ func (g *globals) dial() (*client, error) {
 	if err != nil {
 		return nil, err
 	}
-	opts := append(append(rpcclient.Options(), creds), auth.Bearer(token)...)
+	opts := append(append(rpcclient.Options(), creds,
+		grpc.WithChainUnaryInterceptor(markUnanswered), grpc.WithChainStreamInterceptor(markUnansweredStream)),
+		auth.Bearer(token)...)
 	conn, err := grpc.NewClient(g.queen, opts...)
 	if err != nil {
 		return nil, usagef("--queen %q: %v", g.queen, err)
@@ -81,4 +86,42 @@ func unary[R proto.Message](a *app, cmd *cobra.Command, call func(context.Contex
 		return writeJSON(a.out, resp)
 	}
 	return table(resp)
+}
+
+// unanswered marks a call's error as not coming from the queen: the call got no response header,
+// which the queen sends with every answer (the job id), so the queen itself was not reached (or
+// not any more). Its status is the call's own, unchanged.
+type unanswered struct{ err error }
+
+func (e unanswered) Error() string              { return e.err.Error() }
+func (e unanswered) Unwrap() error              { return e.err }
+func (e unanswered) GRPCStatus() *status.Status { return status.Convert(e.err) }
+
+func markUnanswered(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+	var hdr metadata.MD
+	err := invoker(ctx, method, req, reply, cc, append(opts, grpc.Header(&hdr))...)
+	if err != nil && len(hdr) == 0 {
+		return unanswered{err}
+	}
+	return err
+}
+
+func markUnansweredStream(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string, streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	s, err := streamer(ctx, desc, cc, method, opts...)
+	if err != nil {
+		return nil, unanswered{err}
+	}
+	return markedStream{s}, nil
+}
+
+type markedStream struct{ grpc.ClientStream }
+
+func (s markedStream) RecvMsg(m any) error {
+	err := s.ClientStream.RecvMsg(m)
+	if err != nil && err != io.EOF {
+		if md, _ := s.Header(); len(md) == 0 {
+			return unanswered{err}
+		}
+	}
+	return err
 }

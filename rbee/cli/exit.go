@@ -8,6 +8,8 @@ import (
 
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/rbee-dev/rbee/internal/errinfo"
 )
 
 // Exit statuses. Scripts rely on them, so they never change meaning; they are listed in
@@ -32,9 +34,9 @@ const (
 const exitHelp = `Exit status:
   0   success
   1   any other error
-  2   usage error (unknown command or flag, missing argument)
+  2   usage error (unknown command or flag, missing argument, --timeout not positive)
   3   not found (unknown worker or hive id)
-  4   unavailable (the queen, or the worker's hive, cannot be reached)
+  4   unavailable (the queen cannot be reached, or it cannot reach the hive; the message says which)
   5   unauthenticated or permission denied (missing or wrong token)
   6   invalid argument (a field the queen refused; the message names it)
   7   failed precondition (e.g. the PID is not that worker's process)
@@ -103,10 +105,15 @@ func describe(err error, queen string) (string, int) {
 	}
 	st := se.GRPCStatus()
 	msg := st.Message()
+	var un unanswered
+	fromQueen := !errors.As(err, &un)
 	switch {
-	case st.Code() == codes.Unavailable && transportFailure(msg):
+	case st.Code() == codes.Unavailable && !fromQueen:
 		msg = fmt.Sprintf("cannot reach the queen at %s: %s", queen, lastCause(msg))
-	case st.Code() == codes.DeadlineExceeded && msg == context.DeadlineExceeded.Error():
+	case st.Code() == codes.Unavailable && hiveDown(st) != "":
+		// The queen is up; one of its hives is not. Say which, without grpc-go's layers.
+		msg = fmt.Sprintf("the queen is up but cannot reach %s: %s", hiveDown(st), lastCause(msg))
+	case st.Code() == codes.DeadlineExceeded && (!fromQueen || msg == context.DeadlineExceeded.Error()):
 		msg = fmt.Sprintf("the queen at %s did not answer in time (see --timeout)", queen)
 	case st.Code() == codes.Canceled && msg == context.Canceled.Error():
 		msg = "interrupted"
@@ -118,15 +125,14 @@ func describe(err error, queen string) (string, int) {
 	return msg, ExitCode(st.Code())
 }
 
-// transportFailure reports whether an UNAVAILABLE message comes from the client's connection
-// rather than from the queen (which uses UNAVAILABLE for unreachable hives too).
-func transportFailure(msg string) bool {
-	for _, s := range []string{"connection error", "transport:", "produced zero addresses", "name resolver", "connection closed", "error reading server preface"} {
-		if strings.Contains(msg, s) {
-			return true
-		}
+// hiveDown names the hive the queen could not reach ("hive h1 at 10.0.0.1:7835"), from the
+// details the queen attaches to such an answer, or is "".
+func hiveDown(st *status.Status) string {
+	id, addr, ok := errinfo.UnreachableHive(st)
+	if !ok {
+		return ""
 	}
-	return false
+	return fmt.Sprintf("hive %s at %s", id, addr)
 }
 
 // lastCause trims grpc-go's layered dial message to its root, e.g. "connection refused".

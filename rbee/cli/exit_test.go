@@ -11,6 +11,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/timestamppb"
+
+	"github.com/rbee-dev/rbee/internal/errinfo"
 )
 
 // TestExitCode pins the documented exit statuses: scripts branch on them.
@@ -59,11 +61,18 @@ func TestDescribe(t *testing.T) {
 	}{
 		{"queen verdict", status.Error(codes.NotFound, `worker "x" is not known`), `worker "x" is not known`, 3},
 		{"unauthenticated", status.Error(codes.Unauthenticated, "missing token"), "missing token", 5},
-		{"queen unreachable",
-			status.Error(codes.Unavailable, `connection error: desc = "transport: Error while dialing: dial tcp 127.0.0.1:1: connect: connection refused"`),
+		{"queen unreachable (no answer at all)",
+			unanswered{status.Error(codes.Unavailable, `connection error: desc = "transport: Error while dialing: dial tcp 127.0.0.1:1: connect: connection refused"`)},
 			"cannot reach the queen at q:1: connection refused", 4},
-		{"hive unreachable (from the queen)", status.Error(codes.Unavailable, "hive h1 at 10.0.0.1:7835 is unreachable (spawn): boom"),
-			"hive h1 at 10.0.0.1:7835 is unreachable (spawn): boom", 4},
+		{"queen did not answer in time", unanswered{status.Error(codes.DeadlineExceeded, "context deadline exceeded")},
+			"the queen at q:1 did not answer in time (see --timeout)", 8},
+		{"hive unreachable, said by the queen in words only", status.Error(codes.Unavailable, "hive h1 at 10.0.0.1:7835 is unreachable (spawn): connection error: boom"),
+			"hive h1 at 10.0.0.1:7835 is unreachable (spawn): connection error: boom", 4},
+		{"hive unreachable, with the queen's details",
+			errinfo.WithHiveUnreachable(status.New(codes.Unavailable, `hive h1 at 10.0.0.1:7835 is unreachable (delete): connection error: desc = "transport: Error while dialing: dial tcp 10.0.0.1:7835: connect: connection refused"`), "h1", "10.0.0.1:7835").Err(),
+			"the queen is up but cannot reach hive h1 at 10.0.0.1:7835: connection refused", 4},
+		{"a spawn that ran out of time, said by the queen", status.Error(codes.DeadlineExceeded, "worker w was not READY within 1s; it was stopped and removed"),
+			"worker w was not READY within 1s; it was stopped and removed", 8},
 		{"wrapped status", fmt.Errorf("following worker w-1: %w", status.Error(codes.Unavailable, "queen shutting down")),
 			"following worker w-1: queen shutting down", 4},
 		{"interrupted", status.Error(codes.Canceled, context.Canceled.Error()), "interrupted", 1},

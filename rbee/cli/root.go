@@ -88,6 +88,12 @@ line. Errors are one sentence on stderr and a distinct exit status.
 			if a.g.output != formatTable && a.g.output != formatJSON {
 				return fmt.Errorf("-o %q: want table or json", a.g.output)
 			}
+			// 0 or a negative bound would silently mean "no bound" to the calls.
+			if f := cmd.Flags().Lookup("timeout"); f != nil && f.Changed {
+				if d := timeout(cmd); d <= 0 {
+					return fmt.Errorf("--timeout %v: want a positive duration, e.g. 30s", d)
+				}
+			}
 			return nil
 		},
 	}
@@ -112,6 +118,7 @@ line. Errors are one sentence on stderr and a distinct exit status.
 		c.GroupID = "fleet"
 		root.AddCommand(c)
 	}
+	refuseUnknownSubcommands(root)
 	return root
 }
 
@@ -126,6 +133,32 @@ func (a *app) connect() (*client, error) { return a.g.dial() }
 
 // json reports whether -o json was asked for.
 func (a *app) json() bool { return a.g.output == formatJSON }
+
+// refuseUnknownSubcommands makes every command that only groups others ("rbee worker") refuse a
+// word it does not know as a usage error; cobra would print the help and succeed. Alone, such a
+// command prints its help.
+func refuseUnknownSubcommands(c *cobra.Command) {
+	for _, sub := range c.Commands() {
+		refuseUnknownSubcommands(sub)
+	}
+	if c.Runnable() || !c.HasSubCommands() || c.Parent() == nil {
+		return
+	}
+	c.Args = func(cmd *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return nil
+		}
+		msg := fmt.Sprintf("unknown command %q for %q", args[0], cmd.CommandPath())
+		if cmd.SuggestionsMinimumDistance <= 0 {
+			cmd.SuggestionsMinimumDistance = 2
+		}
+		if s := cmd.SuggestionsFor(args[0]); len(s) > 0 {
+			msg += fmt.Sprintf("; did you mean %q?", s[0])
+		}
+		return errors.New(msg)
+	}
+	c.RunE = func(cmd *cobra.Command, _ []string) error { return cmd.Help() }
+}
 
 // exactID is cobra.ExactArgs(1) with a message that names what is missing.
 func exactID(what string) cobra.PositionalArgs {
