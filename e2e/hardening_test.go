@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -276,4 +277,63 @@ func TestCLIErrorsSayWhoIsDown(t *testing.T) {
 		}
 	}
 	rbeeOK(t, queen, "status")
+}
+
+// inNetns prefixes a command so that it runs in a network namespace of its own (unshare -rn)
+// whose loopback also carries 10.1.2.3: an address that is not loopback, reachable only there.
+func inNetns(t *testing.T, argv ...string) []string {
+	t.Helper()
+	if _, err := exec.LookPath("unshare"); err != nil {
+		t.Skip("no unshare here")
+	}
+	if err := exec.Command("unshare", "-rn", "true").Run(); err != nil {
+		t.Skipf("cannot make a network namespace here: %v", err)
+	}
+	return append([]string{"unshare", "-rn", "sh", "-c", `ip link set lo up && ip addr add 10.1.2.3/32 dev lo && exec "$@"`, "sh"}, argv...)
+}
+
+// TestTokenInClearIsWarnedAbout: a queen serving beyond loopback with a cluster token and no TLS,
+// and rbee sending its token to such a queen, say loudly that the token crosses the network in
+// clear text (the README's security model says so too); on loopback they say nothing.
+func TestTokenInClearIsWarnedAbout(t *testing.T) {
+	tok := tokenFile(t)
+	argv := inNetns(t, filepath.Join(binDir, "queen"), "--listen", "10.1.2.3:7833", "--token-file", tok)
+	q := &proc{t: t, name: "queen", done: make(chan struct{})}
+	q.cond = sync.NewCond(&q.mu)
+	q.cmd = exec.Command(argv[0], argv[1:]...)
+	stderr, err := q.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := q.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go q.read(stderr)
+	go func() { _ = q.cmd.Wait(); close(q.done) }()
+	t.Cleanup(func() { q.stop(syscall.SIGTERM, 10*time.Second) })
+	w := q.awaitAction("token_in_clear")
+	if w["level"] != "warn" || !strings.Contains(w["msg"].(string), "clear text") {
+		t.Errorf("warning line: %v", w)
+	}
+	q.awaitAction("queen_start")
+
+	// rbee in a namespace of its own: 10.1.2.3 there has no queen, so the call fails at once.
+	argv = inNetns(t, rbeeBinary(t), "--queen", "10.1.2.3:7833", "--timeout", "5s", "status")
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = append(rbeeEnv("10.1.2.3:7833"), "RBEE_TOKEN="+testToken)
+	out, _ := cmd.CombinedOutput()
+	if !strings.Contains(string(out), "rbee: warning: --queen 10.1.2.3:7833 is not a loopback address and TLS is off") {
+		t.Errorf("rbee sending a token to 10.1.2.3 without TLS did not warn:\n%s", out)
+	}
+	if strings.Contains(string(out), testToken) {
+		t.Errorf("rbee printed the token:\n%s", out)
+	}
+
+	// On loopback: no warning.
+	_, addr := startQueen(t, "--token-file", tok)
+	cmd = exec.Command(rbeeBinary(t), "--queen", addr, "status")
+	cmd.Env = append(rbeeEnv(addr), "RBEE_TOKEN="+testToken)
+	if out, err := cmd.CombinedOutput(); err != nil || strings.Contains(string(out), "warning") {
+		t.Errorf("rbee on loopback: %v\n%s", err, out)
+	}
 }

@@ -86,6 +86,11 @@ func run(args []string) int {
 	}
 	defer func() { _ = log.Sync() }()
 	log = log.With(zap.String("hive_id", o.hiveID))
+	for _, a := range []struct{ flag, addr string }{{"--listen", o.listen}, {"--queen", o.queen}} {
+		if auth.TokenInClear(a.addr, o.creds.Token, o.creds.TLS.Enabled()) {
+			log.Warn(auth.TokenInClearWarning(a.flag, a.addr), zap.String("actor", "hive"), zap.String("action", "token_in_clear"))
+		}
+	}
 	if err := serve(o, cfg, log); err != nil {
 		log.Error("hive stopped with an error", zap.Error(err))
 		return 1

@@ -206,6 +206,9 @@ func serve(o options, log *zap.Logger) error {
 	regCtx, stopReg := context.WithCancel(context.Background())
 	regDone := make(chan struct{})
 	go func() { defer close(regDone); reg.Run(regCtx) }()
+	if auth.TokenInClear(o.listen, o.creds.Token, o.creds.TLS.Enabled()) {
+		log.Warn(auth.TokenInClearWarning("--listen", o.listen), zap.String("actor", "queen"), zap.String("action", "token_in_clear"))
+	}
 	log.Info("queen serving", zap.String("listen", lis.Addr().String()), zap.String("queen_id", queenID),
 		zap.Int("static_hives", len(o.hives)), zap.Duration("heartbeat_interval", o.interval),
 		zap.String("actor", "queen"), zap.String("action", "queen_start"))

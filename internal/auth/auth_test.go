@@ -199,3 +199,26 @@ func TestCheckExposure(t *testing.T) {
 		}
 	}
 }
+
+func TestTokenInClear(t *testing.T) {
+	for _, tc := range []struct {
+		addr  string
+		token string
+		tls   bool
+		want  bool
+	}{
+		{"127.0.0.1:7833", "tok", false, false},
+		{"127.0.0.2:7833", "tok", false, false},
+		{"[::1]:7833", "tok", false, false},
+		{"localhost:7833", "tok", false, false},
+		{"0.0.0.0:7833", "tok", false, true},
+		{"10.0.0.5:7833", "tok", false, true},
+		{"queen.example:7833", "tok", false, true},
+		{"10.0.0.5:7833", "tok", true, false},
+		{"10.0.0.5:7833", "", false, false},
+	} {
+		if got := auth.TokenInClear(tc.addr, tc.token, tc.tls); got != tc.want {
+			t.Errorf("TokenInClear(%q, token %t, tls %t) = %t, want %t", tc.addr, tc.token != "", tc.tls, got, tc.want)
+		}
+	}
+}

@@ -1,6 +1,7 @@
 // Package auth decides who may call what: the cluster token (operators, queen <-> hive), per-worker
-// tokens that open only that worker's own heartbeat stream, TLS and mutual TLS, and the refusal to
-// listen beyond loopback without credentials. It is wired into every server through rpcserver.
+// tokens that open only that worker's own heartbeat stream, TLS and mutual TLS, the refusal to
+// listen beyond loopback without a token, and the warning when a token would cross a network
+// without TLS. It is wired into every server through rpcserver.
 package auth
 
 import (
@@ -191,8 +192,9 @@ func (b bearer) GetRequestMetadata(context.Context, ...string) (map[string]strin
 	return map[string]string{"authorization": "Bearer " + b.token}, nil
 }
 
-// RequireTransportSecurity is false so a token can be used on loopback without TLS; off loopback
-// the programs refuse to run without TLS or --insecure.
+// RequireTransportSecurity is false so a token can be used without TLS: on loopback that is safe;
+// off loopback the programs warn loudly at start (TokenInClear) but still run, for networks that
+// are private or encrypted below rbee (a VPN, WireGuard). TLS is the answer everywhere else.
 func (b bearer) RequireTransportSecurity() bool { return false }
 
 // Bearer returns the dial option that sends token on every call; none when token is "".
@@ -201,6 +203,32 @@ func Bearer(token string) []grpc.DialOption {
 		return nil
 	}
 	return []grpc.DialOption{grpc.WithPerRPCCredentials(bearer{token: token})}
+}
+
+// TokenInClear reports whether token would cross a network unencrypted when served on or sent to
+// address: a token is set, TLS is not, and the host is not loopback.
+func TokenInClear(address, token string, tls bool) bool {
+	if token == "" || tls {
+		return false
+	}
+	host, _, err := net.SplitHostPort(address)
+	if err != nil {
+		host = address
+	}
+	return !isLoopback(host)
+}
+
+// TokenInClearWarning is the warning the programs give when TokenInClear holds.
+func TokenInClearWarning(what, address string) string {
+	return fmt.Sprintf("%s %s is not a loopback address and TLS is off: the cluster token, which can start and kill processes, crosses the network in clear text. Give --tls-cert/--tls-key/--tls-ca unless this network is private or encrypted below rbee", what, address)
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 // CheckExposure refuses to serve beyond loopback without a token: the hive's Delete is a remote
@@ -214,10 +242,7 @@ func CheckExposure(flagName, listen, token string, insecure bool) error {
 	if err != nil {
 		return err
 	}
-	if host == "localhost" {
-		return nil
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsLoopback() {
+	if isLoopback(host) {
 		return nil
 	}
 	return errors.New(flagName + " " + listen + " is not a loopback address and no cluster token is set: anyone who can reach it could start and kill processes. Give --token-file (or " + EnvToken + "), or --insecure to run open anyway")

@@ -29,7 +29,8 @@ type globals struct {
 // client is an open connection to the queen.
 type client struct {
 	rbeev1.QueenServiceClient
-	conn *grpc.ClientConn
+	conn  *grpc.ClientConn
+	token string // the cluster token sent, "" for none; never printed
 }
 
 func (c *client) Close() error { return c.conn.Close() }
@@ -57,7 +58,7 @@ func (g *globals) dial() (*client, error) {
 	if err != nil {
 		return nil, usagef("--queen %q: %v", g.queen, err)
 	}
-	return &client{QueenServiceClient: rbeev1.NewQueenServiceClient(conn), conn: conn}, nil
+	return &client{QueenServiceClient: rbeev1.NewQueenServiceClient(conn), conn: conn, token: token}, nil
 }
 
 // callContext bounds one call by d (a command's --timeout); d <= 0 means no bound.

@@ -15,6 +15,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/version"
 )
 
@@ -129,7 +130,13 @@ func timeout(cmd *cobra.Command) time.Duration {
 }
 
 // connect dials the queen for a command; the caller closes the client.
-func (a *app) connect() (*client, error) { return a.g.dial() }
+func (a *app) connect() (*client, error) {
+	cl, err := a.g.dial()
+	if err == nil && auth.TokenInClear(a.g.queen, cl.token, a.g.tlsCA != "") {
+		fmt.Fprintf(a.errOut, "rbee: warning: %s\n", auth.TokenInClearWarning("--queen", a.g.queen))
+	}
+	return cl, err
+}
 
 // json reports whether -o json was asked for.
 func (a *app) json() bool { return a.g.output == formatJSON }
