@@ -1,7 +1,9 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net"
 	"os"
@@ -335,5 +337,124 @@ func TestTokenInClearIsWarnedAbout(t *testing.T) {
 	cmd.Env = append(rbeeEnv(addr), "RBEE_TOKEN="+testToken)
 	if out, err := cmd.CombinedOutput(); err != nil || strings.Contains(string(out), "warning") {
 		t.Errorf("rbee on loopback: %v\n%s", err, out)
+	}
+}
+
+// repeatedKeys returns the keys that occur more than once in the JSON object line.
+func repeatedKeys(line []byte) ([]string, error) {
+	dec := json.NewDecoder(bytes.NewReader(line))
+	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
+		return nil, fmt.Errorf("not a JSON object: %s", line)
+	}
+	seen := map[string]bool{}
+	var dup []string
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return nil, err
+		}
+		k := tok.(string)
+		if seen[k] {
+			dup = append(dup, k)
+		}
+		seen[k] = true
+		var v json.RawMessage
+		if err := dec.Decode(&v); err != nil {
+			return nil, err
+		}
+	}
+	return dup, nil
+}
+
+// TestLogLinesHaveNoRepeatedKeys: over a spawn, a delete, a refused delete and a worker exiting
+// on its own, no JSON log line of the queen or the hive carries a key twice (log processors keep
+// one of them, or reject the line).
+func TestLogLinesHaveNoRepeatedKeys(t *testing.T) {
+	q, addr := startQueen(t)
+	hid := uniqueID("keys")
+	cleanupWorkers(t, hid)
+	h, hiveAddr := startHive(t, addr, hid)
+	qc, _ := dial(t, addr)
+	for _, id := range []string{"k1", "k2"} {
+		if _, err := qc.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: id, HiveId: hid, WaitReady: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := qc.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: "k1"}); err != nil {
+		t.Fatal(err)
+	}
+	h.awaitAction("worker_delete_complete")
+	// A Delete the hive refuses: the PID is not that worker's.
+	if _, err := hiveClient(t, hiveAddr).Delete(ctxT(t, 10*time.Second), &rbeev1.DeleteRequest{WorkerId: "k9", Pid: int32(os.Getpid())}); err == nil {
+		t.Fatal("the hive signalled the test process")
+	}
+	h.awaitAction("worker_delete_refused")
+	k2, err := qc.GetWorker(ctxT(t, 5*time.Second), &rbeev1.GetWorkerRequest{WorkerId: "k2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = unix.Kill(int(k2.GetWorker().GetPid()), unix.SIGKILL)
+	q.awaitAction("worker_exited")
+
+	for _, p := range []*proc{q, h} {
+		p.mu.Lock()
+		raw := bytes.Split(bytes.TrimSpace(p.raw.Bytes()), []byte("\n"))
+		p.mu.Unlock()
+		bad := 0
+		for _, line := range raw {
+			dup, err := repeatedKeys(line)
+			if err != nil {
+				t.Errorf("%s: %v", p.name, err)
+				continue
+			}
+			if len(dup) > 0 {
+				bad++
+				t.Errorf("%s: keys %v repeated in %s", p.name, dup, line)
+			}
+		}
+		t.Logf("%s: %d of %d lines with repeated keys", p.name, bad, len(raw))
+	}
+	noWorkersLeft(t, hid)
+}
+
+// TestLogFormatFollowsStderr: the programs log to stderr, so stderr decides JSON or console:
+// stdout on a terminal and stderr to a pipe is JSON; stderr on a terminal is console lines.
+func TestLogFormatFollowsStderr(t *testing.T) {
+	for _, tc := range []struct {
+		name      string
+		stderrTTY bool
+		wantJSON  bool
+	}{
+		{"stdout a terminal, stderr a pipe", false, true},
+		{"stderr a terminal", true, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			master, slave := openClosablePTY(t)
+			out := collect(master)
+			r, w, err := os.Pipe()
+			if err != nil {
+				t.Fatal(err)
+			}
+			piped := collect(r)
+			cmd := exec.Command(filepath.Join(binDir, "queen"), "--listen", "127.0.0.1:0")
+			cmd.Stdout, cmd.Stderr = slave, w
+			logs := piped
+			if tc.stderrTTY {
+				cmd.Stdout, cmd.Stderr = w, slave
+				logs = out
+			}
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			w.Close()
+			defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
+			logs.await(t, "queen serving", 20*time.Second)
+			first, _, _ := strings.Cut(logs.String(), "\n")
+			first = strings.TrimSpace(first)
+			isJSON := json.Valid([]byte(first))
+			if isJSON != tc.wantJSON {
+				t.Errorf("first log line %q: JSON %t, want %t", first, isJSON, tc.wantJSON)
+			}
+		})
 	}
 }

@@ -76,18 +76,19 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 	} else if err := validate.Address("queen_address", queen); err != nil {
 		return nil, invalid(err)
 	}
-	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", req.GetWorkerId())))
 	env := h.cfg.WorkerEnv
 	if tok := req.GetWorkerToken(); tok != "" {
 		env = append(slices.Clip(env), auth.EnvWorkerToken+"="+tok)
 	}
+	// The process core names the worker (worker_id, pid) in each of its own lines; putting it on
+	// the context's logger too would repeat the keys in every JSON line.
 	sp, err := h.procs.Spawn(ctx, process.SpawnSpec{
 		WorkerID: req.GetWorkerId(), HiveID: h.cfg.HiveID, Model: req.GetModel(), Device: device,
 		QueenAddress: queen, Env: env, JobID: jobid.FromContext(ctx),
 	})
 	if err != nil {
 		h.metrics.spawns.WithLabelValues(reason(err)).Inc()
-		narrate.Warn(ctx, "hive", "worker_spawn_failed", "Could not spawn the worker", zap.Error(err))
+		narrate.Warn(ctx, "hive", "worker_spawn_failed", "Could not spawn the worker", zap.String("worker_id", req.GetWorkerId()), zap.Error(err))
 		return nil, toStatus(err)
 	}
 	h.metrics.spawns.WithLabelValues("ok").Inc()
@@ -107,17 +108,17 @@ func (h *Hive) Delete(ctx context.Context, req *rbeev1.DeleteRequest) (*rbeev1.D
 		grace = h.cfg.Grace
 	}
 	pid := req.GetPid()
-	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", req.GetWorkerId()), zap.Int32("pid", pid)))
-	narrate.Event(ctx, "hive", "worker_delete_start", fmt.Sprintf("Deleting worker %s (PID %d, grace %v)", req.GetWorkerId(), pid, grace), zap.Duration("grace", grace))
+	named := []zap.Field{zap.String("worker_id", req.GetWorkerId()), zap.Int32("pid", pid)} // for the edge's own lines only, as in Spawn
+	narrate.Event(ctx, "hive", "worker_delete_start", fmt.Sprintf("Deleting worker %s (PID %d, grace %v)", req.GetWorkerId(), pid, grace), append(named, zap.Duration("grace", grace))...)
 	out, err := h.procs.Delete(ctx, process.Target{WorkerID: req.GetWorkerId(), PID: int(pid), StartTime: req.GetProcessStartTime()}, grace)
 	if err != nil {
 		h.metrics.refusals.WithLabelValues(reason(err)).Inc()
-		narrate.Warn(ctx, "hive", "worker_delete_refused", "Delete failed", zap.Error(err))
+		narrate.Warn(ctx, "hive", "worker_delete_refused", "Delete failed", append(named, zap.Error(err))...)
 		return nil, toStatus(err)
 	}
 	h.metrics.deletes.WithLabelValues(outcomeLabel(out)).Inc()
 	o := outcomeToProto(out)
-	narrate.Event(ctx, "hive", "worker_delete_complete", fmt.Sprintf("Worker %s deleted: %s", req.GetWorkerId(), o), zap.Stringer("outcome", o))
+	narrate.Event(ctx, "hive", "worker_delete_complete", fmt.Sprintf("Worker %s deleted: %s", req.GetWorkerId(), o), append(named, zap.Stringer("outcome", o))...)
 	return &rbeev1.DeleteResponse{Outcome: o}, nil
 }
 

@@ -1,5 +1,6 @@
-// Package logging builds the zap loggers of rbee's programs: JSON lines when stdout is not a
-// terminal (journald, files, log shippers), coloured console lines when a person is watching.
+// Package logging builds the zap loggers of rbee's programs: JSON lines when stderr, where they
+// write, is not a terminal (journald, files, log shippers), coloured console lines when a person
+// is watching.
 package logging
 
 import (
@@ -17,7 +18,8 @@ func New(program, level string) (*zap.Logger, error) {
 		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
 	}
 	var cfg zap.Config
-	if isTerminal(os.Stdout) {
+	// Decided by the stream the lines go to: `queen 2>log` on a terminal must still log JSON.
+	if isTerminal(os.Stderr) {
 		cfg = zap.NewDevelopmentConfig()
 		cfg.EncoderConfig.EncodeLevel = zapcore.CapitalColorLevelEncoder
 		cfg.DisableStacktrace = true
