@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -455,6 +456,61 @@ func TestLogFormatFollowsStderr(t *testing.T) {
 			if isJSON != tc.wantJSON {
 				t.Errorf("first log line %q: JSON %t, want %t", first, isJSON, tc.wantJSON)
 			}
+		})
+	}
+}
+
+// TestWorkerHost: a hive started with --worker-host 127.0.0.2 binds its workers' ports there
+// (handed over, or bound by the worker itself from $RBEE_WORKER_HOST with --no-socket-handoff),
+// not on 127.0.0.1, and the queen lists each worker with address 127.0.0.2; a default hive's
+// workers stay on 127.0.0.1 with no address.
+func TestWorkerHost(t *testing.T) {
+	_, addr := startQueen(t)
+	qc, _ := dial(t, addr)
+	for _, tc := range []struct {
+		name     string
+		args     []string
+		bindHost string
+		address  string
+	}{
+		{"socket handed over", []string{"--worker-host", "127.0.0.2"}, "127.0.0.2", "127.0.0.2"},
+		{"worker binds itself", []string{"--worker-host", "127.0.0.2", "--no-socket-handoff"}, "127.0.0.2", "127.0.0.2"},
+		{"default", nil, "127.0.0.1", "127.0.0.1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			hid := uniqueID("wh")
+			cleanupWorkers(t, hid)
+			startHive(t, addr, hid, tc.args...)
+			r, err := qc.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "m", HiveId: hid, WaitReady: true})
+			if err != nil {
+				t.Fatal(err)
+			}
+			w := r.GetWorker()
+			if w.GetAddress() != tc.address {
+				t.Errorf("SpawnWorker answered address %q, want %q", w.GetAddress(), tc.address)
+			}
+			port := strconv.Itoa(int(w.GetPort()))
+			c, err := net.DialTimeout("tcp", net.JoinHostPort(tc.bindHost, port), 5*time.Second)
+			if err != nil {
+				t.Errorf("worker not reachable at %s:%s: %v", tc.bindHost, port, err)
+			} else {
+				c.Close()
+			}
+			if tc.bindHost != "127.0.0.1" {
+				if c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", port), 5*time.Second); err == nil {
+					c.Close()
+					t.Errorf("worker also reachable at 127.0.0.1:%s; want it bound on %s only", port, tc.bindHost)
+				}
+			}
+			// The worker's own beats keep the address (a beat is the queen's only source after a restart).
+			l, err := qc.ListWorkers(ctxT(t, 5*time.Second), &rbeev1.ListWorkersRequest{HiveId: hid})
+			if err != nil || len(l.GetWorkers()) != 1 || l.GetWorkers()[0].GetAddress() != tc.address {
+				t.Errorf("ListWorkers = %v, %v; want one worker with address %q", l, err, tc.address)
+			}
+			if _, err := qc.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: w.GetWorkerId()}); err != nil {
+				t.Fatal(err)
+			}
+			noWorkersLeft(t, hid)
 		})
 	}
 }

@@ -45,12 +45,12 @@ func main() {
 }
 
 type options struct {
-	listen, hiveID, queen, workerBinary, portRange, advertise, logDir, logLevel, metricsListen string
-	grace                                                                                      time.Duration
-	maxWorkers                                                                                 int
-	register, noCgroups, noHandoff                                                             bool
-	authFlags                                                                                  auth.Flags
-	creds                                                                                      *auth.Material
+	listen, hiveID, queen, workerBinary, portRange, advertise, logDir, logLevel, metricsListen, workerHost string
+	grace                                                                                                  time.Duration
+	maxWorkers                                                                                             int
+	register, noCgroups, noHandoff                                                                         bool
+	authFlags                                                                                              auth.Flags
+	creds                                                                                                  *auth.Material
 }
 
 func run(args []string) int {
@@ -61,6 +61,7 @@ func run(args []string) int {
 	fs.StringVar(&o.queen, "queen", "127.0.0.1:7833", "address of the queen, which workers and this hive report to")
 	fs.StringVar(&o.workerBinary, "worker-binary", "", "worker executable (default: worker-stub beside the hive binary, else on PATH)")
 	fs.StringVar(&o.portRange, "port-range", "9100-9999", "ports for workers, LOW-HIGH")
+	fs.StringVar(&o.workerHost, "worker-host", "127.0.0.1", "host (IP or name) workers' ports are bound on and reported at (Worker.address), handed to workers as $RBEE_WORKER_HOST; an address other machines can reach for routing across machines, 0.0.0.0 for all (reported as the hive's own host)")
 	fs.DurationVar(&o.grace, "grace", 2*time.Second, "default grace period between SIGTERM and SIGKILL for Delete")
 	fs.StringVar(&o.advertise, "advertise", "", "HOST:PORT the queen should call (default: the listen address)")
 	fs.StringVar(&o.logDir, "log-dir", "", "directory for one capped log file per worker (default: a state directory)")
@@ -122,6 +123,9 @@ func (o *options) check() (process.Config, error) {
 	if err := auth.CheckExposure("--listen", o.listen, o.creds.Token, o.authFlags.Insecure); err != nil {
 		return cfg, err
 	}
+	if err := validate.Host("--worker-host", o.workerHost); err != nil {
+		return cfg, err
+	}
 	lo, hi, err := parsePortRange(o.portRange)
 	if err != nil {
 		return cfg, err
@@ -148,7 +152,8 @@ func (o *options) check() (process.Config, error) {
 	if o.noCgroups {
 		cgroups = process.CgroupOff
 	}
-	return process.Config{Binary: bin, PortLow: lo, PortHigh: hi, LogDir: o.logDir, MaxWorkers: o.maxWorkers, Cgroups: cgroups, HiveID: o.hiveID, NoHandoff: o.noHandoff}, nil
+	return process.Config{Binary: bin, PortLow: lo, PortHigh: hi, LogDir: o.logDir, MaxWorkers: o.maxWorkers, Cgroups: cgroups, HiveID: o.hiveID, NoHandoff: o.noHandoff,
+		ListenHost: o.workerHost}, nil
 }
 
 func serve(o options, pcfg process.Config, log *zap.Logger) error {
@@ -193,7 +198,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	srv := rpcserver.New(rpcserver.Options{Logger: log, Metrics: ms.GRPC, Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions()})
 	rbeev1.RegisterHiveServiceServer(srv.GRPC, server.New(server.Config{
 		HiveID: o.hiveID, Queen: o.queen, Grace: o.grace, Registerer: ms.Registry, Live: m.Live,
-		WorkerEnv: o.creds.TLS.Env(),
+		WorkerEnv: o.creds.TLS.Env(), WorkerAddress: workerAddress(o.workerHost),
 	}, m))
 	srv.Health.SetServingStatus(rbeev1.HiveService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	done := make(chan struct{})
@@ -204,7 +209,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 		}
 	}()
 	log.Info("hive serving", zap.String("listen", lis.Addr().String()), zap.String("advertise", o.advertise),
-		zap.String("queen", o.queen), zap.String("worker_binary", pcfg.Binary), zap.String("log_dir", pcfg.LogDir),
+		zap.String("queen", o.queen), zap.String("worker_binary", pcfg.Binary), zap.String("log_dir", pcfg.LogDir), zap.String("worker_host", pcfg.ListenHost),
 		zap.String("actor", "hive"), zap.String("action", "hive_start"))
 	err = srv.Serve(ctx, lis, nil)
 	<-done
@@ -213,6 +218,15 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	}
 	log.Info("hive stopped; its workers keep running", zap.String("actor", "hive"), zap.String("action", "hive_stop"))
 	return err
+}
+
+// workerAddress is what a worker bound on host reports as its address: host itself, except for an
+// unspecified one (0.0.0.0, ::), where the queen's view of the hive's host is the better answer.
+func workerAddress(host string) string {
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		return ""
+	}
+	return host
 }
 
 // advertiseFor is the address the queen should call when --advertise is not given: the bound

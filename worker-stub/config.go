@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"time"
 )
@@ -19,6 +20,9 @@ type config struct {
 	port                            uint
 	queen                           string
 	host                            string
+	// address is what the worker reports as Worker.address: the host it was told to bind
+	// ($RBEE_WORKER_HOST or --host), "" for the default loopback or an unspecified host.
+	address string
 
 	ignoreSIGTERM bool
 	spawnChildren int
@@ -90,6 +94,18 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	}
 	if err := c.openai.check(fs, &c); err != nil {
 		return c, err
+	}
+	if !c.openai.enabled {
+		hostSet := false
+		fs.Visit(func(f *flag.Flag) { hostSet = hostSet || f.Name == "host" })
+		// The hive hands the host the socket is bound on (its --worker-host); a worker reports it
+		// so that other machines know where to reach its port.
+		if h := os.Getenv(envWorkerHost); h != "" && !hostSet {
+			c.host, hostSet = h, true
+		}
+		if ip := net.ParseIP(c.host); hostSet && (ip == nil || !ip.IsUnspecified()) {
+			c.address = c.host
+		}
 	}
 	if env, ok := os.LookupEnv(envWorkerID); ok && env != c.workerID && (c.workerID != "" || !c.openai.enabled) {
 		return c, fmt.Errorf("$%s=%q does not match --worker-id %q", envWorkerID, env, c.workerID)

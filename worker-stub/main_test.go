@@ -518,3 +518,33 @@ func TestCommandLine(t *testing.T) {
 		})
 	}
 }
+
+// TestWorkerHostIsBoundAndReported: with $RBEE_WORKER_HOST (set by the hive from --worker-host)
+// the worker binds its port on that host and reports it as its address in every beat; without it,
+// 127.0.0.1 and no address.
+func TestWorkerHostIsBoundAndReported(t *testing.T) {
+	for _, tc := range []struct {
+		env, dial, want string
+	}{
+		{"127.0.0.2", "127.0.0.2", "127.0.0.2"},
+		{"", "127.0.0.1", ""},
+	} {
+		t.Run("host="+tc.env, func(t *testing.T) {
+			q := startQueen(t, "127.0.0.1:0", "queen-h", false)
+			cmd := stubCommand("w-host", q.addr)
+			if tc.env != "" {
+				cmd.Env = append(cmd.Env, "RBEE_WORKER_HOST="+tc.env)
+			}
+			startStub(t, cmd)
+			beat := q.nextBeat(t)
+			if beat.GetAddress() != tc.want {
+				t.Errorf("beat address %q, want %q", beat.GetAddress(), tc.want)
+			}
+			c, err := net.DialTimeout("tcp", net.JoinHostPort(tc.dial, strconv.Itoa(int(beat.GetPort()))), waitFor)
+			if err != nil {
+				t.Fatalf("worker not listening on %s: %v", tc.dial, err)
+			}
+			c.Close()
+		})
+	}
+}

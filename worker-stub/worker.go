@@ -92,6 +92,7 @@ func (d *descriptorSource) descriptor() *rbeev1.Worker {
 		Pid:              d.base.Pid,
 		Port:             d.base.Port,
 		ProcessStartTime: d.base.ProcessStartTime,
+		Address:          d.base.Address,
 		State:            d.get(),
 	}
 	return w
@@ -150,7 +151,7 @@ func serve(cfg config, log *zap.Logger) error {
 
 	desc := &descriptorSource{base: &rbeev1.Worker{
 		WorkerId: cfg.workerID, HiveId: cfg.hiveID, Model: cfg.model, Device: cfg.device,
-		Pid: int32(pid), Port: uint32(port), ProcessStartTime: startTime,
+		Pid: int32(pid), Port: uint32(port), ProcessStartTime: startTime, Address: cfg.address,
 	}}
 	desc.set(rbeev1.WorkerState_WORKER_STATE_STARTING)
 

@@ -30,6 +30,7 @@ import (
 const (
 	envWorkerID      = "RBEE_WORKER_ID"
 	envHiveID        = "RBEE_HIVE_ID"
+	envWorkerHost    = "RBEE_WORKER_HOST" // the host the worker's port is bound on and reported at
 	envJobID         = "RBEE_JOB_ID"
 	envTrampoline    = "RBEE_TRAMPOLINE_EXEC" // set: this process is a trampoline; value: the worker binary
 	envTrampolineLog = "RBEE_TRAMPOLINE_LOG"  // the log file the trampoline opens for the worker
@@ -283,7 +284,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		Args: []string{m.cfg.Binary,
 			"--worker-id", s.WorkerID, "--hive-id", hiveID, "--model", s.Model, "--device", s.Device,
 			"--port", strconv.Itoa(port), "--queen", s.QueenAddress},
-		Env:         append(workerEnv(s, hiveID, m.cfg.Binary, !m.cfg.NoHandoff), envTrampolineLog+"="+logPath),
+		Env:         append(workerEnv(s, hiveID, m.cfg.ListenHost, m.cfg.Binary, !m.cfg.NoHandoff), envTrampolineLog+"="+logPath),
 		ExtraFiles:  inherit,
 		SysProcAttr: attr,
 	}
@@ -322,11 +323,11 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 
 // workerEnv is the hive's environment plus the spec's extras plus the contract variables, which
 // always win: a caller cannot hand a worker another worker's identity marker.
-func workerEnv(s SpawnSpec, hiveID, binary string, handoff bool) []string {
+func workerEnv(s SpawnSpec, hiveID, host, binary string, handoff bool) []string {
 	reserved := func(kv string) bool {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case envWorkerID, envHiveID, envTrampoline, envTrampolineLog, envListenFDs, envListenPID, envListenName:
+		case envWorkerID, envHiveID, envWorkerHost, envTrampoline, envTrampolineLog, envListenFDs, envListenPID, envListenName:
 			return true
 		}
 		return false
@@ -347,7 +348,7 @@ func workerEnv(s SpawnSpec, hiveID, binary string, handoff bool) []string {
 			env = append(env, kv)
 		}
 	}
-	env = append(env, envWorkerID+"="+s.WorkerID, envHiveID+"="+hiveID, envTrampoline+"="+binary)
+	env = append(env, envWorkerID+"="+s.WorkerID, envHiveID+"="+hiveID, envWorkerHost+"="+host, envTrampoline+"="+binary)
 	if handoff {
 		env = append(env, envListenFDs+"=1", envListenName+"=rbee")
 	}

@@ -30,7 +30,7 @@ const (
 // Config configures a Manager. Zero values take the documented defaults.
 type Config struct {
 	Binary            string     // worker executable; Spawn fails with KindBinary if missing or not executable
-	ListenHost        string     // host the worker's listening socket binds; default "127.0.0.1"
+	ListenHost        string     // host the worker's socket binds, handed to it as RBEE_WORKER_HOST; default "127.0.0.1"
 	PortLow, PortHigh int        // inclusive port range for worker sockets
 	LogDir            string     // one log file per worker: <LogDir>/<worker-id>.log; default <tmp>/rbee-hive-logs
 	LogMaxBytes       int64      // cap per log file; default 8 MiB

@@ -37,6 +37,9 @@ type Config struct {
 	Grace time.Duration
 	// WorkerEnv is added to every worker's environment (credentials, TLS settings).
 	WorkerEnv []string
+	// WorkerAddress is the host other machines reach workers' ports at (the hive's --worker-host),
+	// returned in every SpawnResponse; "" for the hive's own host.
+	WorkerAddress string
 	// Registerer receives the hive's metrics, and Live counts its worker processes for them;
 	// nil keeps them unexported.
 	Registerer prometheus.Registerer
@@ -92,7 +95,7 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 		return nil, toStatus(err)
 	}
 	h.metrics.spawns.WithLabelValues("ok").Inc()
-	return &rbeev1.SpawnResponse{Pid: int32(sp.PID), Port: uint32(sp.Port), ProcessStartTime: sp.StartTime}, nil
+	return &rbeev1.SpawnResponse{Pid: int32(sp.PID), Port: uint32(sp.Port), ProcessStartTime: sp.StartTime, Address: h.cfg.WorkerAddress}, nil
 }
 
 // Delete stops the named worker's process after proving the PID is that worker.

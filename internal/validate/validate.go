@@ -135,6 +135,28 @@ func Address(field, v string) error {
 	return nil
 }
 
+// Host checks a host without a port: an IP address, or a DNS name (letters, digits, '-' and '_'
+// in dot-separated labels of 1 to 63, at most 253 in all).
+func Host(field, v string) error {
+	if net.ParseIP(v) != nil {
+		return nil
+	}
+	if v == "" || len(v) > 253 {
+		return fail(field, "%q must be an IP address or a host name of 1 to 253 characters", v)
+	}
+	for _, label := range strings.Split(strings.TrimSuffix(v, "."), ".") {
+		if label == "" || len(label) > 63 {
+			return fail(field, "%q must be an IP address or a host name (a label is empty or longer than 63)", v)
+		}
+		for _, c := range label {
+			if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+				return fail(field, "%q must be an IP address or a host name, without a port", v)
+			}
+		}
+	}
+	return nil
+}
+
 // ListenAddress checks an address to listen on: [HOST]:PORT with a port 0-65535 (0: any free port).
 func ListenAddress(field, v string) error {
 	_, port, err := net.SplitHostPort(v)

@@ -117,3 +117,16 @@ func FuzzRequestFields(f *testing.F) {
 		_ = ListenAddress("listen", s)
 	})
 }
+
+func TestHost(t *testing.T) {
+	for _, ok := range []string{"127.0.0.2", "10.0.0.5", "::1", "fe80::1", "gpu-node-1", "gpu-node-1.example.com", "a_b.local."} {
+		if err := Host("h", ok); err != nil {
+			t.Errorf("Host(%q) = %v, want ok", ok, err)
+		}
+	}
+	for _, bad := range []string{"", "10.0.0.5:9100", "[::1]", "a b", "host/x", "a..b", strings.Repeat("a", 64) + ".b", "-x;rm"} {
+		if err := Host("h", bad); err == nil {
+			t.Errorf("Host(%q) = nil, want an error", bad)
+		}
+	}
+}

@@ -125,7 +125,7 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 		narrate.Warn(ctx, "queen", "worker_spawn_failed", "Hive could not spawn the worker", zap.Error(err))
 		return registry.Worker{}, hiveError(hive.ID, hive.Address, "spawn", err)
 	}
-	w, err := f.reg.Started(id, resp.GetPid(), resp.GetPort(), resp.GetProcessStartTime())
+	w, err := f.reg.Started(id, resp.GetPid(), resp.GetPort(), resp.GetProcessStartTime(), resp.GetAddress())
 	if err != nil {
 		// Removed while the hive was starting it (deleted, or reported dead): do not leave the
 		// process behind.

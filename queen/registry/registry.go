@@ -49,6 +49,8 @@ type Worker struct {
 	PID                       int32
 	Port                      uint32
 	ProcessStartTime          uint64
+	// Address is the host other machines reach the worker's port at; "" for its hive's host.
+	Address string
 	// State is the effective state shown to users: StateStale overrides what was reported.
 	State State
 	// Reported is the last state the worker reported itself (StateStarting after Reserve).
@@ -219,7 +221,7 @@ func (r *Registry) Reserve(w Worker) error {
 
 // Started fills in what the hive answered to Spawn. A heartbeat may have arrived first; its
 // state is kept. ErrNotFound means the worker was removed meanwhile (say by its start timeout).
-func (r *Registry) Started(id string, pid int32, port uint32, startTime uint64) (Worker, error) {
+func (r *Registry) Started(id string, pid int32, port uint32, startTime uint64, address string) (Worker, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.workers[id]
@@ -227,7 +229,7 @@ func (r *Registry) Started(id string, pid int32, port uint32, startTime uint64) 
 		return r.notFoundLocked(id)
 	}
 	old := e.w
-	e.w.PID, e.w.Port, e.w.ProcessStartTime = pid, port, startTime
+	e.w.PID, e.w.Port, e.w.ProcessStartTime, e.w.Address = pid, port, startTime, address
 	r.changedLocked(e, old)
 	return e.w, nil
 }
@@ -266,6 +268,7 @@ func (r *Registry) Beat(in Worker) (Worker, error) {
 	setString(&w.HiveID, in.HiveID)
 	setString(&w.Model, in.Model)
 	setString(&w.Device, in.Device)
+	setString(&w.Address, in.Address)
 	if in.PID != 0 {
 		w.PID = in.PID
 	}

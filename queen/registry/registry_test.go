@@ -189,7 +189,7 @@ func TestStartTimeout(t *testing.T) {
 		if err := r.Reserve(Worker{ID: "never", HiveID: "h1"}); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := r.Started("never", 77, 9101, 1234); err != nil {
+		if _, err := r.Started("never", 77, 9101, 1234, ""); err != nil {
 			t.Fatal(err)
 		}
 		sleep(startTimeout - time.Millisecond)
@@ -398,14 +398,14 @@ func TestReserveStartedBeat(t *testing.T) {
 	}
 	// The worker beat before the hive answered Spawn: Started must not undo READY.
 	mustBeat(t, r, "w1", StateReady)
-	w, err := r.Started("w1", 4242, 9200, 777)
-	if err != nil || w.State != StateReady || w.PID != 4242 || w.Port != 9200 || w.ProcessStartTime != 777 {
+	w, err := r.Started("w1", 4242, 9200, 777, "10.0.0.7")
+	if err != nil || w.State != StateReady || w.PID != 4242 || w.Port != 9200 || w.ProcessStartTime != 777 || w.Address != "10.0.0.7" {
 		t.Fatalf("Started = %+v, %v", w, err)
 	}
 	if _, ok := r.Remove("w1", nil); !ok {
 		t.Fatal("Remove found nothing")
 	}
-	if _, err := r.Started("w1", 1, 1, 1); !errors.Is(err, ErrNotFound) {
+	if _, err := r.Started("w1", 1, 1, 1, ""); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("Started after Remove = %v, want ErrNotFound", err)
 	}
 	if _, ok := r.Remove("w1", nil); ok {
@@ -563,7 +563,7 @@ func TestConcurrentUse(t *testing.T) {
 				case 0:
 					_ = r.Reserve(Worker{ID: id, HiveID: "h"})
 				case 1:
-					_, _ = r.Started(id, 1, 2, 3)
+					_, _ = r.Started(id, 1, 2, 3, "")
 				case 2:
 					r.StreamClosed(id)
 				case 3:

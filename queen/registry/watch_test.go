@@ -76,7 +76,7 @@ func TestWatchSnapshotThenChanges(t *testing.T) {
 			t.Fatal(err)
 		}
 		step(EventAdded, "c", StateStarting)
-		if _, err := r.Started("c", 9, 9101, 99); err != nil {
+		if _, err := r.Started("c", 9, 9101, 99, ""); err != nil {
 			t.Fatal(err)
 		}
 		step(EventUpdated, "c", StateStarting)
@@ -282,7 +282,7 @@ func TestAwaitAfterRemovalKnowsWhy(t *testing.T) {
 		t.Fatalf("Await after removal = %+v, %v; want the last worker and the cause", w, err)
 	}
 	// The hive's answer to the spawn can arrive after the crash report, too.
-	if _, err := r.Started("w1", 4242, 9100, 7); !errors.Is(err, ErrNotFound) || !errors.Is(err, crash) {
+	if _, err := r.Started("w1", 4242, 9100, 7, ""); !errors.Is(err, ErrNotFound) || !errors.Is(err, crash) {
 		t.Fatalf("Started after removal = %v; want ErrNotFound with the cause", err)
 	}
 	if err := r.Reserve(Worker{ID: "w1", HiveID: "h"}); err != nil {

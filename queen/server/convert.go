@@ -33,6 +33,7 @@ func workerToProto(w registry.Worker) *rbeev1.Worker {
 func fillWorker(p *rbeev1.Worker, w registry.Worker, beat, created *timestamppb.Timestamp) {
 	p.WorkerId, p.HiveId, p.Model, p.Device = w.ID, w.HiveID, w.Model, w.Device
 	p.Pid, p.Port, p.State, p.ProcessStartTime = w.PID, w.Port, stateToProto[w.State], w.ProcessStartTime
+	p.Address = w.Address
 	if !w.LastHeartbeat.IsZero() {
 		beat.Seconds, beat.Nanos = w.LastHeartbeat.Unix(), int32(w.LastHeartbeat.Nanosecond())
 		p.LastHeartbeatTime = beat

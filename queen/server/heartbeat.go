@@ -127,13 +127,18 @@ func workerFromProto(p *rbeev1.Worker) (registry.Worker, error) {
 	if err := validate.Port("worker.port", p.GetPort()); err != nil {
 		return registry.Worker{}, err
 	}
+	if a := p.GetAddress(); a != "" {
+		if err := validate.Host("worker.address", a); err != nil {
+			return registry.Worker{}, err
+		}
+	}
 	st, ok := reportable[p.GetState()]
 	if !ok {
 		return registry.Worker{}, &validate.Error{Field: "worker.state", Rule: fmt.Sprintf("%s is not a state a worker reports (STARTING, READY, BUSY, STOPPING)", p.GetState())}
 	}
 	return registry.Worker{
 		ID: p.GetWorkerId(), HiveID: p.GetHiveId(), Model: p.GetModel(), Device: p.GetDevice(),
-		PID: p.GetPid(), Port: p.GetPort(), ProcessStartTime: p.GetProcessStartTime(), State: st, Reported: st,
+		PID: p.GetPid(), Port: p.GetPort(), ProcessStartTime: p.GetProcessStartTime(), Address: p.GetAddress(), State: st, Reported: st,
 	}, nil
 }
 

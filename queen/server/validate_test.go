@@ -83,3 +83,23 @@ func TestEveryRequestFieldIsChecked(t *testing.T) {
 		t.Fatal("a bad request reached the hive")
 	}
 }
+
+// TestHeartbeatAddress: a worker's address is a host (IP or name) without a port; anything else
+// is refused naming the field, and a good one reaches the registry's descriptor.
+func TestHeartbeatAddress(t *testing.T) {
+	base := func(a string) *rbeev1.Worker {
+		return &rbeev1.Worker{WorkerId: "w1", HiveId: "h1", Model: "m", Device: "cpu", Pid: 42, Port: 9100,
+			State: rbeev1.WorkerState_WORKER_STATE_READY, Address: a}
+	}
+	for _, a := range []string{"", "10.0.0.7", "gpu-1.example", "fd00::7"} {
+		w, err := workerFromProto(base(a))
+		if err != nil || w.Address != a {
+			t.Errorf("address %q: %+v, %v", a, w, err)
+		}
+	}
+	for _, a := range []string{"10.0.0.7:9100", "a b", "http://x", "[::1]"} {
+		if _, err := workerFromProto(base(a)); err == nil || !strings.Contains(err.Error(), "worker.address") {
+			t.Errorf("address %q: %v, want an error naming worker.address", a, err)
+		}
+	}
+}
