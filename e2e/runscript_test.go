@@ -2,7 +2,7 @@ package e2e
 
 import (
 	"bytes"
-		"io"
+	"io"
 	"net"
 	"os"
 	"os/exec"
