@@ -514,3 +514,56 @@ func TestWorkerHost(t *testing.T) {
 		})
 	}
 }
+
+// TestPlacementByRoom: a spawn without --hive goes to a hive that can take the worker, not to the
+// least-loaded one that cannot: hive "one-port" has its only port in use, "capped" is at its
+// --max-workers, "roomy" has more workers than both but room. With every hive full the spawn is
+// RESOURCE_EXHAUSTED naming each hive and why.
+func TestPlacementByRoom(t *testing.T) {
+	_, addr := startQueen(t)
+	qc, _ := dial(t, addr)
+	_, port, _ := net.SplitHostPort(freeAddr(t))
+	onePort, capped, roomy := uniqueID("one"), uniqueID("cap"), uniqueID("roomy")
+	cleanupWorkers(t, onePort, capped, roomy)
+	startHive(t, addr, onePort, "--port-range", port+"-"+port)
+	startHive(t, addr, capped, "--max-workers", "1")
+	startHive(t, addr, roomy, "--max-workers", "4")
+	spawn := func(hive string) (*rbeev1.Worker, error) {
+		r, err := qc.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "m", HiveId: hive, WaitReady: true})
+		return r.GetWorker(), err
+	}
+	for _, h := range []string{onePort, capped, roomy, roomy} {
+		if _, err := spawn(h); err != nil {
+			t.Fatalf("spawn on %s: %v", h, err)
+		}
+	}
+	for range 2 {
+		w, err := spawn("")
+		if err != nil {
+			t.Fatalf("spawn without a hive: %v", err)
+		}
+		if w.GetHiveId() != roomy {
+			t.Errorf("spawn without a hive went to %s, want %s (the only one with room)", w.GetHiveId(), roomy)
+		}
+	}
+	// roomy is now at its --max-workers too.
+	_, err := spawn("")
+	if status.Code(err) != codes.ResourceExhausted {
+		t.Fatalf("spawn with every hive full: %v, want RESOURCE_EXHAUSTED", err)
+	}
+	for _, h := range []string{onePort, capped, roomy} {
+		if !strings.Contains(status.Convert(err).Message(), "hive "+h+": no free worker slot") {
+			t.Errorf("the refusal does not say why hive %s was passed over: %v", h, err)
+		}
+	}
+	l, err := qc.ListWorkers(ctxT(t, 5*time.Second), &rbeev1.ListWorkersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range l.GetWorkers() {
+		if _, err := qc.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: w.GetWorkerId()}); err != nil {
+			t.Error(err)
+		}
+	}
+	noWorkersLeft(t, onePort, capped, roomy)
+}

@@ -179,7 +179,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 		beater = heartbeat.New(heartbeat.Config{Conn: conn, Logger: log, Describe: func() *rbeev1.Hive {
 			// Describe runs only once m is set (Run starts below).
 			return &rbeev1.Hive{HiveId: o.hiveID, Address: o.advertise, Version: version.Version(), Os: runtime.GOOS,
-				Devices: devices(), FreePorts: ports - min(ports, uint32(m.Live()))}
+				Devices: devices(), FreePorts: freeSlots(ports, o.maxWorkers, m.Live())}
 		}})
 		pcfg.OnExit = beater.ReportExit
 	}
@@ -218,6 +218,16 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	}
 	log.Info("hive stopped; its workers keep running", zap.String("actor", "hive"), zap.String("action", "hive_stop"))
 	return err
+}
+
+// freeSlots is how many more workers the hive can start: the free ports of its range, capped by
+// what --max-workers leaves. The queen places workers only on hives with a free slot.
+func freeSlots(ports uint32, maxWorkers, live int) uint32 {
+	free := ports - min(ports, uint32(live))
+	if maxWorkers > 0 {
+		free = min(free, uint32(max(0, maxWorkers-live)))
+	}
+	return free
 }
 
 // workerAddress is what a worker bound on host reports as its address: host itself, except for an

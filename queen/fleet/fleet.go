@@ -172,7 +172,8 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 	return registry.Worker{}, errorf(KindDeadline, "worker %s was not READY within %v; it was stopped and removed", id, timeout)
 }
 
-// pickHive is the spec's hive, or the least-loaded live one.
+// pickHive is the spec's hive (which answers for its own room), or the least-loaded live one that
+// has room for the worker.
 func (f *Fleet) pickHive(spec SpawnSpec) (registry.Hive, error) {
 	if hid := spec.HiveID; hid != "" {
 		if err := validate.ID("hive_id", hid); err != nil {
@@ -184,12 +185,20 @@ func (f *Fleet) pickHive(spec SpawnSpec) (registry.Hive, error) {
 		}
 		return h, nil
 	}
-	h, err := f.reg.PickHive()
-	if err != nil {
+	h, err := f.reg.PickHive(f.need(spec))
+	var nf *registry.NoFitError
+	switch {
+	case errors.As(err, &nf):
+		return registry.Hive{}, &Error{Kind: KindResourceExhausted, Msg: nf.Error() + ": wait for workers to go, delete some, or start another hive", Err: err}
+	case err != nil:
 		return registry.Hive{}, &Error{Kind: KindUnavailable, Msg: "no live hive to spawn on: start a hive, or give the queen --hive ID=HOST:PORT", Err: err}
 	}
 	return h, nil
 }
+
+// need is what spec asks of the hive the queen picks. Room for one more worker is always asked;
+// what the model and device require of a hive (the model catalog) goes in Need.Fits.
+func (f *Fleet) need(SpawnSpec) registry.Need { return registry.Need{} }
 
 // cleanup kills a worker the caller will not keep, on a context of its own: the call that wanted
 // the worker may already be cancelled, but the process must not outlive it.

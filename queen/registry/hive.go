@@ -44,6 +44,9 @@ type hiveEntry struct {
 	h          Hive // Workers is filled in on the way out
 	staleSince time.Time
 	deadline   item
+	// placedSinceBeat counts workers reserved on the hive since its last beat, which its
+	// FreePorts does not know of yet.
+	placedSinceBeat int
 }
 
 // AddStaticHive records a hive given on the command line. A self-registered hive with the same
@@ -86,6 +89,7 @@ func (r *Registry) HiveBeat(in Hive) (Hive, error) {
 	}
 	h.State, h.LastHeartbeat = HiveReady, now
 	h.Version, h.OS, h.FreePorts = in.Version, in.OS, in.FreePorts
+	e.placedSinceBeat = 0
 	if !slices.Equal(h.Devices, in.Devices) {
 		h.Devices = slices.Clone(in.Devices)
 	}
@@ -135,15 +139,57 @@ func (r *Registry) ListHives() []Hive {
 	return out
 }
 
-// PickHive returns the READY hive with the fewest workers, ties broken by the smaller id, or
-// ErrNoHive. Hives number in the hundreds at most, so a scan is the simple right answer.
-func (r *Registry) PickHive() (Hive, error) {
+// Need is what a spawn asks of the hive it is placed on; the zero Need takes any READY hive with
+// room for one more worker.
+type Need struct {
+	// Fits, when set, is asked last about each READY hive with room and says why a hive does not
+	// fit (the model catalog plugs in here: does the hive offer the model, on that device).
+	Fits func(Hive) (ok bool, why string)
+}
+
+// NoFitError says why no READY hive could take a worker: each hive passed over, with the reason.
+// It wraps ErrNoHive.
+type NoFitError struct {
+	Reasons []string // "hive a: no free worker slot ...", sorted by hive id
+}
+
+func (e *NoFitError) Error() string {
+	return "no live hive can take the worker: " + strings.Join(e.Reasons, "; ")
+}
+func (e *NoFitError) Unwrap() error { return ErrNoHive }
+
+// room is how many more workers the hive can take as far as the queen knows: what it reported
+// free at its last beat (free ports, capped by --max-workers), less the workers placed on it
+// since. A hive that never reported (a static hive not heard from) has unknown room, taken as some.
+func (r *Registry) roomLocked(e *hiveEntry) (int, bool) {
+	if e.h.LastHeartbeat.IsZero() {
+		return 1, false
+	}
+	return int(e.h.FreePorts) - e.placedSinceBeat, true
+}
+
+// PickHive returns the READY hive with room for one more worker that meets need and has the
+// fewest workers, ties broken by the smaller id. With no READY hive at all it is ErrNoHive; with
+// READY hives that cannot take the worker, a *NoFitError saying why for each. Hives number in the
+// hundreds at most, so a scan is the simple right answer.
+func (r *Registry) PickHive(need Need) (Hive, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var best *hiveEntry
+	var reasons []string
 	for _, e := range r.hives {
 		if e.h.State != HiveReady {
 			continue
+		}
+		if room, _ := r.roomLocked(e); room <= 0 {
+			reasons = append(reasons, fmt.Sprintf("hive %s: no free worker slot (its port range or --max-workers is used up)", e.h.ID))
+			continue
+		}
+		if need.Fits != nil {
+			if ok, why := need.Fits(r.hiveLocked(e)); !ok {
+				reasons = append(reasons, fmt.Sprintf("hive %s: %s", e.h.ID, why))
+				continue
+			}
 		}
 		if best == nil {
 			best = e
@@ -155,7 +201,11 @@ func (r *Registry) PickHive() (Hive, error) {
 		}
 	}
 	if best == nil {
-		return Hive{}, ErrNoHive
+		if len(reasons) == 0 {
+			return Hive{}, ErrNoHive
+		}
+		slices.Sort(reasons)
+		return Hive{}, &NoFitError{Reasons: reasons}
 	}
 	return r.hiveLocked(best), nil
 }

@@ -216,6 +216,9 @@ func (r *Registry) Reserve(w Worker) error {
 		return fmt.Errorf("worker %q: %w", w.ID, ErrExists)
 	}
 	r.addLocked(w)
+	if h := r.hives[w.HiveID]; h != nil {
+		h.placedSinceBeat++
+	}
 	return nil
 }
 

@@ -3,6 +3,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -451,11 +452,11 @@ func TestListFiltersByHive(t *testing.T) {
 
 func TestPickHive(t *testing.T) {
 	r := New(Config{})
-	if _, err := r.PickHive(); !errors.Is(err, ErrNoHive) {
+	if _, err := r.PickHive(Need{}); !errors.Is(err, ErrNoHive) {
 		t.Fatalf("PickHive on empty = %v, want ErrNoHive", err)
 	}
 	for _, id := range []string{"c", "a", "b", "d"} {
-		if _, err := r.HiveBeat(Hive{ID: id, Address: id + ":1"}); err != nil {
+		if _, err := r.HiveBeat(Hive{ID: id, Address: id + ":1", FreePorts: 100}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -465,13 +466,55 @@ func TestPickHive(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	h, err := r.PickHive()
+	h, err := r.PickHive(Need{})
 	if err != nil || h.ID != "b" || h.Workers != 1 {
 		t.Fatalf("PickHive = %+v, %v; want b (1 worker, ties by id)", h, err)
 	}
 	hs := r.ListHives()
 	if len(hs) != 4 || hs[0].ID != "a" || hs[0].Workers != 2 || hs[3].State != HiveStale {
 		t.Fatalf("ListHives = %+v", hs)
+	}
+}
+
+// TestPickHiveByRoom: placement skips hives with no room (free slots as reported at the last beat,
+// less the workers placed since) and those Need.Fits refuses, says why for each when none is left,
+// and takes a hive never heard from (static, unknown room).
+func TestPickHiveByRoom(t *testing.T) {
+	r := New(Config{})
+	beat := func(id string, free uint32) {
+		t.Helper()
+		if _, err := r.HiveBeat(Hive{ID: id, Address: id + ":1", FreePorts: free}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	beat("full", 0)
+	beat("roomy", 2)
+	for _, id := range []string{"r0", "r1"} { // the full hive has fewer workers, and still gets none
+		if err := r.Reserve(Worker{ID: id, HiveID: "roomy"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Two placed on roomy since its beat said 2 free: it is full too until it beats again.
+	_, err := r.PickHive(Need{})
+	var nf *NoFitError
+	if !errors.As(err, &nf) || !errors.Is(err, ErrNoHive) || len(nf.Reasons) != 2 ||
+		!strings.Contains(nf.Reasons[0], "hive full: no free worker slot") || !strings.Contains(nf.Reasons[1], "hive roomy") {
+		t.Fatalf("PickHive with every hive full = %v; want a NoFitError naming both", err)
+	}
+	beat("roomy", 1) // its beat now counts the two
+	if h, err := r.PickHive(Need{}); err != nil || h.ID != "roomy" {
+		t.Fatalf("PickHive = %+v, %v; want roomy (one slot)", h, err)
+	}
+	no := func(Hive) (bool, string) { return false, `does not offer model "m"` }
+	if _, err := r.PickHive(Need{Fits: no}); !errors.As(err, &nf) || !strings.Contains(err.Error(), `hive roomy: does not offer model "m"`) {
+		t.Fatalf("PickHive with Fits refusing = %v", err)
+	}
+	if err := r.AddStaticHive("static", "s:1"); err != nil {
+		t.Fatal(err)
+	}
+	beat("roomy", 0)
+	if h, err := r.PickHive(Need{}); err != nil || h.ID != "static" {
+		t.Fatalf("PickHive = %+v, %v; want the static hive (room unknown)", h, err)
 	}
 }
 
@@ -570,7 +613,7 @@ func TestConcurrentUse(t *testing.T) {
 					r.Remove(id, nil)
 				case 4:
 					_, _ = r.HiveBeat(Hive{ID: "h", Devices: []string{"cpu"}})
-					_, _ = r.PickHive()
+					_, _ = r.PickHive(Need{})
 				default:
 					_, _ = r.Beat(Worker{ID: id, HiveID: "h", State: State(1 + i%4)})
 					_ = r.List("h")
