@@ -567,3 +567,70 @@ func TestPlacementByRoom(t *testing.T) {
 	}
 	noWorkersLeft(t, onePort, capped, roomy)
 }
+
+// awaitHiveGone waits until the queen no longer lists hive id (it stopped beating and expired).
+// The registry's expiry has no event a client can watch, so this polls ListHives.
+func awaitHiveGone(t *testing.T, qc rbeev1.QueenServiceClient, id string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		l, err := qc.ListHives(ctxT(t, 5*time.Second), &rbeev1.ListHivesRequest{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		found := false
+		for _, h := range l.GetHives() {
+			found = found || h.GetHiveId() == id
+		}
+		if !found {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("hive %s still listed 20s after it stopped", id)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestWorkersOfAHiveBackUnderAnotherID: a hive stops and expires from the queen, and comes back on
+// the same address under another id (a new --hive-id, or a renamed host). Its old workers keep
+// running and beating; while no hive is at that address, deleting one says what the operator can
+// do (FAILED_PRECONDITION); once the new hive is there, the queen deletes them through it.
+func TestWorkersOfAHiveBackUnderAnotherID(t *testing.T) {
+	_, addr := startQueen(t, "--heartbeat-interval", "200ms", "--expire-after", "1s")
+	qc, _ := dial(t, addr)
+	old, renamed := uniqueID("advh1"), uniqueID("advh9")
+	cleanupWorkers(t, old, renamed)
+	h1, hiveAddr := startHive(t, addr, old)
+	pids := map[string]int32{}
+	for _, id := range []string{"s1", "s2"} {
+		r, err := qc.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: id, HiveId: old, WaitReady: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pids[id] = r.GetWorker().GetPid()
+	}
+	h1.stop(syscall.SIGTERM, 10*time.Second)
+	awaitHiveGone(t, qc, old)
+
+	_, err := qc.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: "s2"})
+	if msg := status.Convert(err).Message(); status.Code(err) != codes.FailedPrecondition ||
+		!strings.Contains(msg, "start a hive at "+hiveAddr) || !strings.Contains(msg, fmt.Sprint(pids["s2"])) {
+		t.Errorf("delete with no hive at the old address: %v; want FAILED_PRECONDITION saying to start a hive at %s, naming PID %d", err, hiveAddr, pids["s2"])
+	}
+
+	start(t, "hive", "--listen", hiveAddr, "--hive-id", renamed, "--queen", addr, "--log-dir", t.TempDir()).awaitAction("hive_registered")
+	for _, id := range []string{"s1", "s2"} {
+		if !alive(int(pids[id])) {
+			t.Fatalf("worker %s (PID %d) died with its hive", id, pids[id])
+		}
+		d, err := qc.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: id, GracePeriod: durationpbNew(5 * time.Second)})
+		if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {
+			t.Errorf("delete %s through the hive now at %s: %v, %v; want EXITED", id, hiveAddr, d, err)
+		}
+		if alive(int(pids[id])) {
+			t.Errorf("worker %s (PID %d) still running after its delete", id, pids[id])
+		}
+	}
+	noWorkersLeft(t, old, renamed)
+}

@@ -243,11 +243,15 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Del
 	if w.PID <= 1 {
 		return Deleted{}, errorf(KindFailedPrecondition, "worker %s has no process yet (its spawn is in progress); retry", id)
 	}
-	hive, ok := f.reg.GetHive(w.HiveID)
-	if !ok {
-		return Deleted{}, errorf(KindNotFound, "hive %q of worker %s is not known to this queen", w.HiveID, id)
+	hive, err := f.hiveActingFor(w)
+	if err != nil {
+		return Deleted{}, err
 	}
 	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", id), zap.String("hive_id", hive.ID)))
+	if hive.ID != w.HiveID {
+		narrate.Event(ctx, "queen", "worker_delete_other_hive", fmt.Sprintf("Hive %s of worker %s is gone; hive %s on the same machine acts for it", w.HiveID, id, hive.ID),
+			zap.String("worker_hive_id", w.HiveID), zap.String("address", hive.Address))
+	}
 	narrate.Event(ctx, "queen", "worker_delete_start", fmt.Sprintf("Deleting worker %s (PID %d) on hive %s", id, w.PID, hive.ID), zap.Int32("pid", w.PID))
 	hc, err := f.cfg.Hives.Hive(hive.Address)
 	if err != nil {
@@ -276,6 +280,38 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Del
 	narrate.Event(ctx, "queen", "worker_delete_complete", fmt.Sprintf("Worker %s deleted: %s", id, resp.GetOutcome()),
 		zap.Stringer("outcome", resp.GetOutcome()))
 	return Deleted{Outcome: resp.GetOutcome(), Worker: w}, nil
+}
+
+// hiveActingFor is the hive that can stop w's process: its own, or, when that one is no longer
+// known (it stopped beating and expired, or came back under another id after a rename or a new
+// --hive-id), a live hive on the same machine, which proves the PID as its own would: the hive now
+// at the address the old one had, else the only hive on the host the worker reports as its
+// address. Failing both, the error says what the operator can do.
+func (f *Fleet) hiveActingFor(w registry.Worker) (registry.Hive, error) {
+	if h, ok := f.reg.GetHive(w.HiveID); ok {
+		return h, nil
+	}
+	former, known := f.reg.FormerHiveAddress(w.HiveID)
+	if known {
+		if h, ok := f.reg.HiveAt(former); ok {
+			return h, nil
+		}
+	}
+	if w.Address != "" {
+		if hs := f.reg.HivesOnHost(w.Address); len(hs) == 1 {
+			return hs[0], nil
+		}
+	}
+	where := "on the machine it runs on"
+	if known {
+		where = "at " + former + " (its hive's last address)"
+	} else if w.Address != "" {
+		where = "on " + w.Address + " (the worker's address)"
+	}
+	return registry.Hive{}, errorf(KindFailedPrecondition,
+		"hive %q of worker %s is not known to this queen any more, and no live hive is known %s; the worker's process (PID %d) may still run there: "+
+			"start a hive %s (any --hive-id; the queen finds it by its address) and retry, or stop PID %d on that machine yourself",
+		w.HiveID, w.ID, where, w.PID, where, w.PID)
 }
 
 // StartTimedOut stops a worker that never sent a heartbeat within the start timeout; the registry

@@ -2,6 +2,7 @@ package registry
 
 import (
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"time"
@@ -210,6 +211,67 @@ func (r *Registry) PickHive(need Need) (Hive, error) {
 	return r.hiveLocked(best), nil
 }
 
+// maxFormerHives bounds the addresses remembered of expired hives.
+const maxFormerHives = 4096
+
+// rememberFormerLocked keeps the last address of a hive that expired: its workers may still run
+// there, and a hive now at that address can act for them.
+func (r *Registry) rememberFormerLocked(id, address string) {
+	if address == "" {
+		return
+	}
+	if r.formerHives == nil {
+		r.formerHives = map[string]string{}
+	}
+	if _, ok := r.formerHives[id]; !ok && len(r.formerHives) >= maxFormerHives {
+		for k := range r.formerHives { // any one: this is a hint, not a record
+			delete(r.formerHives, k)
+			break
+		}
+	}
+	r.formerHives[id] = address
+}
+
+// FormerHiveAddress returns the last address of hive id if it expired from the registry
+// (stopped beating for --expire-after) since the queen started.
+func (r *Registry) FormerHiveAddress(id string) (string, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	a, ok := r.formerHives[id]
+	return a, ok
+}
+
+// HiveAt returns the READY hive at address, if any (the one with the smallest id if several
+// claim it).
+func (r *Registry) HiveAt(address string) (Hive, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var best *hiveEntry
+	for _, e := range r.hives {
+		if e.h.State == HiveReady && e.h.Address == address && (best == nil || e.h.ID < best.h.ID) {
+			best = e
+		}
+	}
+	if best == nil {
+		return Hive{}, false
+	}
+	return r.hiveLocked(best), true
+}
+
+// HivesOnHost returns the READY hives whose address has host as its host, sorted by id.
+func (r *Registry) HivesOnHost(host string) []Hive {
+	r.mu.Lock()
+	var out []Hive
+	for _, e := range r.hives {
+		if h, _, err := net.SplitHostPort(e.h.Address); err == nil && h == host && e.h.State == HiveReady {
+			out = append(out, r.hiveLocked(e))
+		}
+	}
+	r.mu.Unlock()
+	slices.SortFunc(out, func(a, b Hive) int { return strings.Compare(a.ID, b.ID) })
+	return out
+}
+
 func (r *Registry) newHiveLocked(id string) *hiveEntry {
 	e := &hiveEntry{h: Hive{ID: id, State: HiveReady}}
 	e.deadline = item{index: -1, hive: e}
@@ -248,6 +310,7 @@ func (r *Registry) tickHiveLocked(e *hiveEntry, now time.Time) {
 		// Its workers stay: they report to the queen directly and outlive their hive's silence.
 		r.unscheduleLocked(&e.deadline)
 		delete(r.hives, e.h.ID)
+		r.rememberFormerLocked(e.h.ID, e.h.Address)
 		r.rev++
 	default:
 		e.h.State, e.staleSince = HiveStale, due

@@ -127,14 +127,16 @@ type Registry struct {
 	cfg  Config
 	wake chan struct{} // tells Run that the earliest deadline moved earlier
 
-	mu        sync.Mutex
-	rev       uint64
-	workers   map[string]*workerEntry
-	order     []*workerEntry // sorted by ID, so List and snapshots never sort
-	perHive   map[string]int // worker count by hive id, for Hive.Workers and PickHive
-	hives     map[string]*hiveEntry
-	deadlines deadlineHeap
-	watchers  []*Watcher
+	mu      sync.Mutex
+	rev     uint64
+	workers map[string]*workerEntry
+	order   []*workerEntry // sorted by ID, so List and snapshots never sort
+	perHive map[string]int // worker count by hive id, for Hive.Workers and PickHive
+	hives   map[string]*hiveEntry
+	// formerHives maps hives that expired to their last address (see FormerHiveAddress).
+	formerHives map[string]string
+	deadlines   deadlineHeap
+	watchers    []*Watcher
 	// graves remembers the last state and removal cause of recently removed workers (at most
 	// maxGraves, oldest first out), so that a wait that starts just after a worker died still
 	// learns why: a spawn returns before its worker's first beat, and a crash can beat the wait.
