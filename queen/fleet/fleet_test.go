@@ -3,6 +3,7 @@ package fleet
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -132,5 +133,31 @@ func TestHiveErrorsKeepTheHivesVerdict(t *testing.T) {
 		if CodeOf(want) != code && code != codes.DeadlineExceeded {
 			t.Errorf("CodeOf(%d) = %v, want %v", want, CodeOf(want), code)
 		}
+	}
+}
+
+// TestDeleteThroughTheHiveOnTheWorkersHost: a worker whose hive is not known (a queen restarted
+// after that hive went away, so it never learned its address) is deleted through the only live
+// hive on the host the worker reports as its address; with none, or two, the error says what to do.
+func TestDeleteThroughTheHiveOnTheWorkersHost(t *testing.T) {
+	f, fh, reg := newFleet(t)
+	// Relearned from its beats: hive "gone" is not known.
+	if _, err := reg.Beat(registry.Worker{ID: "w1", HiveID: "gone", Model: "m", Device: "cpu", PID: 4242, Port: 9100,
+		Address: "10.0.0.7", State: registry.StateReady}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := f.Delete(t.Context(), "w1", 0)
+	if KindOf(err) != KindFailedPrecondition || !strings.Contains(err.Error(), "start a hive on 10.0.0.7") || !strings.Contains(err.Error(), "4242") {
+		t.Fatalf("Delete with no hive on the worker's host = %v", err)
+	}
+	if _, err := reg.HiveBeat(registry.Hive{ID: "new", Address: "10.0.0.7:7835", FreePorts: 10}); err != nil {
+		t.Fatal(err)
+	}
+	d, err := f.Delete(t.Context(), "w1", 0)
+	if err != nil || d.Outcome != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED || fh.deleted() != 1 {
+		t.Fatalf("Delete through hive new = %+v, %v (%d hive deletes)", d, err, fh.deleted())
+	}
+	if _, ok := reg.Get("w1"); ok {
+		t.Fatal("worker still registered after its delete")
 	}
 }
