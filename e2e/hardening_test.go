@@ -507,6 +507,9 @@ func TestWorkerHost(t *testing.T) {
 			if err != nil || len(l.GetWorkers()) != 1 || l.GetWorkers()[0].GetAddress() != tc.address {
 				t.Errorf("ListWorkers = %v, %v; want one worker with address %q", l, err, tc.address)
 			}
+			if r := rbeeOK(t, addr, "worker", "get", w.GetWorkerId()); !strings.Contains(r.stdout, "ADDRESS") || !strings.Contains(r.stdout, tc.address) {
+				t.Errorf("rbee worker get does not show the address %s:\n%s", tc.address, r.stdout)
+			}
 			if _, err := qc.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: w.GetWorkerId()}); err != nil {
 				t.Fatal(err)
 			}

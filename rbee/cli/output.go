@@ -137,6 +137,7 @@ func writeWorker(w io.Writer, wk *rbeev1.Worker, now time.Time) error {
 		{"STATE", stateName(wk.GetState())},
 		{"PID", orDash(wk.GetPid())},
 		{"PORT", orDash(wk.GetPort())},
+		{"ADDRESS", orDash(wk.GetAddress())},
 		{"PROCESS START", orDash(wk.GetProcessStartTime())},
 		{"CREATED", created},
 		{"LAST BEAT", ago(wk.GetLastHeartbeatTime(), now)},
