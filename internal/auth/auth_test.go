@@ -98,8 +98,8 @@ func TestEveryMethodNeedsTheRightCredential(t *testing.T) {
 			}{"/" + sd.ServiceName + "/" + m.StreamName, true})
 		}
 	}
-	if len(methods) != 11 {
-		t.Fatalf("found %d methods; the table below assumes 11", len(methods))
+	if len(methods) != 13 {
+		t.Fatalf("found %d methods; the table below assumes 13", len(methods))
 	}
 	for _, m := range methods {
 		for _, c := range creds {
