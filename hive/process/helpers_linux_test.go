@@ -119,6 +119,7 @@ func fakeWorker() {
 	}
 	for sigs != nil {
 		s := <-sigs
+		fmt.Printf("got %s\n", unix.SignalName(s.(syscall.Signal))) // for the log followers
 		send(report{PID: os.Getpid(), Signal: unix.SignalName(s.(syscall.Signal))})
 		if s == syscall.SIGTERM {
 			syscall.Exit(0)

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -66,8 +67,10 @@ type Manager struct {
 	closed   bool
 	parents  sync.Map // rbee-<hive-id> cgroup directories used by Spawn
 
+	logs logs // the log files of live workers, for the cap and for followers
+
 	stop    chan struct{}
-	bg      sync.WaitGroup // the log-capping goroutine
+	bg      sync.WaitGroup // the log housekeeping goroutine
 	reapers sync.WaitGroup
 }
 
@@ -80,6 +83,10 @@ type child struct {
 	pidfd     int
 	deleting  bool          // a Delete owns its end: no OnExit
 	reaped    chan struct{} // closed once wait(2) has collected it
+	// logReady is closed once the trampoline has opened and locked the log (or failed to: then
+	// logErr says why, in the trampoline's words).
+	logReady chan struct{}
+	logErr   string
 }
 
 type target struct {
@@ -132,8 +139,7 @@ func New(cfg Config) (*Manager, error) {
 	m.nextPort.Store(rand.Uint32())
 	m.log.Info("process manager ready", zap.Bool("cgroups", m.useCg),
 		zap.String("cgroup_root", filepath.Join(m.cg.mount, m.cg.own)), zap.String("log_dir", cfg.LogDir))
-	m.bg.Add(1)
-	go m.capLogsLoop()
+	m.startLogs()
 	return m, nil
 }
 
@@ -262,8 +268,16 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	// The trampoline, not the hive, opens the log (O_APPEND) and makes it the worker's stdout and
 	// stderr: creating a file costs a few hundred microseconds on ext4, as much as fork and exec
 	// together, and in the child it overlaps with the hive's next request instead of delaying
-	// this one. New has checked that LogDir is writable.
-	logPath := filepath.Join(m.cfg.LogDir, s.WorkerID+".log")
+	// this one. Each life gets its own file (see logName). Until the trampoline has the log, its
+	// stderr is a pipe to the hive, so a failure to open it is reported with its reason.
+	logPath := filepath.Join(m.cfg.LogDir, logName(s.WorkerID, time.Now()))
+	var errR, errW *os.File
+	if !m.direct {
+		if errR, errW, err = os.Pipe(); err != nil {
+			return Spawned{}, errf(KindInternal, err, "pipe for the trampoline's errors")
+		}
+		defer errW.Close() // the child has its own copy once started
+	}
 
 	attr := &syscall.SysProcAttr{Setsid: true} // own session and group; no Pdeathsig: workers outlive the hive
 	cgDir := ""
@@ -288,6 +302,9 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		ExtraFiles:  inherit,
 		SysProcAttr: attr,
 	}
+	if errW != nil {
+		cmd.Stderr = errW
+	}
 	if m.direct {
 		cmd.Path = m.cfg.Binary
 		cmd.Env = slices.DeleteFunc(cmd.Env, func(kv string) bool { return strings.HasPrefix(kv, "RBEE_TRAMPOLINE_") })
@@ -296,7 +313,13 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		if cgDir != "" {
 			removeCgroup(cgDir)
 		}
+		if errR != nil {
+			errR.Close()
+		}
 		return Spawned{}, errf(KindInternal, err, "start worker")
+	}
+	if errW != nil {
+		errW.Close() // now only the trampoline holds the write end: EOF once it has the log
 	}
 	pid := cmd.Process.Pid
 	// The child is not reaped before the reaper below runs, so its PID is still its own here.
@@ -308,12 +331,14 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	if err != nil {
 		pidfd = -1
 	}
-	c := &child{workerID: s.WorkerID, startTime: startTime, logPath: logPath, cgroup: cgDir, pidfd: pidfd, reaped: make(chan struct{})}
+	c := &child{workerID: s.WorkerID, startTime: startTime, logPath: logPath, cgroup: cgDir, pidfd: pidfd,
+		reaped: make(chan struct{}), logReady: make(chan struct{})}
+	m.track(logPath, false)
 	m.mu.Lock()
 	m.children[pid] = c
 	m.mu.Unlock()
 	m.reapers.Add(1)
-	go m.reap(cmd, pid, c)
+	go m.reap(cmd, pid, c, errR)
 
 	narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", s.WorkerID, pid, port),
 		zap.String("worker_id", s.WorkerID), zap.Int("pid", pid), zap.Int("port", port),
@@ -426,8 +451,15 @@ func (m *Manager) listen() (*os.File, int, error) {
 
 // reap waits for one child so that it never lingers as a zombie, cleans up what it left behind
 // and, unless a Delete is ending it, reports its exit.
-func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child) {
+func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child, trampolineErr *os.File) {
 	defer m.reapers.Done()
+	if trampolineErr != nil {
+		// EOF comes within milliseconds: when the trampoline puts the log over its stderr, or exits.
+		msg, _ := io.ReadAll(io.LimitReader(trampolineErr, 4<<10))
+		trampolineErr.Close()
+		c.logErr = strings.TrimSpace(string(msg))
+	}
+	close(c.logReady)
 	_ = cmd.Wait() // the status is in ProcessState; a non-zero exit is not an error here
 	at := time.Now()
 	m.mu.Lock()
@@ -439,7 +471,8 @@ func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child) {
 		if c.pidfd >= 0 {
 			unix.Close(c.pidfd)
 		}
-		return // Delete cleans up and reports
+		m.untrack(c.logPath) // whatever the worker forked, Delete kills; the sweep checks the lock
+		return               // Delete cleans up and reports
 	}
 	// It ended on its own: whatever it forked must not outlive it.
 	if c.cgroup != "" {
@@ -456,7 +489,13 @@ func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child) {
 	if c.pidfd >= 0 {
 		unix.Close(c.pidfd)
 	}
+	m.untrack(c.logPath) // nothing writes the log any more
 	ex := Exit{WorkerID: c.workerID, PID: pid, StartTime: c.startTime, ExitCode: -1, Time: at, LogTail: logTail(c.logPath, 20)}
+	if c.logErr != "" {
+		// The trampoline could not give the worker its log: that is the reason, and there is
+		// no log to show.
+		ex.LogTail = strings.TrimSpace(c.logErr + "\n" + ex.LogTail)
+	}
 	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {
 		switch {
 		case ws.Exited():

@@ -32,7 +32,7 @@ type Config struct {
 	Binary            string     // worker executable; Spawn fails with KindBinary if missing or not executable
 	ListenHost        string     // host the worker's socket binds, handed to it as RBEE_WORKER_HOST; default "127.0.0.1"
 	PortLow, PortHigh int        // inclusive port range for worker sockets
-	LogDir            string     // one log file per worker: <LogDir>/<worker-id>.log; default <tmp>/rbee-hive-logs
+	LogDir            string     // one log file per worker life: <LogDir>/rbee-worker-<id>.<start>.log; default <tmp>/rbee-hive-logs
 	LogMaxBytes       int64      // cap per log file; default 8 MiB
 	MaxWorkers        int        // 0: no cap; past it Spawn fails with KindExhausted
 	Cgroups           CgroupMode // CgroupAuto (default) or CgroupOff
@@ -50,13 +50,22 @@ type Config struct {
 	// worker below this hive's cgroup (or, without cgroups, on the machine).
 	HiveID string
 
-	// LogCheckEvery is how often the log files are checked against LogMaxBytes; default 2s. Capping
-	// logs is housekeeping, so a coarse ticker is enough.
+	// LogCheckEvery is how often the log files of live workers are checked against LogMaxBytes;
+	// default 2s. Capping logs is housekeeping, so a coarse ticker is enough.
 	LogCheckEvery time.Duration
+
+	// The log of a worker whose processes are all gone stays readable (Logs) until it is
+	// LogKeepFor old (by its last write; default 24h) or more than LogKeepExited newer logs of
+	// exited workers exist in LogDir (default 100); then it is removed. Only files named by this
+	// package's pattern are ever capped or removed.
+	LogKeepFor    time.Duration
+	LogKeepExited int
 }
 
 const (
-	defaultLogMaxBytes = 8 << 20
+	defaultLogMaxBytes   = 8 << 20
+	defaultLogKeepFor    = 24 * time.Hour
+	defaultLogKeepExited = 100
 	// MaxGrace is the longest grace period Delete accepts, the same as at the gRPC edge.
 	MaxGrace = validate.MaxGrace
 	// killWait bounds the wait after SIGKILL: a process still there afterwards is KindStuck.
@@ -134,6 +143,7 @@ const (
 	KindBinary                  // worker binary missing or not executable
 	KindStuck                   // the process did not die within a bounded wait after SIGKILL
 	KindUnsupported             // not available on this operating system
+	KindNotFound                // no such worker (log) on this hive
 )
 
 func (k Kind) String() string {
@@ -152,6 +162,8 @@ func (k Kind) String() string {
 		return "stuck"
 	case KindUnsupported:
 		return "unsupported"
+	case KindNotFound:
+		return "not_found"
 	}
 	return "internal"
 }
@@ -214,6 +226,15 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.LogCheckEvery <= 0 {
 		c.LogCheckEvery = 2 * time.Second
+	}
+	if c.LogKeepFor <= 0 {
+		c.LogKeepFor = defaultLogKeepFor
+	}
+	if c.LogKeepExited < 0 {
+		return c, errf(KindInvalid, nil, "log keep count %d < 0", c.LogKeepExited)
+	}
+	if c.LogKeepExited == 0 {
+		c.LogKeepExited = defaultLogKeepExited
 	}
 	if c.LogDir == "" {
 		c.LogDir = filepath.Join(os.TempDir(), "rbee-hive-logs")

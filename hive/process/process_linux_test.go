@@ -2,6 +2,7 @@ package process
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -375,10 +376,20 @@ func TestMaxWorkers(t *testing.T) {
 	})
 }
 
+// logOf returns the path of the one log file of worker id in dir.
+func logOf(t *testing.T, dir, id string) string {
+	t.Helper()
+	paths, _ := filepath.Glob(filepath.Join(dir, logPrefix+id+".*"+logSuffix))
+	if len(paths) != 1 {
+		t.Fatalf("log files of %s in %s: %v, want one", id, dir, paths)
+	}
+	return paths[0]
+}
+
 func TestLogCap(t *testing.T) {
 	h := newHarness(t, CgroupOff, func(c *Config) { c.LogMaxBytes = 64 << 10 })
 	h.spawnReady("chatty", "FAKE_LINES=4000") // ~270 KB
-	path := filepath.Join(h.cfg.LogDir, "chatty.log")
+	path := logOf(t, h.cfg.LogDir, "chatty")
 	h.m.capLogs()
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -389,6 +400,288 @@ func TestLogCap(t *testing.T) {
 	}
 	if !strings.HasPrefix(string(b), "line ") || !strings.HasSuffix(string(b), "line 3999 "+strings.Repeat("x", 60)+"\n") {
 		t.Fatalf("capped log does not keep whole lines up to the last: starts %q", b[:min(len(b), 20)])
+	}
+}
+
+// TestLogCapTouchesOnlyLiveWorkersLogs: --log-dir may hold an operator's own files; the cap
+// must leave every file alone that is not the log of a live worker, whatever its name.
+func TestLogCapTouchesOnlyLiveWorkersLogs(t *testing.T) {
+	dir := t.TempDir()
+	big := bytes.Repeat([]byte(strings.Repeat("y", 99)+"\n"), 2000) // 200 KB
+	foreign := []string{"important.log", "chatty.log", logName("gone", time.Now())}
+	for _, n := range foreign {
+		if err := os.WriteFile(filepath.Join(dir, n), big, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h := newHarness(t, CgroupOff, func(c *Config) { c.LogMaxBytes = 64 << 10; c.LogDir = dir })
+	h.spawnReady("chatty", "FAKE_LINES=4000")
+	h.m.capLogs()
+	for _, n := range foreign {
+		fi, err := os.Stat(filepath.Join(dir, n))
+		if err != nil || fi.Size() != int64(len(big)) {
+			t.Errorf("%s: %v, size %d; the hive must not touch files that are not a live worker's log", n, err, fi.Size())
+		}
+	}
+	if fi, _ := os.Stat(logOf(t, dir, "chatty")); fi.Size() > 64<<10 {
+		t.Errorf("the live worker's log was not capped: %d bytes", fi.Size())
+	}
+}
+
+// TestLogCapAdoptsEarlierHivesWorkers: a restarted hive keeps capping the logs of the workers its
+// predecessor spawned (found by their lock), though it never globs the directory on its ticks.
+func TestLogCapAdoptsEarlierHivesWorkers(t *testing.T) {
+	dir := t.TempDir()
+	a := newHarness(t, CgroupOff, func(c *Config) { c.LogMaxBytes = 64 << 10; c.LogDir = dir })
+	a.spawnReady("old", "FAKE_LINES=4000")
+	a.m.Close()
+	b := newHarness(t, CgroupOff, func(c *Config) { c.LogMaxBytes = 64 << 10; c.LogDir = dir })
+	b.m.capLogs()
+	if fi, _ := os.Stat(logOf(t, dir, "old")); fi.Size() > 64<<10 {
+		t.Errorf("the earlier hive's worker's log was not capped: %d bytes", fi.Size())
+	}
+}
+
+// TestLogPerLife: a worker id used again starts a new log, and the exit of the new process is
+// reported with its own output, never its predecessor's.
+func TestLogPerLife(t *testing.T) {
+	exits := make(chan Exit, 1)
+	h := newHarness(t, CgroupOff, func(c *Config) { c.OnExit = func(e Exit) { exits <- e } })
+	h.spawnReady("d1", "FAKE_LINES=3", "FAKE_EXIT=3")
+	if e := <-exits; !strings.Contains(e.LogTail, "line 2 ") {
+		t.Fatalf("first life's exit: %+v", e)
+	}
+	h.spawnReady("d1", "FAKE_EXIT=4")
+	if e := <-exits; e.ExitCode != 4 || e.LogTail != "" {
+		t.Fatalf("second life's exit = %+v; want exit 4 and no output (it printed none)", e)
+	}
+	var got bytes.Buffer
+	if err := h.m.Logs(t.Context(), "d1", 0, false, func(b []byte) error { got.Write(b); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if got.Len() != 0 {
+		t.Errorf("Logs(d1) shows the previous life's output: %q", got.String())
+	}
+}
+
+// TestLogDirRemovedAfterStart: the worker still gets its log (the directory is made again), and
+// a log that cannot be made fails the worker with the reason, not a bare "exit status 126".
+func TestLogDirRemovedAfterStart(t *testing.T) {
+	exits := make(chan Exit, 1)
+	dir := filepath.Join(t.TempDir(), "logs")
+	h := newHarness(t, CgroupOff, func(c *Config) { c.LogDir = dir; c.OnExit = func(e Exit) { exits <- e } })
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	h.spawnReady("w1", "FAKE_LINES=1")
+	if b, err := os.ReadFile(logOf(t, dir, "w1")); err != nil || !strings.HasPrefix(string(b), "line 0 ") {
+		t.Fatalf("log after the directory was removed: %q, %v", b, err)
+	}
+
+	// Now a regular file where the directory should be: nothing can create it.
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(dir, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h.spawn("w2", "FAKE_EXIT=0")
+	e := <-exits
+	if e.ExitCode != 126 || !strings.Contains(e.LogTail, "cannot give the worker its log file") || !strings.Contains(e.LogTail, dir) {
+		t.Fatalf("Exit = %+v; want 126 with the reason naming the log directory", e)
+	}
+	err := h.m.Logs(t.Context(), "w2", 0, false, func([]byte) error { return nil })
+	wantKind(t, err, KindNotFound, "no log of worker")
+}
+
+func TestLogsTail(t *testing.T) {
+	h := newHarness(t, CgroupOff, nil)
+	h.spawnReady("tl", "FAKE_LINES=30")
+	read := func(n int) string {
+		var b bytes.Buffer
+		if err := h.m.Logs(t.Context(), "tl", n, false, func(p []byte) error { b.Write(p); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		return b.String()
+	}
+	for _, tc := range []struct{ n, want, first int }{{5, 5, 25}, {1, 1, 29}, {30, 30, 0}, {500, 30, 0}, {0, 30, 0}} {
+		got := strings.Split(strings.TrimSuffix(read(tc.n), "\n"), "\n")
+		if len(got) != tc.want || !strings.HasPrefix(got[0], fmt.Sprintf("line %d ", tc.first)) {
+			t.Errorf("tail %d: %d lines starting %q; want %d from line %d", tc.n, len(got), got[0], tc.want, tc.first)
+		}
+	}
+	wantKind(t, h.m.Logs(t.Context(), "nobody", 0, false, func([]byte) error { return nil }), KindNotFound, "no log of worker")
+	wantKind(t, h.m.Logs(t.Context(), "../etc", 0, false, func([]byte) error { return nil }), KindInvalid, "")
+}
+
+// TestLogsFollow: a follow sees what the worker writes next, and ends by itself once the worker
+// is gone and everything it wrote was sent.
+func TestLogsFollow(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		s, _, q := h.spawnReady("fl", "FAKE_LINES=3", "FAKE_NOTIFY=1")
+		chunks := make(chan string, 100)
+		done := make(chan error, 1)
+		go func() {
+			done <- h.m.Logs(t.Context(), "fl", 2, true, func(b []byte) error { chunks <- string(b); return nil })
+		}()
+		var got strings.Builder
+		until := func(want string) {
+			t.Helper()
+			timeout := time.After(15 * time.Second)
+			for !strings.Contains(got.String(), want) {
+				select {
+				case c := <-chunks:
+					got.WriteString(c)
+				case <-timeout:
+					t.Fatalf("follow did not show %q; got %q", want, got.String())
+				}
+			}
+		}
+		until("line 2 ")
+		if strings.Contains(got.String(), "line 0 ") {
+			t.Errorf("tail 2 showed line 0: %q", got.String())
+		}
+		fd := watch(t, s.PID)
+		unix.PidfdSendSignal(fd, unix.SIGUSR1, nil, 0)
+		q.next(t)
+		until("got SIGUSR1\n")
+		if _, err := h.m.Delete(t.Context(), Target{WorkerID: "fl", PID: s.PID}, 5*time.Second); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatal(err)
+			}
+		case <-time.After(15 * time.Second):
+			t.Fatal("follow did not end after the worker was deleted")
+		}
+		for len(chunks) > 0 {
+			got.WriteString(<-chunks)
+		}
+		if !strings.HasSuffix(got.String(), "got SIGTERM\n") {
+			t.Errorf("follow ended before the worker's last line: %q", got.String())
+		}
+
+		// A follow of a worker that is gone sends its log and ends at once.
+		var after bytes.Buffer
+		if err := h.m.Logs(t.Context(), "fl", 100, true, func(b []byte) error { after.Write(b); return nil }); err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasPrefix(after.String(), "line 0 ") || !strings.HasSuffix(after.String(), "got SIGTERM\n") {
+			t.Errorf("log of the deleted worker: %q", after.String())
+		}
+	})
+}
+
+// TestLogsFollowCancelled: the caller's cancellation ends a follow of a live worker.
+func TestLogsFollowCancelled(t *testing.T) {
+	h := newHarness(t, CgroupOff, nil)
+	h.spawnReady("fc", "FAKE_LINES=1")
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	first := make(chan struct{}, 1)
+	go func() {
+		done <- h.m.Logs(ctx, "fc", 0, true, func([]byte) error {
+			select {
+			case first <- struct{}{}:
+			default:
+			}
+			return nil
+		})
+	}()
+	<-first
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("cancelled follow: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("follow did not end when its caller cancelled")
+	}
+}
+
+// TestLogRetention: logs of exited workers are removed past LogKeepExited (oldest first) and
+// past LogKeepFor; a live worker's log never is, however old, nor anything not named as ours.
+func TestLogRetention(t *testing.T) {
+	exits := make(chan Exit, 1)
+	dir := t.TempDir()
+	h := newHarness(t, CgroupOff, func(c *Config) {
+		c.LogDir, c.LogKeepExited, c.LogKeepFor = dir, 2, time.Hour
+		c.OnExit = func(e Exit) { exits <- e }
+	})
+	old := time.Now().Add(-2 * time.Hour)
+	h.spawnReady("live", "FAKE_LINES=1")
+	if err := os.Chtimes(logOf(t, dir, "live"), old, old); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(dir, "rbee-worker-mine.log"), []byte("not ours\n"), 0o644)
+	os.Chtimes(filepath.Join(dir, "rbee-worker-mine.log"), old, old)
+	for i, id := range []string{"e1", "e2", "e3", "e4"} {
+		h.spawnReady(id, "FAKE_LINES=1", "FAKE_EXIT=0")
+		<-exits
+		p := logOf(t, dir, id)
+		// Distinct last-write times, in spawn order, without waiting for the clock.
+		at := time.Now().Add(-time.Duration(10-i) * time.Second)
+		os.Chtimes(p, at, at)
+	}
+	h.m.sweepLogs()
+	names := func() []string {
+		ents, _ := os.ReadDir(dir)
+		var out []string
+		for _, e := range ents {
+			out = append(out, e.Name())
+		}
+		return out
+	}
+	has := func(prefix string) bool {
+		return slices.ContainsFunc(names(), func(n string) bool { return strings.HasPrefix(n, prefix) })
+	}
+	for _, id := range []string{"e1", "e2"} {
+		if has(logPrefix + id + ".") {
+			t.Errorf("log of %s kept beyond LogKeepExited=2: %v", id, names())
+		}
+	}
+	for _, id := range []string{"e3", "e4", "live"} {
+		if !has(logPrefix + id + ".") {
+			t.Errorf("log of %s removed: %v", id, names())
+		}
+	}
+	if !has("rbee-worker-mine.log") {
+		t.Errorf("a file not named as the hive's was removed")
+	}
+	// Past LogKeepFor an exited worker's log goes, however few there are.
+	os.Chtimes(logOf(t, dir, "e3"), old, old)
+	h.m.sweepLogs()
+	if has(logPrefix+"e3.") || !has(logPrefix+"e4.") || !has(logPrefix+"live.") {
+		t.Errorf("after e3 aged past LogKeepFor: %v", names())
+	}
+}
+
+func TestLogNames(t *testing.T) {
+	at := time.Date(2026, 11, 28, 13, 4, 5, 6, time.UTC)
+	n := logName("w-1", at)
+	if n != "rbee-worker-w-1.20261128T130405.000000006Z.log" {
+		t.Fatalf("logName = %q", n)
+	}
+	for _, tc := range []struct {
+		name, id string
+		ok       bool
+	}{
+		{n, "w-1", true},
+		{"w-1.log", "", false},
+		{"important.log", "", false},
+		{"rbee-worker-w-1.log", "", false},
+		{"rbee-worker-w-1.yesterday.log", "", false},
+		{"rbee-worker-W.20261128T130405.000000006Z.log", "", false},
+		{"rbee-worker-w-1.20261128T130405.000000006Z.log.1", "", false},
+	} {
+		id, ok := parseLogName(tc.name)
+		if id != tc.id || ok != tc.ok {
+			t.Errorf("parseLogName(%q) = %q, %v; want %q, %v", tc.name, id, ok, tc.id, tc.ok)
+		}
 	}
 }
 

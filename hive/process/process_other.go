@@ -46,3 +46,8 @@ func (m *Manager) Close() error { return nil }
 
 // RunTrampolineIfRequested returns at once: there is no trampoline outside Linux.
 func RunTrampolineIfRequested() {}
+
+// Logs returns KindUnsupported.
+func (m *Manager) Logs(ctx context.Context, workerID string, tailLines int, follow bool, send func([]byte) error) error {
+	return unsupported()
+}

@@ -21,12 +21,21 @@ func RunTrampolineIfRequested() {
 		return
 	}
 	if path := os.Getenv(envTrampolineLog); path != "" {
-		fd, err := unix.Open(path, unix.O_WRONLY|unix.O_CREAT|unix.O_APPEND|unix.O_CLOEXEC, 0o644)
+		// Until the dup3 below, stderr is a pipe the hive reads: a failure here reaches the
+		// queen as the worker's exit reason.
+		fd, err := openWorkerLog(path)
 		if err != nil {
-			os.Exit(126) // nowhere to say why: the hive reports the exit code through OnExit
+			fmt.Fprintf(os.Stderr, "rbee hive: cannot give the worker its log file: %v\n", err)
+			os.Exit(126)
 		}
-		// dup3 clears close-on-exec on the copies, so the worker inherits them as 1 and 2.
-		if unix.Dup3(fd, 1, 0) != nil || unix.Dup3(fd, 2, 0) != nil {
+		// dup3 clears close-on-exec on the copies, so the worker inherits them as 1 and 2; the
+		// second closes the pipe to the hive.
+		if err := unix.Dup3(fd, 1, 0); err != nil {
+			fmt.Fprintf(os.Stderr, "rbee hive: dup3 of the worker's log file: %v\n", err)
+			os.Exit(126)
+		}
+		if err := unix.Dup3(fd, 2, 0); err != nil {
+			fmt.Fprintf(os.Stderr, "rbee hive: dup3 of the worker's log file: %v\n", err)
 			os.Exit(126)
 		}
 		unix.Close(fd)
