@@ -24,6 +24,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/hive/devices"
 	"github.com/rbee-dev/rbee/hive/heartbeat"
 	"github.com/rbee-dev/rbee/hive/process"
 	"github.com/rbee-dev/rbee/hive/server"
@@ -46,8 +47,8 @@ func main() {
 
 type options struct {
 	listen, hiveID, queen, workerBinary, portRange, advertise, logDir, logLevel, metricsListen, workerHost string
-	grace                                                                                                  time.Duration
-	maxWorkers                                                                                             int
+	grace, logKeepFor                                                                                      time.Duration
+	maxWorkers, logKeepExited                                                                              int
 	register, noCgroups, noHandoff                                                                         bool
 	authFlags                                                                                              auth.Flags
 	creds                                                                                                  *auth.Material
@@ -65,6 +66,8 @@ func run(args []string) int {
 	fs.DurationVar(&o.grace, "grace", 2*time.Second, "default grace period between SIGTERM and SIGKILL for Delete")
 	fs.StringVar(&o.advertise, "advertise", "", "HOST:PORT the queen should call (default: the listen address)")
 	fs.StringVar(&o.logDir, "log-dir", "", "directory for one capped log file per worker (default: a state directory)")
+	fs.DurationVar(&o.logKeepFor, "log-keep-for", 24*time.Hour, "remove an exited worker's log this long after its last write")
+	fs.IntVar(&o.logKeepExited, "log-keep-exited", 100, "keep the logs of at most this many exited workers (oldest removed first)")
 	fs.IntVar(&o.maxWorkers, "max-workers", 0, "most worker processes at once (0: no cap)")
 	fs.BoolVar(&o.register, "register", true, "register with the queen by heartbeat (off: the queen must be given --hive)")
 	fs.BoolVar(&o.noCgroups, "no-cgroups", false, "do not put workers in cgroups even where cgroup v2 is writable")
@@ -133,6 +136,12 @@ func (o *options) check() (process.Config, error) {
 	if o.grace < 0 || o.grace > validate.MaxGrace {
 		return cfg, fmt.Errorf("--grace %v: want 0 to %v", o.grace, validate.MaxGrace)
 	}
+	if o.logKeepFor <= 0 {
+		return cfg, fmt.Errorf("--log-keep-for %v: want a positive duration", o.logKeepFor)
+	}
+	if o.logKeepExited < 1 {
+		return cfg, fmt.Errorf("--log-keep-exited %d: want 1 or more", o.logKeepExited)
+	}
 	if o.maxWorkers < 0 {
 		return cfg, fmt.Errorf("--max-workers %d: want 0 (no cap) or more", o.maxWorkers)
 	}
@@ -153,7 +162,7 @@ func (o *options) check() (process.Config, error) {
 		cgroups = process.CgroupOff
 	}
 	return process.Config{Binary: bin, PortLow: lo, PortHigh: hi, LogDir: o.logDir, MaxWorkers: o.maxWorkers, Cgroups: cgroups, HiveID: o.hiveID, NoHandoff: o.noHandoff,
-		ListenHost: o.workerHost}, nil
+		ListenHost: o.workerHost, LogKeepFor: o.logKeepFor, LogKeepExited: o.logKeepExited}, nil
 }
 
 func serve(o options, pcfg process.Config, log *zap.Logger) error {
@@ -167,6 +176,11 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	if o.advertise == "" {
 		o.advertise = advertiseFor(lis.Addr().(*net.TCPAddr))
 	}
+	inv := devices.NewInventory(ctx, devices.Config{Logger: log})
+	invDone := make(chan struct{})
+	go func() { defer close(invDone); inv.Run(ctx) }()
+	defer func() { stop(); <-invDone }()
+
 	var m *process.Manager
 	var beater *heartbeat.Beater
 	if o.register {
@@ -179,7 +193,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 		beater = heartbeat.New(heartbeat.Config{Conn: conn, Logger: log, Describe: func() *rbeev1.Hive {
 			// Describe runs only once m is set (Run starts below).
 			return &rbeev1.Hive{HiveId: o.hiveID, Address: o.advertise, Version: version.Version(), Os: runtime.GOOS,
-				Devices: devices(), FreePorts: freeSlots(ports, o.maxWorkers, m.Live())}
+				Devices: inv.Names(), DeviceInfo: deviceInfo(inv.List()), FreePorts: freeSlots(ports, o.maxWorkers, m.Live())}
 		}})
 		pcfg.OnExit = beater.ReportExit
 	}
@@ -198,7 +212,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	srv := rpcserver.New(rpcserver.Options{Logger: log, Metrics: ms.GRPC, Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions()})
 	rbeev1.RegisterHiveServiceServer(srv.GRPC, server.New(server.Config{
 		HiveID: o.hiveID, Queen: o.queen, Grace: o.grace, Registerer: ms.Registry, Live: m.Live,
-		WorkerEnv: o.creds.TLS.Env(), WorkerAddress: workerAddress(o.workerHost),
+		WorkerEnv: o.creds.TLS.Env(), WorkerAddress: workerAddress(o.workerHost), Devices: inv,
 	}, m))
 	srv.Health.SetServingStatus(rbeev1.HiveService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	done := make(chan struct{})
@@ -320,14 +334,11 @@ func stateDir() string {
 	return filepath.Join(os.TempDir(), "rbee")
 }
 
-// devices lists what this machine offers workers: always cpu, plus a cuda:N per NVIDIA device node.
-func devices() []string {
-	out := []string{"cpu"}
-	nodes, _ := filepath.Glob("/dev/nvidia[0-9]*")
-	for _, n := range nodes {
-		if i, err := strconv.Atoi(strings.TrimPrefix(filepath.Base(n), "nvidia")); err == nil {
-			out = append(out, "cuda:"+strconv.Itoa(i))
-		}
+// deviceInfo is the heartbeat's form of the inventory.
+func deviceInfo(ds []devices.Device) []*rbeev1.Device {
+	out := make([]*rbeev1.Device, len(ds))
+	for i, d := range ds {
+		out[i] = &rbeev1.Device{Name: d.Name, Description: d.Description, MemoryTotalBytes: d.MemoryTotal, MemoryUsedBytes: d.MemoryUsed}
 	}
 	return out
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -15,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/hive/devices"
 	"github.com/rbee-dev/rbee/hive/process"
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/jobid"
@@ -26,6 +28,7 @@ import (
 type Processes interface {
 	Spawn(ctx context.Context, s process.SpawnSpec) (process.Spawned, error)
 	Delete(ctx context.Context, t process.Target, grace time.Duration) (process.Outcome, error)
+	Logs(ctx context.Context, workerID string, tailLines int, follow bool, send func([]byte) error) error
 }
 
 // Config configures the hive's service.
@@ -44,6 +47,14 @@ type Config struct {
 	// nil keeps them unexported.
 	Registerer prometheus.Registerer
 	Live       func() int
+	// Devices, when set, is what the hive has: a Spawn on any other device is refused.
+	Devices DeviceSet
+}
+
+// DeviceSet is what the edge needs of the hive's device inventory.
+type DeviceSet interface {
+	Has(name string) bool
+	Names() []string
 }
 
 // Hive implements HiveService.
@@ -79,9 +90,14 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 	} else if err := validate.Address("queen_address", queen); err != nil {
 		return nil, invalid(err)
 	}
-	env := h.cfg.WorkerEnv
+	if h.cfg.Devices != nil && !h.cfg.Devices.Has(device) {
+		return nil, status.Errorf(codes.FailedPrecondition, "hive %s has no device %s (it has: %s)",
+			h.cfg.HiveID, device, strings.Join(h.cfg.Devices.Names(), ", "))
+	}
+	// Every worker sees only its own device (and a cpu worker no GPU): see devices.VisibleEnv.
+	env := append(slices.Clip(h.cfg.WorkerEnv), devices.VisibleEnv(device)...)
 	if tok := req.GetWorkerToken(); tok != "" {
-		env = append(slices.Clip(env), auth.EnvWorkerToken+"="+tok)
+		env = append(env, auth.EnvWorkerToken+"="+tok)
 	}
 	// The process core names the worker (worker_id, pid) in each of its own lines; putting it on
 	// the context's logger too would repeat the keys in every JSON line.
@@ -125,6 +141,28 @@ func (h *Hive) Delete(ctx context.Context, req *rbeev1.DeleteRequest) (*rbeev1.D
 	return &rbeev1.DeleteResponse{Outcome: o}, nil
 }
 
+// Logs streams a worker's captured output: its last tail_lines lines, then with follow what it
+// writes next, until the caller cancels or the worker's processes are gone and the log is drained.
+func (h *Hive) Logs(req *rbeev1.LogsRequest, stream rbeev1.HiveService_LogsServer) error {
+	if err := validate.ID("worker_id", req.GetWorkerId()); err != nil {
+		return invalid(err)
+	}
+	ctx := stream.Context()
+	err := h.procs.Logs(ctx, req.GetWorkerId(), int(req.GetTailLines()), req.GetFollow(), func(b []byte) error {
+		return stream.Send(&rbeev1.LogsResponse{Data: b})
+	})
+	if err != nil {
+		if ctx.Err() != nil {
+			return status.FromContextError(ctx.Err()).Err()
+		}
+		if _, ok := status.FromError(err); ok && process.KindOf(err) == process.KindInternal {
+			return err // the stream's own error (the caller went away)
+		}
+		return toStatus(err)
+	}
+	return nil
+}
+
 func outcomeToProto(o process.Outcome) rbeev1.DeleteOutcome {
 	switch o {
 	case process.Exited:
@@ -149,6 +187,8 @@ func toStatus(err error) error {
 		code = codes.ResourceExhausted
 	case process.KindUnsupported:
 		code = codes.Unimplemented
+	case process.KindNotFound:
+		code = codes.NotFound
 	default:
 		code = codes.Internal
 		if errors.Is(err, context.DeadlineExceeded) {

@@ -2,9 +2,13 @@ package server
 
 import (
 	"context"
+	"fmt"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -36,6 +40,70 @@ func (f *fakeProcs) Delete(_ context.Context, t process.Target, g time.Duration)
 		return 0, f.err
 	}
 	return process.Killed, nil
+}
+
+func (f *fakeProcs) Logs(_ context.Context, id string, tail int, follow bool, send func([]byte) error) error {
+	if f.err != nil {
+		return f.err
+	}
+	return send([]byte(fmt.Sprintf("%s tail=%d follow=%v\n", id, tail, follow)))
+}
+
+type fakeDevices []string
+
+func (d fakeDevices) Has(n string) bool { return slices.Contains(d, n) }
+func (d fakeDevices) Names() []string   { return d }
+
+// TestSpawnDevices: a device the hive lacks is refused before anything starts, naming what it
+// has; every worker gets the environment that shows it only its own device.
+func TestSpawnDevices(t *testing.T) {
+	f := &fakeProcs{}
+	h := New(Config{HiveID: "h", Queen: "127.0.0.1:7833", Devices: fakeDevices{"cpu", "cuda:0"}}, f)
+	_, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w", Model: "m", Device: "cuda:7"})
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "no device cuda:7") || !strings.Contains(err.Error(), "cpu, cuda:0") {
+		t.Fatalf("Spawn on cuda:7 = %v; want FAILED_PRECONDITION naming the device and the hive's", err)
+	}
+	if len(f.spawned) != 0 {
+		t.Fatal("the refused spawn reached the process core")
+	}
+	for dev, want := range map[string]string{"cuda:0": "CUDA_VISIBLE_DEVICES=0", "": "CUDA_VISIBLE_DEVICES="} {
+		if _, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w", Model: "m", Device: dev, WorkerToken: "tok"}); err != nil {
+			t.Fatal(err)
+		}
+		env := f.spawned[len(f.spawned)-1].Env
+		if !slices.Contains(env, want) || !slices.Contains(env, "RBEE_WORKER_TOKEN=tok") {
+			t.Errorf("device %q: env %q lacks %s", dev, env, want)
+		}
+	}
+}
+
+func TestLogsRequests(t *testing.T) {
+	f := &fakeProcs{}
+	h := New(Config{HiveID: "h"}, f)
+	if err := h.Logs(&rbeev1.LogsRequest{WorkerId: "W/1"}, nil); status.Code(err) != codes.InvalidArgument {
+		t.Errorf("bad worker id: %v", err)
+	}
+	f.err = &process.Error{Kind: process.KindNotFound, Msg: "no log of worker"}
+	if err := h.Logs(&rbeev1.LogsRequest{WorkerId: "w"}, &fakeLogStream{ctx: t.Context()}); status.Code(err) != codes.NotFound {
+		t.Errorf("no log: %v, want NOT_FOUND", err)
+	}
+	f.err = nil
+	st := &fakeLogStream{ctx: t.Context()}
+	if err := h.Logs(&rbeev1.LogsRequest{WorkerId: "w", TailLines: 7, Follow: true}, st); err != nil || len(st.sent) != 1 || string(st.sent[0]) != "w tail=7 follow=true\n" {
+		t.Errorf("Logs = %v, sent %q", err, st.sent)
+	}
+}
+
+type fakeLogStream struct {
+	grpc.ServerStream
+	ctx  context.Context
+	sent [][]byte
+}
+
+func (s fakeLogStream) Context() context.Context { return s.ctx }
+func (s *fakeLogStream) Send(r *rbeev1.LogsResponse) error {
+	s.sent = append(s.sent, r.GetData())
+	return nil
 }
 
 func TestSpawnRequests(t *testing.T) {
