@@ -3,6 +3,8 @@ package fleet
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"testing"
@@ -42,8 +44,26 @@ func (f *fakeHive) Delete(_ context.Context, in *rbeev1.DeleteRequest, _ ...grpc
 	return &rbeev1.DeleteResponse{Outcome: rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED}, nil
 }
 
-func (f *fakeHive) Logs(context.Context, *rbeev1.LogsRequest, ...grpc.CallOption) (grpc.ServerStreamingClient[rbeev1.LogsResponse], error) {
-	return nil, status.Error(codes.Unimplemented, "no logs")
+// Logs answers with one chunk naming the request, or NOT_FOUND for worker "nolog".
+func (f *fakeHive) Logs(_ context.Context, in *rbeev1.LogsRequest, _ ...grpc.CallOption) (grpc.ServerStreamingClient[rbeev1.LogsResponse], error) {
+	if in.GetWorkerId() == "nolog" {
+		return nil, status.Error(codes.NotFound, "no log of worker \"nolog\" on this hive")
+	}
+	return &fakeLogs{chunks: []string{fmt.Sprintf("%s tail=%d follow=%v", in.GetWorkerId(), in.GetTailLines(), in.GetFollow())}}, nil
+}
+
+type fakeLogs struct {
+	grpc.ClientStream
+	chunks []string
+}
+
+func (l *fakeLogs) Recv() (*rbeev1.LogsResponse, error) {
+	if len(l.chunks) == 0 {
+		return nil, io.EOF
+	}
+	c := l.chunks[0]
+	l.chunks = l.chunks[1:]
+	return &rbeev1.LogsResponse{Data: []byte(c)}, nil
 }
 
 func (f *fakeHive) deleted() int {
@@ -159,5 +179,44 @@ func TestDeleteThroughTheHiveOnTheWorkersHost(t *testing.T) {
 	}
 	if _, ok := reg.Get("w1"); ok {
 		t.Fatal("worker still registered after its delete")
+	}
+}
+
+// TestLogs: the log of a live worker and of one removed lately is asked of its hive; an unknown
+// worker and a hive without the log are NOT_FOUND.
+func TestLogs(t *testing.T) {
+	f, _, reg := newFleet(t)
+	read := func(id string) (string, error) {
+		var got []byte
+		err := f.Logs(t.Context(), id, 5, true, func(b []byte) error { got = append(got, b...); return nil })
+		return string(got), err
+	}
+	w, err := f.Spawn(t.Context(), SpawnSpec{Model: "m", WorkerID: "live"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := read(w.ID); err != nil || got != "live tail=5 follow=true" {
+		t.Fatalf("Logs(live) = %q, %v", got, err)
+	}
+	if _, err := f.Delete(t.Context(), w.ID, 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := reg.Get(w.ID); ok {
+		t.Fatal("deleted worker still registered")
+	}
+	if got, err := read(w.ID); err != nil || got != "live tail=5 follow=true" {
+		t.Fatalf("Logs of the deleted worker = %q, %v; want its hive asked", got, err)
+	}
+	if _, err := read("never"); KindOf(err) != KindNotFound {
+		t.Errorf("Logs(never) = %v, want not found", err)
+	}
+	if _, err := f.Spawn(t.Context(), SpawnSpec{Model: "m", WorkerID: "nolog"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := read("nolog"); KindOf(err) != KindNotFound {
+		t.Errorf("Logs(nolog) = %v, want the hive's NOT_FOUND", err)
+	}
+	if _, err := read("Bad/Id"); KindOf(err) != KindInvalid {
+		t.Errorf("Logs(Bad/Id) = %v, want invalid", err)
 	}
 }

@@ -36,9 +36,17 @@ type Hive struct {
 	LastHeartbeat time.Time
 	Version, OS   string
 	Devices       []string
-	FreePorts     uint32
+	// DeviceInfo is what the hive reports of each device (memory figures change at its refresh).
+	DeviceInfo []Device
+	FreePorts  uint32
 	// Workers is computed: the registry's workers whose HiveID is this hive.
 	Workers int
+}
+
+// Device is one device of a hive, as it reports it.
+type Device struct {
+	Name, Description       string
+	MemoryTotal, MemoryUsed uint64 // bytes; 0: unknown
 }
 
 type hiveEntry struct {
@@ -93,6 +101,9 @@ func (r *Registry) HiveBeat(in Hive) (Hive, error) {
 	e.placedSinceBeat = 0
 	if !slices.Equal(h.Devices, in.Devices) {
 		h.Devices = slices.Clone(in.Devices)
+	}
+	if !slices.Equal(h.DeviceInfo, in.DeviceInfo) {
+		h.DeviceInfo = slices.Clone(in.DeviceInfo)
 	}
 	if !sameHiveButBeat(old, *h) {
 		r.rev++
@@ -283,6 +294,7 @@ func (r *Registry) newHiveLocked(id string) *hiveEntry {
 func (r *Registry) hiveLocked(e *hiveEntry) Hive {
 	h := e.h
 	h.Devices = slices.Clone(h.Devices)
+	h.DeviceInfo = slices.Clone(h.DeviceInfo)
 	h.Workers = r.perHive[h.ID]
 	return h
 }
@@ -290,7 +302,7 @@ func (r *Registry) hiveLocked(e *hiveEntry) Hive {
 func sameHiveButBeat(a, b Hive) bool {
 	return a.ID == b.ID && a.Address == b.Address && a.State == b.State && a.Static == b.Static &&
 		a.Version == b.Version && a.OS == b.OS && a.FreePorts == b.FreePorts &&
-		slices.Equal(a.Devices, b.Devices)
+		slices.Equal(a.Devices, b.Devices) && slices.Equal(a.DeviceInfo, b.DeviceInfo)
 }
 
 func (r *Registry) hiveDue(e *hiveEntry) time.Time {

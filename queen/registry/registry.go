@@ -157,6 +157,9 @@ type graveRef struct {
 
 const maxGraves = 1024
 
+// RecentRemovals is how many removed workers the registry remembers (GetOrLast), for messages.
+const RecentRemovals = maxGraves
+
 // notFoundLocked is the answer for a worker id the registry does not hold: with the last state
 // and the cause when it was removed lately (its process died before the caller got to it).
 func (r *Registry) notFoundLocked(id string) (Worker, error) {
@@ -320,6 +323,21 @@ func (r *Registry) Get(id string) (Worker, bool) {
 		return e.w, true
 	}
 	return Worker{}, false
+}
+
+// GetOrLast returns the worker with the given id or, when it was removed lately (see graves: the
+// last maxGraves removals since the queen started), its last known state with removed set. That
+// is enough to find the hive that still keeps a deleted worker's log.
+func (r *Registry) GetOrLast(id string) (w Worker, removed, ok bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if e := r.workers[id]; e != nil {
+		return e.w, false, true
+	}
+	if g, found := r.graves[id]; found {
+		return g.w, true, true
+	}
+	return Worker{}, false, false
 }
 
 // List returns the workers of hive hiveID, or all workers if hiveID is empty, sorted by ID.

@@ -74,6 +74,10 @@ func hiveToProto(h registry.Hive) *rbeev1.Hive {
 		FreePorts:   h.FreePorts,
 		Static:      h.Static,
 	}
+	for _, d := range h.DeviceInfo {
+		p.DeviceInfo = append(p.DeviceInfo, &rbeev1.Device{Name: d.Name, Description: d.Description,
+			MemoryTotalBytes: d.MemoryTotal, MemoryUsedBytes: d.MemoryUsed})
+	}
 	if !h.LastHeartbeat.IsZero() {
 		p.LastHeartbeatTime = timestamppb.New(h.LastHeartbeat)
 	}

@@ -292,9 +292,20 @@ func hiveFromProto(p *rbeev1.Hive) (registry.Hive, error) {
 			return registry.Hive{}, err
 		}
 	}
+	var info []registry.Device
+	for i, d := range p.GetDeviceInfo() {
+		if err := validate.Device(fmt.Sprintf("hive.device_info[%d].name", i), d.GetName()); err != nil {
+			return registry.Hive{}, err
+		}
+		if len(d.GetDescription()) > 256 {
+			return registry.Hive{}, &validate.Error{Field: fmt.Sprintf("hive.device_info[%d].description", i), Rule: "at most 256 bytes"}
+		}
+		info = append(info, registry.Device{Name: d.GetName(), Description: d.GetDescription(),
+			MemoryTotal: d.GetMemoryTotalBytes(), MemoryUsed: d.GetMemoryUsedBytes()})
+	}
 	return registry.Hive{
 		ID: p.GetHiveId(), Address: p.GetAddress(), Version: p.GetVersion(), OS: p.GetOs(),
-		Devices: p.GetDevices(), FreePorts: p.GetFreePorts(),
+		Devices: p.GetDevices(), DeviceInfo: info, FreePorts: p.GetFreePorts(),
 	}, nil
 }
 

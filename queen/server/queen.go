@@ -142,6 +142,20 @@ func (q *Queen) DeleteWorker(ctx context.Context, req *rbeev1.DeleteWorkerReques
 	return &rbeev1.DeleteWorkerResponse{Outcome: d.Outcome, Worker: workerToProto(d.Worker)}, nil
 }
 
+// WorkerLogs relays a worker's captured output from its hive (HiveService.Logs), for live workers
+// and for those removed lately.
+func (q *Queen) WorkerLogs(req *rbeev1.WorkerLogsRequest, stream rbeev1.QueenService_WorkerLogsServer) error {
+	ctx := stream.Context()
+	err := q.fleet.Logs(ctx, req.GetWorkerId(), req.GetTailLines(), req.GetFollow(), func(b []byte) error {
+		return stream.Send(&rbeev1.WorkerLogsResponse{Data: b})
+	})
+	var fe *fleet.Error
+	if err != nil && !errors.As(err, &fe) {
+		return err // the caller's stream failed: nothing to tell it
+	}
+	return toStatus(err)
+}
+
 // ListHives lists the hives the queen knows.
 func (q *Queen) ListHives(context.Context, *rbeev1.ListHivesRequest) (*rbeev1.ListHivesResponse, error) {
 	hs := q.reg.ListHives()

@@ -150,14 +150,33 @@ func writeWorker(w io.Writer, wk *rbeev1.Worker, now time.Time) error {
 // writeHives prints hives as an aligned table.
 func writeHives(w io.Writer, hs []*rbeev1.Hive, now time.Time) error {
 	tw := newTable(w)
-	fmt.Fprintln(tw, "ID\tADDRESS\tSTATE\tWORKERS\tLAST BEAT\tSTATIC")
+	fmt.Fprintln(tw, "ID\tADDRESS\tSTATE\tWORKERS\tLAST BEAT\tSTATIC\tDEVICES")
 	for _, h := range hs {
 		static := "no"
 		if h.GetStatic() {
 			static = "yes"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\n", h.GetHiveId(), h.GetAddress(), hiveStateName(h.GetState()),
-			h.GetWorkerCount(), ago(h.GetLastHeartbeatTime(), now), static)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", h.GetHiveId(), h.GetAddress(), hiveStateName(h.GetState()),
+			h.GetWorkerCount(), ago(h.GetLastHeartbeatTime(), now), static, deviceList(h))
 	}
 	return tw.Flush()
+}
+
+// deviceList is a hive's devices on one line: each name, with its memory used/total where the
+// hive knows it ("cuda:0 1.2/80.0GiB"); the descriptions are in -o json.
+func deviceList(h *rbeev1.Hive) string {
+	if len(h.GetDeviceInfo()) == 0 {
+		if len(h.GetDevices()) == 0 {
+			return "-"
+		}
+		return strings.Join(h.GetDevices(), ", ")
+	}
+	parts := make([]string, len(h.GetDeviceInfo()))
+	for i, d := range h.GetDeviceInfo() {
+		parts[i] = d.GetName()
+		if t := d.GetMemoryTotalBytes(); t > 0 {
+			parts[i] += fmt.Sprintf(" %.1f/%.1fGiB", float64(d.GetMemoryUsedBytes())/(1<<30), float64(t)/(1<<30))
+		}
+	}
+	return strings.Join(parts, ", ")
 }

@@ -18,12 +18,12 @@ import (
 func (a *app) workerCommand() *cobra.Command {
 	c := &cobra.Command{
 		Use:   "worker",
-		Short: "Spawn, list, inspect, watch and remove workers",
+		Short: "Spawn, list, inspect, watch and remove workers, and read their logs",
 		Example: `  rbee worker spawn --model llama-3-8b --id demo --wait
   rbee worker ls
   rbee worker rm demo`,
 	}
-	c.AddCommand(a.spawnCommand(), a.lsCommand(), a.getCommand(), a.rmCommand(), a.watchCommand())
+	c.AddCommand(a.spawnCommand(), a.lsCommand(), a.getCommand(), a.rmCommand(), a.watchCommand(), a.logsCommand())
 	return c
 }
 
