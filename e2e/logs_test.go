@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -277,4 +278,38 @@ func TestHiveDevices(t *testing.T) {
 		rbeeOK(t, queen, "worker", "rm", id)
 	}
 	noWorkersLeft(t, hive)
+}
+
+// TestLogFollowDoesNotHoldShutdown: a follow in progress ends (UNAVAILABLE, exit 4) when the hive
+// or the queen is stopped, instead of holding their graceful stop to its timeout.
+func TestLogFollowDoesNotHoldShutdown(t *testing.T) {
+	for _, who := range []string{"hive", "queen"} {
+		t.Run(who, func(t *testing.T) {
+			rbeeBinary(t)
+			qp, queen := startQueen(t)
+			hid := uniqueID("hs")
+			cleanupWorkers(t, hid)
+			hp, _ := startHive(t, queen, hid, "--worker-binary", chattyWorker(t))
+			id := uniqueID("w")
+			rbeeOK(t, queen, "worker", "spawn", "--model", "m", "--id", id, "--wait")
+			f := startRbee(t, queen, "worker", "logs", id, "--follow")
+			f.await("the worker's output", func(l string) bool { return strings.Contains(l, "hello 3 from "+id) })
+			p := hp
+			if who == "queen" {
+				p = qp
+			}
+			t0 := time.Now()
+			p.stop(syscall.SIGTERM, 20*time.Second)
+			if took := time.Since(t0); took > 3*time.Second {
+				t.Errorf("the %s took %v to stop with a follow open", who, took)
+			}
+			if strings.Contains(p.raw.String(), "graceful stop timed out") {
+				t.Errorf("the %s's graceful stop timed out", who)
+			}
+			if code := f.waitExit(20 * time.Second); code != 4 {
+				t.Errorf("follow when the %s stopped: exit %d, want 4 (unavailable)", who, code)
+			}
+			// The worker outlives what was stopped; this test's clean-up removes it by PID.
+		})
+	}
 }

@@ -210,10 +210,11 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 		return err
 	}
 	srv := rpcserver.New(rpcserver.Options{Logger: log, Metrics: ms.GRPC, Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions()})
-	rbeev1.RegisterHiveServiceServer(srv.GRPC, server.New(server.Config{
+	hs := server.New(server.Config{
 		HiveID: o.hiveID, Queen: o.queen, Grace: o.grace, Registerer: ms.Registry, Live: m.Live,
 		WorkerEnv: o.creds.TLS.Env(), WorkerAddress: workerAddress(o.workerHost), Devices: inv,
-	}, m))
+	}, m)
+	rbeev1.RegisterHiveServiceServer(srv.GRPC, hs)
 	srv.Health.SetServingStatus(rbeev1.HiveService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	done := make(chan struct{})
 	go func() {
@@ -225,7 +226,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	log.Info("hive serving", zap.String("listen", lis.Addr().String()), zap.String("advertise", o.advertise),
 		zap.String("queen", o.queen), zap.String("worker_binary", pcfg.Binary), zap.String("log_dir", pcfg.LogDir), zap.String("worker_host", pcfg.ListenHost),
 		zap.String("actor", "hive"), zap.String("action", "hive_start"))
-	err = srv.Serve(ctx, lis, nil)
+	err = srv.Serve(ctx, lis, hs.Drain)
 	<-done
 	if merr := metricsDone(); err == nil {
 		err = merr

@@ -63,12 +63,21 @@ type Hive struct {
 	cfg     Config
 	procs   Processes
 	metrics *metrics
+	// draining ends with Drain: log follows stop, so that shutdown does not wait for them.
+	draining      context.Context
+	stopFollowing context.CancelFunc
 }
 
 // New returns the hive's service over procs.
 func New(cfg Config, procs Processes) *Hive {
-	return &Hive{cfg: cfg, procs: procs, metrics: newMetrics(cfg.Registerer, cfg.Live)}
+	h := &Hive{cfg: cfg, procs: procs, metrics: newMetrics(cfg.Registerer, cfg.Live)}
+	h.draining, h.stopFollowing = context.WithCancel(context.Background())
+	return h
 }
+
+// Drain ends the Logs streams in progress (with UNAVAILABLE) so that a graceful stop is not held
+// up by operators following logs; the server calls it when shutting down.
+func (h *Hive) Drain() { h.stopFollowing() }
 
 func invalid(err error) error { return status.Error(codes.InvalidArgument, err.Error()) }
 
@@ -147,10 +156,15 @@ func (h *Hive) Logs(req *rbeev1.LogsRequest, stream rbeev1.HiveService_LogsServe
 	if err := validate.ID("worker_id", req.GetWorkerId()); err != nil {
 		return invalid(err)
 	}
-	ctx := stream.Context()
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
+	defer context.AfterFunc(h.draining, cancel)()
 	err := h.procs.Logs(ctx, req.GetWorkerId(), int(req.GetTailLines()), req.GetFollow(), func(b []byte) error {
 		return stream.Send(&rbeev1.LogsResponse{Data: b})
 	})
+	if h.draining.Err() != nil {
+		return status.Error(codes.Unavailable, "hive shutting down")
+	}
 	if err != nil {
 		if ctx.Err() != nil {
 			return status.FromContextError(ctx.Err()).Err()

@@ -145,10 +145,23 @@ func (q *Queen) DeleteWorker(ctx context.Context, req *rbeev1.DeleteWorkerReques
 // WorkerLogs relays a worker's captured output from its hive (HiveService.Logs), for live workers
 // and for those removed lately.
 func (q *Queen) WorkerLogs(req *rbeev1.WorkerLogsRequest, stream rbeev1.QueenService_WorkerLogsServer) error {
-	ctx := stream.Context()
+	ctx, cancel := context.WithCancel(stream.Context())
+	defer cancel()
+	go func() {
+		select { // a follow must not hold the queen's shutdown
+		case <-q.stopping:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	err := q.fleet.Logs(ctx, req.GetWorkerId(), req.GetTailLines(), req.GetFollow(), func(b []byte) error {
 		return stream.Send(&rbeev1.WorkerLogsResponse{Data: b})
 	})
+	select {
+	case <-q.stopping:
+		return status.Error(codes.Unavailable, "queen shutting down")
+	default:
+	}
 	var fe *fleet.Error
 	if err != nil && !errors.As(err, &fe) {
 		return err // the caller's stream failed: nothing to tell it
