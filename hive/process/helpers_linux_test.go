@@ -117,8 +117,16 @@ func fakeWorker() {
 		code, _ := strconv.Atoi(c)
 		syscall.Exit(code) // not os.Exit: under -race that sleeps a second at exit
 	}
+	burst := 0
 	for sigs != nil {
 		s := <-sigs
+		burst++
+		if n, _ := strconv.Atoi(os.Getenv("FAKE_BURST")); n > 0 && s == syscall.SIGUSR1 {
+			for i := range n {
+				fmt.Fprintf(w, "burst %d line %d %s\n", burst, i, strings.Repeat("b", 60))
+			}
+			w.Flush()
+		}
 		fmt.Printf("got %s\n", unix.SignalName(s.(syscall.Signal))) // for the log followers
 		send(report{PID: os.Getpid(), Signal: unix.SignalName(s.(syscall.Signal))})
 		if s == syscall.SIGTERM {

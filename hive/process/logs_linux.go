@@ -375,7 +375,8 @@ func (m *Manager) Logs(ctx context.Context, workerID string, tailLines int, foll
 		return errf(KindNotFound, nil, "no log of worker %q on this hive (never spawned here, or removed: logs of exited workers are kept %v, at most %d)",
 			workerID, m.cfg.LogKeepFor, m.cfg.LogKeepExited)
 	}
-	f, err := os.Open(path)
+	// No symlinks: a planted link must not make the hive serve another file.
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NOFOLLOW, 0)
 	if err != nil {
 		if os.IsNotExist(err) {
 			if c != nil && c.logErr != "" {
@@ -386,6 +387,9 @@ func (m *Manager) Logs(ctx context.Context, workerID string, tailLines int, foll
 		return errf(KindInternal, err, "open log of worker %q", workerID)
 	}
 	defer f.Close()
+	if fi, err := f.Stat(); err != nil || !fi.Mode().IsRegular() {
+		return errf(KindInternal, err, "log of worker %q is not a regular file", workerID)
+	}
 	r := &logReader{f: f, lf: m.tracked(path), send: send}
 	if err := r.startAtTail(tailLines); err != nil {
 		return err
@@ -514,31 +518,55 @@ const followRecheck = time.Second
 // follow sends what is written to path until ctx ends or no process can write it any more (and
 // all it wrote is sent). inotify wakes it on every write and when the last writer closes the file.
 func (r *logReader) follow(ctx context.Context, path string) error {
-	in, err := newInotify(path)
-	if err != nil {
-		return errf(KindInternal, err, "watch log")
+	wait := pollWait
+	if in, err := watchLog(path); err == nil {
+		defer in.Close()
+		stop := context.AfterFunc(ctx, func() { in.SetReadDeadline(time.Unix(1, 0)) })
+		defer stop()
+		ev := make([]byte, 4096)
+		wait = func(context.Context) error {
+			in.SetReadDeadline(time.Now().Add(followRecheck))
+			if _, err := in.Read(ev); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+				return err
+			}
+			return nil
+		}
 	}
-	defer in.Close()
-	stop := context.AfterFunc(ctx, func() { in.SetReadDeadline(time.Unix(1, 0)) })
-	defer stop()
-	ev := make([]byte, 4096)
+	// else: out of inotify instances (fs.inotify.max_user_instances, 128 by default): poll.
+	fd := int(r.f.Fd())
 	for {
 		if err := r.drain(false); err != nil {
 			return err
 		}
-		if !lockedByOthers(int(r.f.Fd())) {
+		if !lockedByOthers(fd) {
 			return r.drain(true) // nobody writes any more: what is there is all there will be
 		}
-		in.SetReadDeadline(time.Now().Add(followRecheck))
-		_, err := in.Read(ev)
+		err := wait(ctx)
 		if ctx.Err() != nil {
 			return nil // the caller's end: the normal way a follow stops
 		}
-		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		if err != nil {
 			return errf(KindInternal, err, "watch log")
 		}
 	}
 }
+
+// pollWait is follow's wait without inotify.
+func pollWait(ctx context.Context) error {
+	t := time.NewTimer(followPoll)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+	case <-t.C:
+	}
+	return nil
+}
+
+// followPoll is how often a follow without inotify looks for new output.
+const followPoll = 200 * time.Millisecond
+
+// watchLog is newInotify; tests replace it to run follow without inotify.
+var watchLog = newInotify
 
 // newInotify watches path for writes and for the close of a writer, as a file the runtime's
 // poller serves, so that a read on it honours deadlines.

@@ -511,68 +511,138 @@ func TestLogsTail(t *testing.T) {
 		}
 	}
 	wantKind(t, h.m.Logs(t.Context(), "nobody", 0, false, func([]byte) error { return nil }), KindNotFound, "no log of worker")
+	// A link planted in the log directory is not followed.
+	if err := os.Symlink("/etc/passwd", filepath.Join(h.cfg.LogDir, logName("evil", time.Now()))); err != nil {
+		t.Fatal(err)
+	}
+	var leaked bytes.Buffer
+	if err := h.m.Logs(t.Context(), "evil", 0, false, func(b []byte) error { leaked.Write(b); return nil }); err == nil || leaked.Len() > 0 {
+		t.Errorf("Logs through a symlink: %v, %q", err, leaked.String())
+	}
 	wantKind(t, h.m.Logs(t.Context(), "../etc", 0, false, func([]byte) error { return nil }), KindInvalid, "")
 }
 
 // TestLogsFollow: a follow sees what the worker writes next, and ends by itself once the worker
 // is gone and everything it wrote was sent.
 func TestLogsFollow(t *testing.T) {
-	forModes(t, func(t *testing.T, mode CgroupMode) {
-		h := newHarness(t, mode, nil)
-		s, _, q := h.spawnReady("fl", "FAKE_LINES=3", "FAKE_NOTIFY=1")
-		chunks := make(chan string, 100)
-		done := make(chan error, 1)
-		go func() {
-			done <- h.m.Logs(t.Context(), "fl", 2, true, func(b []byte) error { chunks <- string(b); return nil })
-		}()
-		var got strings.Builder
-		until := func(want string) {
-			t.Helper()
-			timeout := time.After(15 * time.Second)
-			for !strings.Contains(got.String(), want) {
-				select {
-				case c := <-chunks:
-					got.WriteString(c)
-				case <-timeout:
-					t.Fatalf("follow did not show %q; got %q", want, got.String())
-				}
+	forModes(t, testLogsFollow)
+}
+
+// TestLogsFollowWithoutInotify: with no inotify instance to be had, a follow polls and still sees
+// everything and ends.
+func TestLogsFollowWithoutInotify(t *testing.T) {
+	watchLog = func(string) (*os.File, error) { return nil, unix.EMFILE }
+	t.Cleanup(func() { watchLog = newInotify })
+	testLogsFollow(t, CgroupOff)
+}
+
+func testLogsFollow(t *testing.T, mode CgroupMode) {
+	h := newHarness(t, mode, nil)
+	s, _, q := h.spawnReady("fl", "FAKE_LINES=3", "FAKE_NOTIFY=1")
+	chunks := make(chan string, 100)
+	done := make(chan error, 1)
+	go func() {
+		done <- h.m.Logs(t.Context(), "fl", 2, true, func(b []byte) error { chunks <- string(b); return nil })
+	}()
+	var got strings.Builder
+	until := func(want string) {
+		t.Helper()
+		timeout := time.After(15 * time.Second)
+		for !strings.Contains(got.String(), want) {
+			select {
+			case c := <-chunks:
+				got.WriteString(c)
+			case <-timeout:
+				t.Fatalf("follow did not show %q; got %q", want, got.String())
 			}
 		}
-		until("line 2 ")
-		if strings.Contains(got.String(), "line 0 ") {
-			t.Errorf("tail 2 showed line 0: %q", got.String())
+	}
+	until("line 2 ")
+	if strings.Contains(got.String(), "line 0 ") {
+		t.Errorf("tail 2 showed line 0: %q", got.String())
+	}
+	fd := watch(t, s.PID)
+	unix.PidfdSendSignal(fd, unix.SIGUSR1, nil, 0)
+	q.next(t)
+	until("got SIGUSR1\n")
+	if _, err := h.m.Delete(t.Context(), Target{WorkerID: "fl", PID: s.PID}, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
 		}
-		fd := watch(t, s.PID)
+	case <-time.After(15 * time.Second):
+		t.Fatal("follow did not end after the worker was deleted")
+	}
+	for len(chunks) > 0 {
+		got.WriteString(<-chunks)
+	}
+	if !strings.HasSuffix(got.String(), "got SIGTERM\n") {
+		t.Errorf("follow ended before the worker's last line: %q", got.String())
+	}
+
+	// A follow of a worker that is gone sends its log and ends at once.
+	var after bytes.Buffer
+	if err := h.m.Logs(t.Context(), "fl", 100, true, func(b []byte) error { after.Write(b); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(after.String(), "line 0 ") || !strings.HasSuffix(after.String(), "got SIGTERM\n") {
+		t.Errorf("log of the deleted worker: %q", after.String())
+	}
+}
+
+// TestLogsFollowAcrossCaps: a follow goes on at the right place when the cap cuts the file under
+// it: no line twice, in order, up to the last (lines the cap dropped before the follower read
+// them are lost, as a cap must).
+func TestLogsFollowAcrossCaps(t *testing.T) {
+	h := newHarness(t, CgroupOff, func(c *Config) { c.LogMaxBytes = 64 << 10 })
+	s, _, q := h.spawnReady("cc", "FAKE_LINES=3", "FAKE_NOTIFY=1", "FAKE_BURST=1500") // ~110 KB a burst
+	var mu sync.Mutex
+	var got bytes.Buffer
+	done := make(chan error, 1)
+	go func() {
+		done <- h.m.Logs(t.Context(), "cc", 0, true, func(b []byte) error { mu.Lock(); got.Write(b); mu.Unlock(); return nil })
+	}()
+	fd := watch(t, s.PID)
+	for range 3 {
 		unix.PidfdSendSignal(fd, unix.SIGUSR1, nil, 0)
 		q.next(t)
-		until("got SIGUSR1\n")
-		if _, err := h.m.Delete(t.Context(), Target{WorkerID: "fl", PID: s.PID}, 5*time.Second); err != nil {
+		h.m.capLogs()
+	}
+	if _, err := h.m.Delete(t.Context(), Target{WorkerID: "cc", PID: s.PID}, 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
 			t.Fatal(err)
 		}
-		select {
-		case err := <-done:
-			if err != nil {
-				t.Fatal(err)
+	case <-time.After(15 * time.Second):
+		t.Fatal("follow did not end")
+	}
+	lines := strings.Split(strings.TrimSuffix(got.String(), "\n"), "\n")
+	seen := map[string]bool{}
+	last := ""
+	for _, l := range lines {
+		if seen[l] && strings.HasPrefix(l, "burst ") {
+			t.Fatalf("line %q sent twice", l)
+		}
+		seen[l] = true
+		if strings.HasPrefix(l, "burst ") && last != "" && strings.HasPrefix(last, "burst ") {
+			var b1, i1, b2, i2 int
+			fmt.Sscanf(last, "burst %d line %d", &b1, &i1)
+			fmt.Sscanf(l, "burst %d line %d", &b2, &i2)
+			if b2 < b1 || (b2 == b1 && i2 <= i1) {
+				t.Fatalf("%q after %q: out of order", l[:20], last[:20])
 			}
-		case <-time.After(15 * time.Second):
-			t.Fatal("follow did not end after the worker was deleted")
 		}
-		for len(chunks) > 0 {
-			got.WriteString(<-chunks)
-		}
-		if !strings.HasSuffix(got.String(), "got SIGTERM\n") {
-			t.Errorf("follow ended before the worker's last line: %q", got.String())
-		}
-
-		// A follow of a worker that is gone sends its log and ends at once.
-		var after bytes.Buffer
-		if err := h.m.Logs(t.Context(), "fl", 100, true, func(b []byte) error { after.Write(b); return nil }); err != nil {
-			t.Fatal(err)
-		}
-		if !strings.HasPrefix(after.String(), "line 0 ") || !strings.HasSuffix(after.String(), "got SIGTERM\n") {
-			t.Errorf("log of the deleted worker: %q", after.String())
-		}
-	})
+		last = l
+	}
+	if last != "got SIGTERM" || !seen["burst 3 line 1499 "+strings.Repeat("b", 60)] {
+		t.Fatalf("follow ended with %q; want the last burst and SIGTERM", last)
+	}
 }
 
 // TestLogsFollowCancelled: the caller's cancellation ends a follow of a live worker.
