@@ -313,3 +313,97 @@ func TestLogFollowDoesNotHoldShutdown(t *testing.T) {
 		})
 	}
 }
+
+// TestReusedIDShowsOnlyItsOwnOutput: a worker id used again after a failure reports its own exit,
+// not the previous process's last lines (each life has its own log).
+func TestReusedIDShowsOnlyItsOwnOutput(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "once-chatty")
+	script := "#!/bin/sh\nif [ -e " + dir + "/ran ]; then exit 4; fi\n: > " + dir + "/ran\n" +
+		"echo 'loading llama: model file not found' >&2\nexit 3\n"
+	if err := os.WriteFile(bad, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	queen, hive := cliFleet(t, "--worker-binary", bad)
+	r := rbee(t, queen, "worker", "spawn", "--model", "m", "--id", "d1", "--wait")
+	if r.code != 11 || !strings.Contains(r.stderr, "model file not found") {
+		t.Fatalf("first d1: %v", r)
+	}
+	r = rbee(t, queen, "worker", "spawn", "--model", "m", "--id", "d1", "--wait")
+	if r.code != 11 || !strings.Contains(r.stderr, "exit status 4") || strings.Contains(r.stderr, "model file not found") {
+		t.Fatalf("second d1 (exits 4 without output): %v; want its own exit, not the first one's output", r)
+	}
+	if out := rbeeOK(t, queen, "worker", "logs", "d1").stdout; out != "" {
+		t.Errorf("logs of the second d1: %q, want empty", out)
+	}
+	noWorkersLeft(t, hive)
+}
+
+// TestLogDirGoneAfterStart: a --log-dir removed while the hive runs is made again at the next
+// spawn; one that cannot be made fails the spawn with the reason, not a bare exit status 126.
+func TestLogDirGoneAfterStart(t *testing.T) {
+	logDir := filepath.Join(t.TempDir(), "logs")
+	queen, hive := cliFleet(t, "--log-dir", logDir, "--worker-binary", chattyWorker(t))
+	if err := os.RemoveAll(logDir); err != nil {
+		t.Fatal(err)
+	}
+	rbeeOK(t, queen, "worker", "spawn", "--model", "m", "--id", "ld1", "--wait")
+	if out := rbeeOK(t, queen, "worker", "logs", "ld1").stdout; !strings.Contains(out, "hello 1 from ld1") {
+		t.Errorf("log after the directory was removed: %q", out)
+	}
+	rbeeOK(t, queen, "worker", "rm", "ld1")
+
+	if err := os.RemoveAll(logDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(logDir, nil, 0o644); err != nil { // a file where the directory was
+		t.Fatal(err)
+	}
+	r := rbee(t, queen, "worker", "spawn", "--model", "m", "--id", "ld2", "--wait")
+	if r.code != 11 || !strings.Contains(r.stderr, "exit status 126") || !strings.Contains(r.stderr, "cannot give the worker its log file") ||
+		!strings.Contains(r.stderr, logDir) {
+		t.Errorf("spawn with an unusable log dir: %v; want exit 11 with the reason", r)
+	}
+	noWorkersLeft(t, hive)
+}
+
+// TestLogDirForeignFilesUntouched: the hive caps its workers' logs and leaves everything else in
+// --log-dir alone, however big and whatever it is called.
+func TestLogDirForeignFilesUntouched(t *testing.T) {
+	logDir := t.TempDir()
+	big := bytes.Repeat([]byte(strings.Repeat("i", 99)+"\n"), 92_000) // 9.2 MB
+	foreign := filepath.Join(logDir, "important.log")
+	if err := os.WriteFile(foreign, big, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	chatty := filepath.Join(t.TempDir(), "nine-mb-worker")
+	script := "#!/bin/sh\nhead -c 9000000 /dev/zero | tr '\\0' 'x' | fold -w 99\nexec " + filepath.Join(binDir, "worker-stub") + " \"$@\"\n"
+	if err := os.WriteFile(chatty, []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	queen, hive := cliFleet(t, "--log-dir", logDir, "--worker-binary", chatty)
+	rbeeOK(t, queen, "worker", "spawn", "--model", "m", "--id", "big1", "--wait")
+	// The cap runs every 2 s; wait (bounded) until it has cut the worker's own log.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		ents, _ := os.ReadDir(logDir)
+		capped := false
+		for _, e := range ents {
+			if fi, err := e.Info(); err == nil && e.Name() != "important.log" && fi.Size() > 0 && fi.Size() <= 8<<20 {
+				capped = true
+			}
+		}
+		if capped {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the worker's 9 MB log was not capped within 20s: %v", ents)
+		}
+		time.Sleep(50 * time.Millisecond) // file sizes announce nothing; look again
+	}
+	if b, err := os.ReadFile(foreign); err != nil || !bytes.Equal(b, big) {
+		t.Errorf("important.log was changed (%d bytes, was %d): the hive touched a file it did not create", len(b), len(big))
+	}
+	rbeeOK(t, queen, "worker", "rm", "big1")
+	noWorkersLeft(t, hive)
+}
