@@ -122,12 +122,12 @@ func (m *Manager) startLogs() {
 }
 
 // logsLoop caps the logs of live workers every LogCheckEvery and removes the logs of exited ones
-// past their bound, when a worker exits and at least every sweepEvery.
+// past their bound when a worker exits and every LogKeepFor/10 (at most 10 minutes, at least 1s).
 func (m *Manager) logsLoop() {
 	defer m.bg.Done()
 	capT := time.NewTicker(m.cfg.LogCheckEvery)
 	defer capT.Stop()
-	sweepT := time.NewTicker(min(m.cfg.LogKeepFor/10, 10*time.Minute))
+	sweepT := time.NewTicker(max(min(m.cfg.LogKeepFor/10, 10*time.Minute), time.Second))
 	defer sweepT.Stop()
 	for {
 		select {
