@@ -3,6 +3,7 @@ package registry
 import (
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync"
 	"testing"
@@ -643,4 +644,37 @@ func TestConcurrentUse(t *testing.T) {
 	time.Sleep(50 * time.Millisecond)
 	cancel()
 	wg.Wait()
+}
+
+// TestGetOrLast: a removed worker's last state (its hive, for its log) stays findable until it
+// falls out of the recent removals or its id is used again.
+func TestGetOrLast(t *testing.T) {
+	r := New(Config{})
+	if err := r.Reserve(Worker{ID: "gone", HiveID: "h1", Model: "m"}); err != nil {
+		t.Fatal(err)
+	}
+	if w, removed, ok := r.GetOrLast("gone"); !ok || removed || w.HiveID != "h1" {
+		t.Fatalf("live: %+v %v %v", w, removed, ok)
+	}
+	r.Remove("gone", nil)
+	if w, removed, ok := r.GetOrLast("gone"); !ok || !removed || w.HiveID != "h1" {
+		t.Fatalf("removed: %+v %v %v", w, removed, ok)
+	}
+	if err := r.Reserve(Worker{ID: "gone", HiveID: "h2", Model: "m"}); err != nil {
+		t.Fatal(err)
+	}
+	if w, removed, ok := r.GetOrLast("gone"); !ok || removed || w.HiveID != "h2" {
+		t.Fatalf("reused id: %+v %v %v", w, removed, ok)
+	}
+	for i := range RecentRemovals + 1 {
+		id := fmt.Sprintf("x%d", i)
+		r.Reserve(Worker{ID: id, HiveID: "h1", Model: "m"})
+		r.Remove(id, nil)
+	}
+	if _, _, ok := r.GetOrLast("x0"); ok {
+		t.Error("the oldest removal is still remembered beyond RecentRemovals")
+	}
+	if _, _, ok := r.GetOrLast("never"); ok {
+		t.Error("an unknown id was found")
+	}
 }
