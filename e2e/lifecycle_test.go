@@ -216,6 +216,8 @@ func TestBadFlags(t *testing.T) {
 		{"hive", []string{"--port-range", "9200-9100"}},
 		{"hive", []string{"--grace", "-1s"}},
 		{"hive", []string{"--hive-id", "UPPER"}},
+		{"hive", []string{"--log-keep-for", "0s"}},
+		{"hive", []string{"--log-keep-exited", "0"}},
 	} {
 		p := start(t, tt.bin, tt.args...)
 		if code := p.exitCode(10 * time.Second); code != 2 {
