@@ -3,11 +3,22 @@ package process
 import (
 	"fmt"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
 )
+
+// In trampoline mode the exec must come from the process's leader thread: a Go program execing
+// from another thread makes the kernel swap the leader (de_thread), and meanwhile /proc/PID shows
+// a zombie whose environ cannot be opened (ESRCH), which a Delete racing the spawn took for a dead
+// or foreign process. Locking in init keeps the main goroutine on the main (leader) thread.
+func init() {
+	if _, ok := os.LookupEnv(envTrampoline); ok {
+		runtime.LockOSThread()
+	}
+}
 
 // RunTrampolineIfRequested must be the first thing the hive's main (and any test binary that
 // spawns workers) does. In a normal run it returns at once. In the hidden trampoline mode the hive
