@@ -59,9 +59,15 @@ func TestCLIWorkerLogs(t *testing.T) {
 	id := uniqueID("w")
 	rbeeOK(t, queen, "worker", "spawn", "--model", "m", "--id", id, "--wait")
 
-	// The queen may hear READY before worker-stub has logged it: follow until the log has it.
+	// The queen may hear READY before worker-stub has logged it and its heartbeat's first answer:
+	// follow until the log has both, after which it writes nothing until it is stopped.
 	f := startRbee(t, queen, "worker", "logs", id, "--follow")
-	f.await("the worker's ready line", func(l string) bool { return strings.Contains(l, `"worker_ready"`) })
+	ready, answered := false, false
+	f.await("the worker's ready and heartbeat lines", func(l string) bool {
+		ready = ready || strings.Contains(l, `"worker_ready"`)
+		answered = answered || strings.Contains(l, "heartbeat stream answered")
+		return ready && answered
+	})
 
 	all := rbeeOK(t, queen, "worker", "logs", id).stdout
 	for i := 1; i <= 3; i++ {
@@ -71,7 +77,7 @@ func TestCLIWorkerLogs(t *testing.T) {
 	}
 	tail := rbeeOK(t, queen, "worker", "logs", id, "--tail", "2").stdout
 	if n := strings.Count(tail, "\n"); n != 2 || !strings.HasSuffix(all, tail) {
-		t.Errorf("--tail 2 printed %d lines, want the last 2 of the log:\n%s", n, tail)
+		t.Errorf("--tail 2 printed %d lines, want the last 2 of the log:\n%s\nthe log:\n%s", n, tail, all)
 	}
 
 	// The follow sees what the worker writes when it is deleted, and ends by itself after.
