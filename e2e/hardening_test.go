@@ -65,7 +65,12 @@ func TestExitBurstWhileQueenPaused(t *testing.T) {
 	}
 	line := strings.Repeat("x", 999) + "\n"
 	for _, id := range ids {
-		f, err := os.OpenFile(filepath.Join(logDir, id+".log"), os.O_WRONLY|os.O_APPEND, 0)
+		// One file per worker life: rbee-worker-<id>.<spawn time>.log.
+		files, _ := filepath.Glob(filepath.Join(logDir, "rbee-worker-"+id+".*.log"))
+		if len(files) != 1 {
+			t.Fatalf("worker %s has %d log files in %s, want 1", id, len(files), logDir)
+		}
+		f, err := os.OpenFile(files[0], os.O_WRONLY|os.O_APPEND, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
