@@ -59,7 +59,7 @@ func run(args []string) int {
 	var o options
 	fs.StringVar(&o.listen, "listen", "127.0.0.1:7835", "address to serve HiveService on")
 	fs.StringVar(&o.hiveID, "hive-id", defaultHiveID(), "this hive's id (default: the host name)")
-	fs.StringVar(&o.queen, "queen", "127.0.0.1:7833", "address of the queen, which workers and this hive report to")
+	fs.StringVar(&o.queen, "queen", "127.0.0.1:7833", "address of the queen, which workers and this hive report to; several queens (on etcd): A,B,C")
 	fs.StringVar(&o.workerBinary, "worker-binary", "", "worker executable (default: worker-stub beside the hive binary, else on PATH)")
 	fs.StringVar(&o.portRange, "port-range", "9100-9999", "ports for workers, LOW-HIGH")
 	fs.StringVar(&o.workerHost, "worker-host", "127.0.0.1", "host (IP or name) workers' ports are bound on and reported at (Worker.address), handed to workers as $RBEE_WORKER_HOST; an address other machines can reach for routing across machines, 0.0.0.0 for all (reported as the hive's own host)")
@@ -108,7 +108,7 @@ func (o *options) check() (process.Config, error) {
 	if err := validate.ID("--hive-id", o.hiveID); err != nil {
 		return cfg, err
 	}
-	if err := validate.Address("--queen", o.queen); err != nil {
+	if _, err := validate.Addresses("--queen", o.queen); err != nil {
 		return cfg, err
 	}
 	if err := validate.ListenAddress("--listen", o.listen); err != nil {
@@ -184,7 +184,12 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	var m *process.Manager
 	var beater *heartbeat.Beater
 	if o.register {
-		conn, err := grpc.NewClient(o.queen, append(rpcclient.Options(), o.creds.Dial...)...)
+		queens, _ := validate.Addresses("--queen", o.queen) // checked above
+		target, qopts, err := rpcclient.QueenTarget(queens, rpcclient.HeartbeatService)
+		if err != nil {
+			return fmt.Errorf("--queen %q: %w", o.queen, err)
+		}
+		conn, err := grpc.NewClient(target, append(append(rpcclient.Options(), o.creds.Dial...), qopts...)...)
 		if err != nil {
 			return fmt.Errorf("--queen %q: %w", o.queen, err)
 		}

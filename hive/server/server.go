@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -66,6 +67,11 @@ type Hive struct {
 	// draining ends with Drain: log follows stop, so that shutdown does not wait for them.
 	draining      context.Context
 	stopFollowing context.CancelFunc
+	// fence is the highest fencing token (the leading queen's election revision) seen on a Spawn
+	// or Delete. Kept in memory only: a restarted hive starts at 0 and takes the next leader's
+	// token as its floor, so for that moment a deposed leader's late call could still pass; its
+	// Delete still names a proven PID, so at worst it stops the worker it was asked to.
+	fence atomic.Uint64
 }
 
 // New returns the hive's service over procs.
@@ -81,8 +87,36 @@ func (h *Hive) Drain() { h.stopFollowing() }
 
 func invalid(err error) error { return status.Error(codes.InvalidArgument, err.Error()) }
 
+// fenced refuses a call from a queen that is no longer the leader: its token is lower than one
+// this hive has already seen from a newer leader. Token 0 (a queen without election) is never
+// fenced. A higher token raises the floor.
+func (h *Hive) fenced(ctx context.Context, op string, token uint64) error {
+	if token == 0 {
+		return nil
+	}
+	for {
+		seen := h.fence.Load()
+		if token < seen {
+			narrate.Warn(ctx, "hive", "queen_fenced", fmt.Sprintf("Refused a %s from a deposed queen (fencing token %d, a newer leader sent %d)", op, token, seen),
+				zap.Uint64("fencing_token", token), zap.Uint64("highest_fencing_token", seen))
+			if op == "spawn" {
+				h.metrics.spawns.WithLabelValues("fenced").Inc()
+			} else {
+				h.metrics.refusals.WithLabelValues("fenced").Inc()
+			}
+			return status.Errorf(codes.FailedPrecondition, "fenced: this %s carries fencing token %d, but a newer leading queen sent %d; the sender is no longer the leader", op, token, seen)
+		}
+		if token == seen || h.fence.CompareAndSwap(seen, token) {
+			return nil
+		}
+	}
+}
+
 // Spawn starts a worker process and answers its PID, port and start time.
 func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.SpawnResponse, error) {
+	if err := h.fenced(ctx, "spawn", req.GetFencingToken()); err != nil {
+		return nil, err
+	}
 	if err := validate.ID("worker_id", req.GetWorkerId()); err != nil {
 		return nil, invalid(err)
 	}
@@ -125,6 +159,9 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 
 // Delete stops the named worker's process after proving the PID is that worker.
 func (h *Hive) Delete(ctx context.Context, req *rbeev1.DeleteRequest) (*rbeev1.DeleteResponse, error) {
+	if err := h.fenced(ctx, "delete", req.GetFencingToken()); err != nil {
+		return nil, err
+	}
 	if err := validate.ID("worker_id", req.GetWorkerId()); err != nil {
 		return nil, invalid(err)
 	}

@@ -185,3 +185,53 @@ func TestErrorKindsMapToCodes(t *testing.T) {
 		}
 	}
 }
+
+// A deposed queen's late call carries a lower fencing token than the new leader's: the hive
+// refuses it before any process is touched, while the leader's (and unfenced) calls go through.
+func TestFencingRefusesDeposedQueens(t *testing.T) {
+	f := &fakeProcs{}
+	h := New(Config{HiveID: "h", Queen: "127.0.0.1:7833"}, f)
+	steps := []struct {
+		name  string
+		call  func() error
+		want  codes.Code
+		calls int // process-core calls expected after the step
+	}{
+		{"old leader spawns", func() error {
+			_, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w1", Model: "m", FencingToken: 7})
+			return err
+		}, codes.OK, 1},
+		{"new leader deletes", func() error {
+			_, err := h.Delete(t.Context(), &rbeev1.DeleteRequest{WorkerId: "w1", Pid: 42, FencingToken: 9})
+			return err
+		}, codes.OK, 2},
+		{"old leader's late delete", func() error {
+			_, err := h.Delete(t.Context(), &rbeev1.DeleteRequest{WorkerId: "w1", Pid: 42, FencingToken: 7})
+			return err
+		}, codes.FailedPrecondition, 2},
+		{"old leader's late spawn", func() error {
+			_, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w2", Model: "m", FencingToken: 8})
+			return err
+		}, codes.FailedPrecondition, 2},
+		{"new leader again", func() error {
+			_, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w3", Model: "m", FencingToken: 9})
+			return err
+		}, codes.OK, 3},
+		{"queen without election", func() error {
+			_, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w4", Model: "m"})
+			return err
+		}, codes.OK, 4},
+	}
+	for _, s := range steps {
+		err := s.call()
+		if status.Code(err) != s.want {
+			t.Fatalf("%s: %v, want %v", s.name, err, s.want)
+		}
+		if s.want == codes.FailedPrecondition && !strings.Contains(status.Convert(err).Message(), "fenced") {
+			t.Errorf("%s: message %q does not say fenced", s.name, status.Convert(err).Message())
+		}
+		if n := len(f.spawned) + len(f.deleted); n != s.calls {
+			t.Fatalf("%s: %d calls reached the process core, want %d", s.name, n, s.calls)
+		}
+	}
+}

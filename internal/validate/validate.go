@@ -5,6 +5,7 @@ package validate
 import (
 	"fmt"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -176,4 +177,25 @@ func DeviceOrCPU(field, v string) (string, error) {
 		return "cpu", nil
 	}
 	return v, Device(field, v)
+}
+
+// Addresses checks a list of HOST:PORT addresses separated by commas (several queens: --queen
+// A,B,C) and returns them; at least one, no empty entries, no duplicates.
+func Addresses(field, v string) ([]string, error) {
+	if strings.TrimSpace(v) == "" {
+		return nil, fail(field, "is empty; want HOST:PORT or several, comma separated")
+	}
+	parts := strings.Split(v, ",")
+	out := make([]string, 0, len(parts))
+	for i, p := range parts {
+		p = strings.TrimSpace(p)
+		if err := Address(fmt.Sprintf("%s[%d]", field, i), p); err != nil {
+			return nil, err
+		}
+		if slices.Contains(out, p) {
+			return nil, fail(field, "%q given twice", p)
+		}
+		out = append(out, p)
+	}
+	return out, nil
 }

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"io"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -14,6 +15,7 @@ import (
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
+	"github.com/rbee-dev/rbee/internal/validate"
 )
 
 // globals are the flags every command shares.
@@ -54,7 +56,19 @@ func (g *globals) dial() (*client, error) {
 	opts := append(append(rpcclient.Options(), creds,
 		grpc.WithChainUnaryInterceptor(markUnanswered), grpc.WithChainStreamInterceptor(markUnansweredStream)),
 		auth.Bearer(token)...)
-	conn, err := grpc.NewClient(g.queen, opts...)
+	// Several queens (--queen A,B,C): calls go to whichever leads, and wait for one through a
+	// failover (bounded by --timeout).
+	addrs := []string{g.queen}
+	if strings.Contains(g.queen, ",") {
+		if addrs, err = validate.Addresses("--queen", g.queen); err != nil {
+			return nil, usagef("%v", err)
+		}
+	}
+	target, qopts, err := rpcclient.QueenTarget(addrs, rpcclient.QueenService)
+	if err != nil {
+		return nil, usagef("--queen %q: %v", g.queen, err)
+	}
+	conn, err := grpc.NewClient(target, append(opts, qopts...)...)
 	if err != nil {
 		return nil, usagef("--queen %q: %v", g.queen, err)
 	}

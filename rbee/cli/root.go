@@ -106,7 +106,7 @@ line. Errors are one sentence on stderr and a distinct exit status.
 		queen = defaultQueen
 	}
 	pf := root.PersistentFlags()
-	pf.StringVar(&a.g.queen, "queen", queen, "the queen's address HOST:PORT (env RBEE_QUEEN)")
+	pf.StringVar(&a.g.queen, "queen", queen, "the queen's address HOST:PORT, or several queens' A,B,C (env RBEE_QUEEN)")
 	pf.StringVarP(&a.g.output, "output", "o", formatTable, "output format: table or json")
 	pf.StringVar(&a.g.tokenFile, "token-file", "", "file holding the cluster token (else env RBEE_TOKEN), sent as 'authorization: Bearer'")
 	pf.StringVar(&a.g.tlsCA, "tls-ca", "", "CA certificate (PEM) to verify the queen with; turns TLS on")

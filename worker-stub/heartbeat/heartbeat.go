@@ -8,12 +8,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"sync"
 	"time"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
+	"github.com/rbee-dev/rbee/internal/validate"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
@@ -51,7 +53,8 @@ var errClosing = errors.New("heartbeat closing")
 
 // Config configures a Client.
 type Config struct {
-	// Queen is the queen's address (host:port).
+	// Queen is the queen's address (host:port), or several queens' (A,B,C): the stream then goes
+	// to whichever leads and follows a failover (internal/rpcclient.QueenTarget).
 	Queen string
 	// DialOptions are passed to grpc.NewClient; the caller decides transport security here.
 	DialOptions []grpc.DialOption
@@ -407,4 +410,17 @@ func (c *Client) apply(ctx context.Context, r *rbeev1.WorkerHeartbeatResponse) (
 	narrate.Event(narrate.WithLogger(ctx, c.log), actorWorker, actionQueenRestart, "queen id changed (queen restarted)",
 		zap.String("old_queen_id", old), zap.String("queen_id", r.GetQueenId()))
 	return intervalChanged
+}
+
+// queenTarget dials one queen as given, or several (A,B,C) as one connection that follows the
+// leader.
+func queenTarget(queen string) (string, []grpc.DialOption, error) {
+	if !strings.Contains(queen, ",") {
+		return queen, nil, nil
+	}
+	addrs, err := validate.Addresses("--queen", queen)
+	if err != nil {
+		return "", nil, err
+	}
+	return rpcclient.QueenTarget(addrs, rpcclient.HeartbeatService)
 }
