@@ -118,6 +118,9 @@ type removal struct {
 func (r *Registry) advance(now time.Time) (next time.Time, ok bool, removed []removal) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if r.holdingLocked(now) && len(r.deadlines) > 0 {
+		return r.holdUntil, true, nil
+	}
 	for len(r.deadlines) > 0 {
 		it := r.deadlines[0]
 		if it.at.After(now) {
@@ -153,10 +156,18 @@ func (r *Registry) tickWorkerLocked(e *workerEntry, now time.Time) (rm removal, 
 	default:
 		// Stale from the moment the deadline passed, not from when Run noticed, so expiry
 		// timing does not depend on how promptly this goroutine was scheduled.
+		// A hold moves that moment to its end: expiry counts from when the clock could act.
 		old := e.w
-		e.w.State, e.staleSince = StateStale, due
+		e.w.State, e.staleSince = StateStale, laterOf(due, r.holdUntil)
 		r.changedLocked(e, old)
 		r.requeueLocked(&e.deadline, r.workerDue(e))
 		return removal{}, false
 	}
+}
+
+func laterOf(a, b time.Time) time.Time {
+	if a.Before(b) {
+		return b
+	}
+	return a
 }

@@ -120,7 +120,7 @@ func (r *Registry) HiveStreamClosed(id string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.hives[id]
-	if e == nil || e.h.Static || e.h.State == HiveStale {
+	if e == nil || e.h.Static || e.h.State == HiveStale || r.holdingLocked(time.Now()) {
 		return
 	}
 	e.h.State, e.staleSince = HiveStale, time.Now()
@@ -325,7 +325,7 @@ func (r *Registry) tickHiveLocked(e *hiveEntry, now time.Time) {
 		r.rememberFormerLocked(e.h.ID, e.h.Address)
 		r.rev++
 	default:
-		e.h.State, e.staleSince = HiveStale, due
+		e.h.State, e.staleSince = HiveStale, laterOf(due, r.holdUntil)
 		r.rev++
 		r.requeueLocked(&e.deadline, r.hiveDue(e))
 	}

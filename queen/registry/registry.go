@@ -142,6 +142,8 @@ type Registry struct {
 	// learns why: a spawn returns before its worker's first beat, and a crash can beat the wait.
 	graves     map[string]grave
 	graveOrder []graveRef
+	// holdUntil: the clock takes no action before it (Hold).
+	holdUntil time.Time
 }
 
 type grave struct {
@@ -308,6 +310,9 @@ func (r *Registry) StreamClosed(id string) {
 	case e == nil:
 	case e.w.Reported == StateStopping:
 		r.removeLocked(e, ErrStopped)
+	case r.holdingLocked(time.Now()):
+		// Held: its last beat still counts, and the clock marks it STALE after the hold if no
+		// beat follows.
 	case e.w.State != StateStale:
 		old := e.w
 		e.w.State, e.staleSince = StateStale, time.Now()
