@@ -35,6 +35,11 @@ type Config struct {
 	StartTimeout time.Duration
 	// Token is the cluster token; workers' own tokens are derived from it. "" runs without.
 	Token string
+	// Fence, when set (several queens on etcd), is asked right before every hive call: it gives
+	// the leader's fencing token (its election revision), which the hive checks against the
+	// highest it has seen, or an error when this queen does not lead (then no call is made).
+	// nil: a queen alone, token 0.
+	Fence func() (uint64, error)
 	// Registerer receives the fleet's metrics; nil keeps them unexported.
 	Registerer prometheus.Registerer
 	Logger     *zap.Logger
@@ -110,11 +115,16 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 		return registry.Worker{}, &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s: %v", hive.ID, hive.Address, err), Err: err,
 			Unreachable: &HiveRef{hive.ID, hive.Address}}
 	}
+	token, err := f.fence()
+	if err != nil {
+		f.reg.Remove(id, err)
+		return registry.Worker{}, err
+	}
 	// The hive call is not cut short when the caller goes away: a spawn either returns a
 	// registered worker or leaves nothing behind, never a process the queen half knows.
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hiveSpawnTimeout)
 	defer cancel()
-	sreq := &rbeev1.SpawnRequest{WorkerId: id, Model: spec.Model, Device: device, QueenAddress: f.cfg.Advertise}
+	sreq := &rbeev1.SpawnRequest{WorkerId: id, Model: spec.Model, Device: device, QueenAddress: f.cfg.Advertise, FencingToken: token}
 	if f.cfg.Token != "" {
 		sreq.WorkerToken = auth.WorkerToken(f.cfg.Token, id)
 	}
@@ -209,12 +219,29 @@ func (f *Fleet) cleanup(ctx context.Context, hive registry.Hive, id string, pid 
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hiveDeleteSlack)
 	defer cancel()
 	hc, err := f.cfg.Hives.Hive(hive.Address)
+	var token uint64
 	if err == nil {
-		_, err = hc.Delete(ctx, &rbeev1.DeleteRequest{WorkerId: id, Pid: pid, ProcessStartTime: start, GracePeriod: durationpb.New(0)})
+		token, err = f.fence()
+	}
+	if err == nil {
+		_, err = hc.Delete(ctx, &rbeev1.DeleteRequest{WorkerId: id, Pid: pid, ProcessStartTime: start, GracePeriod: durationpb.New(0), FencingToken: token})
 	}
 	if err != nil {
 		narrate.Warn(ctx, "queen", "worker_cleanup_failed", "Could not stop a worker that was not kept", zap.Error(err))
 	}
+}
+
+// fence returns the token for a hive call, or the refusal to make one: a queen that does not lead
+// must not touch a process.
+func (f *Fleet) fence() (uint64, error) {
+	if f.cfg.Fence == nil {
+		return 0, nil
+	}
+	token, err := f.cfg.Fence()
+	if err != nil {
+		return 0, &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("no hive call made: %v", err), Err: err}
+	}
+	return token, nil
 }
 
 func newWorkerID() string {
@@ -258,7 +285,11 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Del
 		return Deleted{}, &Error{Kind: KindUnavailable, Msg: fmt.Sprintf("hive %s at %s: %v", hive.ID, hive.Address, err), Err: err,
 			Unreachable: &HiveRef{hive.ID, hive.Address}}
 	}
-	dreq := &rbeev1.DeleteRequest{WorkerId: id, Pid: w.PID, ProcessStartTime: w.ProcessStartTime}
+	token, err := f.fence()
+	if err != nil {
+		return Deleted{}, err
+	}
+	dreq := &rbeev1.DeleteRequest{WorkerId: id, Pid: w.PID, ProcessStartTime: w.ProcessStartTime, FencingToken: token}
 	timeout := validate.MaxGrace + hiveDeleteSlack
 	if grace >= 0 {
 		dreq.GracePeriod = durationpb.New(grace)

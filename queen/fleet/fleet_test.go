@@ -24,15 +24,17 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // fakeHive answers Spawn with made-up process data and records Deletes.
 type fakeHive struct {
 	mu      sync.Mutex
+	spawns  []*rbeev1.SpawnRequest
 	deletes []*rbeev1.DeleteRequest
 	pid     int32
 }
 
 func (f *fakeHive) Hive(string) (rbeev1.HiveServiceClient, error) { return f, nil }
 
-func (f *fakeHive) Spawn(context.Context, *rbeev1.SpawnRequest, ...grpc.CallOption) (*rbeev1.SpawnResponse, error) {
+func (f *fakeHive) Spawn(_ context.Context, in *rbeev1.SpawnRequest, _ ...grpc.CallOption) (*rbeev1.SpawnResponse, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.spawns = append(f.spawns, in)
 	f.pid++
 	return &rbeev1.SpawnResponse{Pid: 1000 + f.pid, Port: 9100, ProcessStartTime: 7}, nil
 }
@@ -218,5 +220,52 @@ func TestLogs(t *testing.T) {
 	}
 	if _, err := read("Bad/Id"); KindOf(err) != KindInvalid {
 		t.Errorf("Logs(Bad/Id) = %v, want invalid", err)
+	}
+}
+
+// Every hive call carries the leader's fencing token, and a queen that no longer leads makes no
+// hive call at all: the spawn leaves nothing behind and both answers say UNAVAILABLE.
+func TestFenceGatesEveryHiveCall(t *testing.T) {
+	f, fh, reg := newFleet(t)
+	var mu sync.Mutex
+	leading, token := true, uint64(41)
+	f.cfg.Fence = func() (uint64, error) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !leading {
+			return 0, errors.New("this queen is not the leader")
+		}
+		return token, nil
+	}
+	w, err := f.Spawn(t.Context(), SpawnSpec{Model: "m", WorkerID: "a"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fh.spawns[0].GetFencingToken(); got != token {
+		t.Fatalf("spawn carried fencing token %d, want %d", got, token)
+	}
+	mu.Lock()
+	leading = false
+	mu.Unlock()
+	if _, err := f.Delete(t.Context(), w.ID, 0); KindOf(err) != KindUnavailable {
+		t.Fatalf("Delete by a deposed queen: %v, want unavailable", err)
+	}
+	if _, err := f.Spawn(t.Context(), SpawnSpec{Model: "m", WorkerID: "b"}); KindOf(err) != KindUnavailable {
+		t.Fatalf("Spawn by a deposed queen: %v, want unavailable", err)
+	}
+	if len(fh.spawns) != 1 || fh.deleted() != 0 {
+		t.Fatalf("a deposed queen called its hive: %d spawns, %d deletes", len(fh.spawns), fh.deleted())
+	}
+	if _, ok := reg.Get("b"); ok {
+		t.Fatal("a refused spawn left its reservation behind")
+	}
+	mu.Lock()
+	leading, token = true, 57
+	mu.Unlock()
+	if _, err := f.Delete(t.Context(), w.ID, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got := fh.deletes[0].GetFencingToken(); got != 57 {
+		t.Fatalf("delete carried fencing token %d, want 57", got)
 	}
 }

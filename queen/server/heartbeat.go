@@ -24,10 +24,11 @@ import (
 // beats tracks which stream currently speaks for each worker and hive, so that a second stream
 // for the same id replaces the first, and it ends every stream when the queen shuts down.
 type beats struct {
-	mu       sync.Mutex
-	owners   map[string]*session // "w/<id>" or "h/<id>" -> current stream
+	mu     sync.Mutex
+	owners map[string]*session // "w/<id>" or "h/<id>" -> current stream
+	// stopping is closed by Drain; Resume puts an open one in its place. Each stream keeps the
+	// one it started under, so a stream of a drained term never outlives it.
 	stopping chan struct{}
-	stopOnce sync.Once
 }
 
 type session struct {
@@ -40,8 +41,36 @@ func (b *beats) init() {
 }
 
 // Drain makes every heartbeat and watch stream end: each heartbeat stream ends at its next beat
-// (within one interval) with UNAVAILABLE, which tells the worker to reconnect, to a restarted queen.
-func (q *Queen) Drain() { q.stopOnce.Do(func() { close(q.stopping) }) }
+// (within one interval) with UNAVAILABLE, which tells the worker to reconnect, to a restarted queen
+// or to the queen that leads now.
+func (q *Queen) Drain() {
+	q.beats.mu.Lock()
+	defer q.beats.mu.Unlock()
+	select {
+	case <-q.stopping:
+	default:
+		close(q.stopping)
+	}
+}
+
+// Resume lets new streams run again after Drain (a queen that leads again); streams drained
+// before stay ended.
+func (q *Queen) Resume() {
+	q.beats.mu.Lock()
+	defer q.beats.mu.Unlock()
+	select {
+	case <-q.stopping:
+		q.stopping = make(chan struct{})
+	default:
+	}
+}
+
+// draining returns the channel Drain closes, as it is now.
+func (b *beats) draining() <-chan struct{} {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.stopping
+}
 
 func (b *beats) attach(key string) *session {
 	s := &session{}
@@ -68,9 +97,9 @@ func (b *beats) detach(key string, s *session) bool {
 func (b *beats) isReplaced(s *session) bool { return s.replaced.Load() }
 
 // endStatus says why a heartbeat stream is being ended by the queen, or nil to keep going.
-func (q *Queen) endStatus(s *session, what string) error {
+func (q *Queen) endStatus(s *session, stop <-chan struct{}, what string) error {
 	select {
-	case <-q.stopping:
+	case <-stop:
 		return status.Error(codes.Unavailable, "queen shutting down; reconnect")
 	default:
 	}
@@ -226,6 +255,7 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *Req,
 	recv func() (*Req, error), answer func() error, beat func(*Req) error, closed func()) error {
 	key := kind + "/" + id
+	stop := q.draining()
 	s := q.attach(key)
 	defer func() {
 		if q.detach(key, s) {
@@ -234,7 +264,7 @@ func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *
 	}()
 	lim := limiter{rate: float64(q.cfg.MaxBeatsPerSecond)}
 	for req := first; ; {
-		if err := q.endStatus(s, kind+" "+id); err != nil {
+		if err := q.endStatus(s, stop, kind+" "+id); err != nil {
 			return err
 		}
 		if !lim.allow(time.Now()) {
@@ -265,7 +295,7 @@ func (q *Queen) recvEnd(ctx context.Context, err error) error {
 	}
 	code := status.Code(err)
 	select {
-	case <-q.stopping:
+	case <-q.draining():
 		code = codes.Canceled
 	default:
 	}

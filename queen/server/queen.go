@@ -187,6 +187,7 @@ func (q *Queen) WatchWorkers(req *rbeev1.WatchWorkersRequest, stream rbeev1.Quee
 			return invalid(err)
 		}
 	}
+	stop := q.draining()
 	w := q.reg.Watch(req.GetHiveId())
 	defer w.Close()
 	ctx := stream.Context()
@@ -194,7 +195,7 @@ func (q *Queen) WatchWorkers(req *rbeev1.WatchWorkersRequest, stream rbeev1.Quee
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-q.stopping:
+		case <-stop:
 			return status.Error(codes.Unavailable, "queen shutting down")
 		case ev, ok := <-w.Events():
 			if !ok {
