@@ -8,7 +8,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"net"
 	"os"
 	"os/signal"
 	"strings"
@@ -16,18 +15,12 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
-	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/cmdline"
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/metrics"
-	"github.com/rbee-dev/rbee/internal/rpcserver"
 	"github.com/rbee-dev/rbee/internal/validate"
-	"github.com/rbee-dev/rbee/queen/fleet"
-	"github.com/rbee-dev/rbee/queen/registry"
-	"github.com/rbee-dev/rbee/queen/server"
 )
 
 func main() { os.Exit(run(os.Args[1:])) }
@@ -72,6 +65,10 @@ type options struct {
 	maxBeats, watchBuffer                           int
 	authFlags                                       auth.Flags
 	creds                                           *auth.Material
+	// Several queens (app.go): --etcd endpoints, the election lease TTL, the takeover grace.
+	etcdFlag                   string
+	etcd                       []string
+	electionTTL, takeoverGrace time.Duration
 }
 
 func run(args []string) int {
@@ -88,6 +85,7 @@ func run(args []string) int {
 	fs.StringVar(&o.advertise, "advertise", "", "HOST:PORT workers should report to (default: the listen address; each hive's --queen when that is 0.0.0.0 or [::])")
 	fs.StringVar(&o.metricsListen, "metrics-listen", "", "[HOST]:PORT to serve Prometheus /metrics and /debug/pprof on (off by default; loopback when no host)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
+	registerHAFlags(fs, &o)
 	o.authFlags.Register(fs)
 	if code, done := cmdline.Parse(fs, "queen", "Runs the rbee queen: the registry of workers and hives, and the API operators use.", args); done {
 		return code
@@ -148,76 +146,15 @@ func (o *options) check() error {
 			return err
 		}
 	}
-	return nil
+	return o.checkHA()
 }
 
 func serve(o options, log *zap.Logger) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-
-	hives := fleet.NewHivePool(o.creds.Dial...)
-	defer hives.Close()
-	var fl *fleet.Fleet
-	reg := registry.New(registry.Config{
-		Interval: o.interval, StaleAfter: o.staleAfter, ExpireAfter: o.expireAfter, StartTimeout: o.startTimeout,
-		WatchBuffer: o.watchBuffer,
-		// STALE may be declared up to a tenth of an interval late; in exchange the clock wakes
-		// at most ten times an interval instead of once per worker.
-		ClockSlack: min(o.interval/10, 100*time.Millisecond),
-		// Runs on the registry's clock after fl is set (Run starts below).
-		OnStartTimeout: func(w registry.Worker) { go fl.StartTimedOut(w) },
-	})
-	for _, h := range o.hives {
-		if err := reg.AddStaticHive(h.id, h.address); err != nil {
-			return fmt.Errorf("--hive %s=%s: %w", h.id, h.address, err)
-		}
-	}
-	lis, err := net.Listen("tcp", o.listen)
-	if err != nil {
-		return fmt.Errorf("--listen %s: %w", o.listen, err)
-	}
-	if a := lis.Addr().(*net.TCPAddr); o.advertise == "" && !a.IP.IsUnspecified() {
-		o.advertise = a.String()
-	}
-	ms := metrics.New()
-	metricsDone, err := metrics.Start(ctx, o.metricsListen, ms, log)
+	a, err := newApp(o, log)
 	if err != nil {
 		return err
 	}
-	queenID := server.NewQueenID()
-	fl = fleet.New(fleet.Config{
-		Registry: reg, Hives: hives, Advertise: o.advertise, StartTimeout: o.startTimeout, Token: o.creds.Token,
-		Registerer: ms.Registry, Logger: log,
-	})
-	q := server.New(server.Config{
-		Registerer: ms.Registry, Registry: reg, Fleet: fl, Token: o.creds.Token, QueenID: queenID, Interval: o.interval,
-		MaxBeatsPerSecond: o.maxBeats, Logger: log,
-	})
-	// Heartbeat streams end at their next beat once draining starts, so the graceful stop needs
-	// a little more than one interval.
-	srv := rpcserver.New(rpcserver.Options{Logger: log, ShutdownTimeout: 2*o.interval + 3*time.Second, Metrics: ms.GRPC,
-		Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions(),
-		Unmetered: []string{auth.WorkerHeartbeatMethod}})
-	rbeev1.RegisterQueenServiceServer(srv.GRPC, q)
-	rbeev1.RegisterHeartbeatServiceServer(srv.GRPC, q)
-	for _, name := range []string{rbeev1.QueenService_ServiceDesc.ServiceName, rbeev1.HeartbeatService_ServiceDesc.ServiceName} {
-		srv.Health.SetServingStatus(name, healthpb.HealthCheckResponse_SERVING)
-	}
-	regCtx, stopReg := context.WithCancel(context.Background())
-	regDone := make(chan struct{})
-	go func() { defer close(regDone); reg.Run(regCtx) }()
-	if auth.TokenInClear(o.listen, o.creds.Token, o.creds.TLS.Enabled()) {
-		log.Warn(auth.TokenInClearWarning("--listen", o.listen), zap.String("actor", "queen"), zap.String("action", "token_in_clear"))
-	}
-	log.Info("queen serving", zap.String("listen", lis.Addr().String()), zap.String("queen_id", queenID),
-		zap.Int("static_hives", len(o.hives)), zap.Duration("heartbeat_interval", o.interval),
-		zap.String("actor", "queen"), zap.String("action", "queen_start"))
-	err = srv.Serve(ctx, lis, q.Drain)
-	stopReg()
-	<-regDone
-	if merr := metricsDone(); err == nil {
-		err = merr
-	}
-	log.Info("queen stopped", zap.String("actor", "queen"), zap.String("action", "queen_stop"))
-	return err
+	return a.Run(ctx)
 }

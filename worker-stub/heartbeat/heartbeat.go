@@ -232,7 +232,11 @@ func (c *Client) session(ctx context.Context, carried *[]chan struct{}) (answere
 		Backoff:           backoff.DefaultConfig,
 		MinConnectTimeout: connectTimeout,
 	})}, c.cfg.DialOptions...)
-	conn, err := grpc.NewClient(c.cfg.Queen, opts...)
+	target, qopts, err := queenTarget(c.cfg.Queen)
+	if err != nil {
+		return false, err
+	}
+	conn, err := grpc.NewClient(target, append(opts, qopts...)...)
 	if err != nil {
 		return false, fmt.Errorf("dial queen %s: %w", c.cfg.Queen, err)
 	}
