@@ -44,7 +44,12 @@ func QueenTarget(addrs []string, service string) (string, []grpc.DialOption, err
 	}
 	r := manual.NewBuilderWithScheme("rbee-queens")
 	r.InitialState(state)
-	cfg := fmt.Sprintf(`{"loadBalancingConfig":[{"round_robin":{}}],"healthCheckConfig":{"serviceName":%q}}`, service)
+	// A call that met a queen as it died (connection reset) is retried on the next leader: the
+	// dead queen never acted on it, or, if it did and died at once, the new leader knows the
+	// worker by its heartbeat and a retried spawn of the same id is refused as existing.
+	cfg := fmt.Sprintf(`{"loadBalancingConfig":[{"round_robin":{}}],"healthCheckConfig":{"serviceName":%q},`+
+		`"methodConfig":[{"name":[{"service":%q}],"retryPolicy":{"maxAttempts":5,"initialBackoff":"0.2s",`+
+		`"maxBackoff":"2s","backoffMultiplier":2,"retryableStatusCodes":["UNAVAILABLE"]}}]}`, service, QueenService)
 	return "rbee-queens:///queens", []grpc.DialOption{
 		grpc.WithResolvers(r),
 		grpc.WithDefaultServiceConfig(cfg),

@@ -95,7 +95,7 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 	} else if err := validate.ID("worker_id", id); err != nil {
 		return registry.Worker{}, &Error{Kind: KindInvalid, Msg: err.Error(), Err: err}
 	}
-	hive, err := f.pickHive(spec)
+	hive, err := f.pickHive(ctx, spec)
 	if err != nil {
 		return registry.Worker{}, err
 	}
@@ -182,14 +182,31 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 	return registry.Worker{}, errorf(KindDeadline, "worker %s was not READY within %v; it was stopped and removed", id, timeout)
 }
 
+// awaitHold waits a little while the registry is held after a takeover, when a hive that is not
+// known yet is only not back yet; false once the hold is over (or ctx ends), the answer then final.
+func (f *Fleet) awaitHold(ctx context.Context) bool {
+	if !f.reg.Holding(time.Now()) {
+		return false
+	}
+	select {
+	case <-ctx.Done():
+		return false
+	case <-time.After(50 * time.Millisecond):
+		return true
+	}
+}
+
 // pickHive is the spec's hive (which answers for its own room), or the least-loaded live one that
 // has room for the worker.
-func (f *Fleet) pickHive(spec SpawnSpec) (registry.Hive, error) {
+func (f *Fleet) pickHive(ctx context.Context, spec SpawnSpec) (registry.Hive, error) {
 	if hid := spec.HiveID; hid != "" {
 		if err := validate.ID("hive_id", hid); err != nil {
 			return registry.Hive{}, &Error{Kind: KindInvalid, Msg: err.Error(), Err: err}
 		}
 		h, ok := f.reg.GetHive(hid)
+		for !ok && f.awaitHold(ctx) {
+			h, ok = f.reg.GetHive(hid)
+		}
 		if !ok {
 			return registry.Hive{}, errorf(KindNotFound, "hive %q is not known to this queen (see ListHives)", hid)
 		}
@@ -197,6 +214,9 @@ func (f *Fleet) pickHive(spec SpawnSpec) (registry.Hive, error) {
 	}
 	h, err := f.reg.PickHive(f.need(spec))
 	var nf *registry.NoFitError
+	for err != nil && !errors.As(err, &nf) && f.awaitHold(ctx) {
+		h, err = f.reg.PickHive(f.need(spec))
+	}
 	switch {
 	case errors.As(err, &nf):
 		return registry.Hive{}, &Error{Kind: KindResourceExhausted, Msg: nf.Error() + ": wait for workers to go, delete some, or start another hive", Err: err}
