@@ -10,7 +10,7 @@ PROGRAMS := queen hive worker-stub rbee
 REVISION := $(shell git rev-parse --short=12 HEAD 2>/dev/null)
 LDFLAGS  := -X github.com/rbee-dev/rbee/internal/version.Revision=$(REVISION)
 
-.PHONY: all build run test lint generate check-generate cross clean install
+.PHONY: all build run run-ha test lint generate check-generate cross clean install
 
 all: build
 
@@ -23,6 +23,11 @@ $(BIN)/grpcurl: tools/go.mod tools/go.sum
 
 run: build $(BIN)/grpcurl
 	BIN=$(BIN) scripts/run.sh
+
+# Three queens elected on one etcd (Debian's etcd-server, installed by scripts/install-etcd.sh)
+# and two hives, on loopback, in the foreground; README "Running several queens".
+run-ha: build
+	BIN=$(BIN) scripts/run-ha.sh
 
 test:
 	$(GO) test -race -count=1 -timeout 20m ./...

@@ -18,6 +18,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -238,6 +239,7 @@ func (e *Elector) once(ctx context.Context, lead func(context.Context, *Term)) (
 	wg.Go(func() { e.watchKey(tctx, end, el.Key(), el.Rev()) })
 	term := &Term{Revision: uint64(el.Rev()), ctx: tctx, deadline: &deadline}
 	e.log.Info("this queen leads", zap.Int64("election_revision", el.Rev()), zap.Duration("ttl", e.cfg.TTL),
+		zap.String("address", e.cfg.Name), zap.Int("pid", os.Getpid()),
 		zap.String("actor", "queen"), zap.String("action", "leader_elected"))
 	lead(tctx, term)
 	cause := context.Cause(tctx)
