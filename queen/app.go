@@ -128,6 +128,9 @@ func (a *app) Run(ctx context.Context) error {
 		_ = lis.Close()
 		return err
 	}
+	if a.elector == nil {
+		a.begin(nil)
+	}
 	if auth.TokenInClear(a.o.listen, a.o.creds.Token, a.o.creds.TLS.Enabled()) {
 		a.log.Warn(auth.TokenInClearWarning("--listen", a.o.listen), zap.String("actor", "queen"), zap.String("action", "token_in_clear"))
 	}
@@ -161,6 +164,22 @@ func (a *app) Run(ctx context.Context) error {
 // takeover grace, health SERVING. Stepping down closes the gate before anything else, so no call
 // is served and no hive is called from then on, then ends the streams and forgets the fleet.
 func (a *app) lead(ctx context.Context, t *election.Term) {
+	if t != nil {
+		a.begin(t)
+	}
+	a.reg.Run(ctx) // the liveness clock, until the term (or the process) ends
+	if t == nil {
+		return // alone: the server's own shutdown reports NOT_SERVING and drains
+	}
+	a.leading.Store(nil)
+	a.setHealth(healthpb.HealthCheckResponse_NOT_SERVING)
+	a.q.Drain()
+	a.reg.Forget(errNotLeader)
+}
+
+// begin opens a term: calls are served and hives called from here on. A lone queen begins before
+// it announces itself, so its first callers never meet a closed gate.
+func (a *app) begin(t *election.Term) {
 	l := &leadership{check: func() error { return nil }}
 	if t != nil {
 		l = &leadership{check: t.Check, token: t.Revision}
@@ -169,13 +188,6 @@ func (a *app) lead(ctx context.Context, t *election.Term) {
 	a.q.Resume()
 	a.leading.Store(l)
 	a.setHealth(healthpb.HealthCheckResponse_SERVING)
-	a.reg.Run(ctx) // the liveness clock, until the term (or the process) ends
-	a.leading.Store(nil)
-	a.setHealth(healthpb.HealthCheckResponse_NOT_SERVING)
-	if t != nil {
-		a.q.Drain()
-		a.reg.Forget(errNotLeader)
-	}
 }
 
 func (a *app) setHealth(s healthpb.HealthCheckResponse_ServingStatus) {
@@ -206,6 +218,9 @@ func (a *app) fence() (uint64, error) {
 // serving through a standby that may itself be cut off from the leader; clients given every
 // queen's address already go to the leader by its health status.
 func (a *app) notLeader() error {
+	if a.elector == nil {
+		return status.Error(codes.Unavailable, "queen starting or shutting down; retry")
+	}
 	if l := a.elector.Leader(); l != "" {
 		return status.Errorf(codes.Unavailable, "not the leader; leader is at %s", l)
 	}
