@@ -1,0 +1,325 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+)
+
+// A fleet of hosts in network namespaces: each host (the queen's, each hive's) is a namespace with
+// one veth into a bridge that lives in a namespace of its own, so that every packet stays inside
+// namespaces the test created. Cutting a host off is setting its bridge port down; healing, up.
+
+// netnsSeq keeps names unique within the test binary; the PID across concurrent runs.
+var netnsSeq atomic.Int32
+
+// fabric is one test's network: a bridge namespace and the hosts attached to it.
+type fabric struct {
+	t      *testing.T
+	prefix string // short: interface names are at most 15 bytes
+	subnet string // 10.N.M
+	hosts  int
+}
+
+// host is a namespace attached to the fabric.
+type host struct {
+	ns, port, addr string // namespace, its bridge port (in the bridge namespace), its IP
+	f              *fabric
+}
+
+func ipCmd(t *testing.T, args ...string) {
+	t.Helper()
+	if out, err := exec.Command("ip", args...).CombinedOutput(); err != nil {
+		t.Fatalf("ip %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+}
+
+// newFabric makes the bridge namespace, or skips the test where namespaces cannot be made (not
+// root, no ip(8), no CAP_SYS_ADMIN).
+func newFabric(t *testing.T) *fabric {
+	t.Helper()
+	n := netnsSeq.Add(1)
+	f := &fabric{t: t, prefix: fmt.Sprintf("rb%d%d", os.Getpid()%10000, n),
+		subnet: fmt.Sprintf("10.%d.%d", 100+os.Getpid()%100, n%250)}
+	br := f.prefix + "br"
+	if out, err := exec.Command("ip", "netns", "add", br).CombinedOutput(); err != nil {
+		msg := fmt.Sprintf("network namespaces cannot be made here (ip netns add: %v: %s); these tests need root", err, strings.TrimSpace(string(out)))
+		if os.Getenv("CI") != "" {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", br).Run() })
+	ipCmd(t, "-n", br, "link", "add", "br0", "type", "bridge")
+	ipCmd(t, "-n", br, "link", "set", "br0", "up")
+	return f
+}
+
+// addHost makes a namespace with loopback up and one address on the fabric.
+func (f *fabric) addHost(name string) *host {
+	f.t.Helper()
+	f.hosts++
+	h := &host{ns: f.prefix + name, port: fmt.Sprintf("%sp%d", f.prefix, f.hosts), addr: fmt.Sprintf("%s.%d", f.subnet, f.hosts), f: f}
+	br := f.prefix + "br"
+	ipCmd(f.t, "netns", "add", h.ns)
+	f.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", h.ns).Run() })
+	ipCmd(f.t, "-n", h.ns, "link", "set", "lo", "up")
+	ipCmd(f.t, "-n", br, "link", "add", h.port, "type", "veth", "peer", "name", "eth0", "netns", h.ns)
+	ipCmd(f.t, "-n", br, "link", "set", h.port, "master", "br0", "up")
+	ipCmd(f.t, "-n", h.ns, "addr", "add", h.addr+"/24", "dev", "eth0")
+	ipCmd(f.t, "-n", h.ns, "link", "set", "eth0", "up")
+	return h
+}
+
+// cut takes the host off the fabric (its bridge port down): packets to and from it are lost, as
+// when a cable or a switch port fails. heal puts it back.
+func (h *host) cut()  { h.f.t.Helper(); ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.port, "down") }
+func (h *host) heal() { h.f.t.Helper(); ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.port, "up") }
+
+// start runs binary name inside the host's namespace (ip netns exec execs it, so the PID is the
+// program's own and the usual clean-up by PID holds).
+func (h *host) start(name string, args ...string) *proc {
+	h.f.t.Helper()
+	return startCmd(h.f.t, name, exec.Command("ip", append([]string{"netns", "exec", h.ns, filepath.Join(binDir, name)}, args...)...))
+}
+
+// startCmd is start for a prepared command.
+func startCmd(t *testing.T, name string, cmd *exec.Cmd) *proc {
+	t.Helper()
+	p := &proc{t: t, name: name, done: make(chan struct{}), cmd: cmd}
+	p.cond = sync.NewCond(&p.mu)
+	stderr, err := p.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	go p.read(stderr)
+	go func() { _ = p.cmd.Wait(); close(p.done) }()
+	t.Cleanup(func() {
+		p.stop(syscall.SIGTERM, 10*time.Second)
+		if t.Failed() {
+			p.mu.Lock()
+			t.Logf("--- %s log:\n%s", name, p.raw.String())
+			p.mu.Unlock()
+		}
+	})
+	return p
+}
+
+// dialFrom returns a QueenService client whose connections are made from inside the host's
+// namespace: the socket is created on a thread moved into it, and stays there.
+func (h *host) dialFrom(addr string) rbeev1.QueenServiceClient {
+	h.f.t.Helper()
+	nsPath := "/run/netns/" + h.ns
+	dialer := func(ctx context.Context, a string) (net.Conn, error) {
+		type result struct {
+			c   net.Conn
+			err error
+		}
+		ch := make(chan result, 1)
+		go func() {
+			// The thread is left locked: it ends with the goroutine instead of returning to the
+			// pool in the wrong namespace.
+			runtime.LockOSThread()
+			fd, err := unix.Open(nsPath, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+			if err != nil {
+				ch <- result{nil, err}
+				return
+			}
+			defer unix.Close(fd)
+			if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+				ch <- result{nil, err}
+				return
+			}
+			c, err := (&net.Dialer{}).DialContext(ctx, "tcp", a)
+			ch <- result{c, err}
+		}()
+		r := <-ch
+		return r.c, r.err
+	}
+	conn, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(insecure.NewCredentials()), grpc.WithContextDialer(dialer))
+	if err != nil {
+		h.f.t.Fatal(err)
+	}
+	h.f.t.Cleanup(func() { conn.Close() })
+	return rbeev1.NewQueenServiceClient(conn)
+}
+
+// workersIn reads the queen's view of the hive's workers.
+func workersIn(t *testing.T, q rbeev1.QueenServiceClient, hive string) map[string]*rbeev1.Worker {
+	t.Helper()
+	resp, err := q.ListWorkers(ctxT(t, 10*time.Second), &rbeev1.ListWorkersRequest{HiveId: hive})
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]*rbeev1.Worker{}
+	for _, w := range resp.GetWorkers() {
+		if out[w.GetWorkerId()] != nil {
+			t.Errorf("worker %s listed twice", w.GetWorkerId())
+		}
+		out[w.GetWorkerId()] = w
+	}
+	return out
+}
+
+// awaitStates follows the queen's watch until every worker in ids is in state, and returns when
+// that happened.
+func awaitStates(t *testing.T, q rbeev1.QueenServiceClient, ids []string, state rbeev1.WorkerState, within time.Duration) time.Time {
+	t.Helper()
+	ws, err := q.WatchWorkers(ctxT(t, within), &rbeev1.WatchWorkersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur := map[string]rbeev1.WorkerState{}
+	for {
+		ev, err := ws.Recv()
+		if err != nil {
+			t.Fatalf("waiting for %v to be %v: %v (last seen %v)", ids, state, err, cur)
+		}
+		if w := ev.GetWorker(); w != nil {
+			if ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_REMOVED {
+				t.Fatalf("worker %s removed (%s) while waiting for %v", w.GetWorkerId(), ev.GetReason(), state)
+			}
+			cur[w.GetWorkerId()] = w.GetState()
+		}
+		all := true
+		for _, id := range ids {
+			all = all && cur[id] == state
+		}
+		if all {
+			return time.Now()
+		}
+	}
+}
+
+// A hive (with its workers) cut off from the queen: its workers turn STALE after --stale-after and
+// stay listed, not deleted or respawned; a Delete meanwhile is a clear UNAVAILABLE that sends
+// nothing; when the link returns they are READY again, with the same processes and no duplicate,
+// and the retried Delete stops its worker exactly once.
+func TestPartitionedHive(t *testing.T) {
+	f := newFabric(t)
+	qh, hh := f.addHost("q"), f.addHost("h")
+	const interval, staleAfter = 500 * time.Millisecond, 1500 * time.Millisecond
+	queenAddr := qh.addr + ":7833"
+	qh.start("queen", "--listen", queenAddr, "--insecure", "--heartbeat-interval", interval.String(),
+		"--stale-after", staleAfter.String(), "--expire-after", "5m").awaitAction("queen_start")
+	hiveID := uniqueID("part")
+	cleanupWorkers(t, hiveID)
+	hive := hh.start("hive", "--listen", hh.addr+":7835", "--insecure", "--hive-id", hiveID, "--queen", queenAddr,
+		"--log-dir", t.TempDir(), "--grace", "2s")
+	hive.awaitAction("hive_registered")
+	q := qh.dialFrom(queenAddr)
+
+	var ids []string
+	pids := map[string]int32{}
+	for i := range 2 {
+		resp, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{HiveId: hiveID, Model: "m", WorkerId: fmt.Sprintf("p%d", i), WaitReady: true})
+		if err != nil {
+			t.Fatalf("spawn: %v", err)
+		}
+		ids = append(ids, resp.GetWorker().GetWorkerId())
+		pids[resp.GetWorker().GetWorkerId()] = resp.GetWorker().GetPid()
+	}
+
+	cut := time.Now()
+	hh.cut()
+	staleAt := awaitStates(t, q, ids, rbeev1.WorkerState_WORKER_STATE_STALE, 20*time.Second)
+	t.Logf("cut off: workers STALE %v after the cut (--stale-after %v)", staleAt.Sub(cut).Round(time.Millisecond), staleAfter)
+	if d := staleAt.Sub(cut); d < staleAfter-interval {
+		t.Errorf("STALE %v after the cut, sooner than --stale-after %v allows", d, staleAfter)
+	}
+	// Well past --stale-after: still listed, nothing respawned (the hive's side shows the same
+	// two processes, untouched).
+	time.Sleep(2 * staleAfter) // the span over which nothing may happen; no event marks "nothing"
+	if ws := workersIn(t, q, hiveID); len(ws) != 2 {
+		t.Fatalf("during the partition the queen lists %d workers, want the 2 STALE ones", len(ws))
+	}
+	// The hive is STALE too by now; a Delete says so at once and sends nothing.
+	_, err := q.DeleteWorker(ctxT(t, 5*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: ids[0]})
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("Delete during the partition: %v, want UNAVAILABLE", err)
+	}
+	t.Logf("Delete during the partition: %v", err)
+
+	healed := time.Now()
+	hh.heal()
+	readyAt := awaitStates(t, q, ids, rbeev1.WorkerState_WORKER_STATE_READY, 30*time.Second)
+	took := readyAt.Sub(healed)
+	t.Logf("healed: workers READY %v after the link returned (interval %v)", took.Round(time.Millisecond), interval)
+	// A worker whose stream broke retries with a backoff capped at 5s (rpcclient.BackoffCap); one
+	// retry may have just started when the link returns, so the bound is that cap plus two beats.
+	if took > 5*time.Second+2*interval {
+		t.Errorf("READY %v after healing, later than the reconnect backoff cap + 2 intervals", took)
+	}
+	ws := workersIn(t, q, hiveID)
+	for _, id := range ids {
+		if w := ws[id]; w == nil || w.GetPid() != pids[id] {
+			t.Errorf("worker %s after healing: %v, want the same process %d", id, w, pids[id])
+		}
+	}
+	if n := len(workersOf(hiveID)); n != 2 {
+		t.Errorf("%d worker processes on the hive after healing, want 2 (no respawn, no duplicate)", n)
+	}
+
+	// The retried Delete completes, and the hive signalled exactly once.
+	awaitHiveReady(t, q, hiveID)
+	if _, err := q.DeleteWorker(ctxT(t, 20*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: ids[0]}); err != nil {
+		t.Fatalf("Delete after healing: %v", err)
+	}
+	n := 0
+	hive.mu.Lock()
+	for _, l := range hive.lines {
+		if l["action"] == "worker_delete_start" && l["worker_id"] == ids[0] {
+			n++
+		}
+	}
+	hive.mu.Unlock()
+	if n != 1 {
+		t.Errorf("the hive started %d deletes of %s, want exactly 1", n, ids[0])
+	}
+	if alive(int(pids[ids[0]])) {
+		t.Errorf("worker %s (PID %d) still runs after its Delete", ids[0], pids[ids[0]])
+	}
+	if _, err := q.DeleteWorker(ctxT(t, 20*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: ids[1]}); err != nil {
+		t.Errorf("delete %s: %v", ids[1], err)
+	}
+	noWorkersLeft(t, hiveID)
+}
+
+// awaitHiveReady waits until the queen shows the hive READY again (its heartbeat came back).
+func awaitHiveReady(t *testing.T, q rbeev1.QueenServiceClient, hiveID string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := q.ListHives(ctxT(t, 5*time.Second), &rbeev1.ListHivesRequest{})
+		if err == nil {
+			for _, h := range resp.GetHives() {
+				if h.GetHiveId() == hiveID && h.GetState() == rbeev1.HiveState_HIVE_STATE_READY {
+					return
+				}
+			}
+		}
+		time.Sleep(50 * time.Millisecond) // hives have no watch; the queen's list is polled
+	}
+	t.Fatalf("hive %s not READY again within 20s", hiveID)
+}
