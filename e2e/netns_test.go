@@ -91,8 +91,14 @@ func (f *fabric) addHost(name string) *host {
 
 // cut takes the host off the fabric (its bridge port down): packets to and from it are lost, as
 // when a cable or a switch port fails. heal puts it back.
-func (h *host) cut()  { h.f.t.Helper(); ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.port, "down") }
-func (h *host) heal() { h.f.t.Helper(); ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.port, "up") }
+func (h *host) cut() {
+	h.f.t.Helper()
+	ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.port, "down")
+}
+func (h *host) heal() {
+	h.f.t.Helper()
+	ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.port, "up")
+}
 
 // start runs binary name inside the host's namespace (ip netns exec execs it, so the PID is the
 // program's own and the usual clean-up by PID holds).
