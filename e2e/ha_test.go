@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -55,36 +54,26 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// startEtcd runs a one-member etcd on loopback for this test and returns its client URL once it
-// serves.
-func startEtcd(t *testing.T) (*proc, string) {
+// startEtcd runs a one-member etcd for this test, on loopback or (in != nil) inside a host's
+// network namespace, and returns its client URL once it serves.
+func startEtcd(t *testing.T, in *host) (*proc, string) {
 	t.Helper()
 	bin := etcdBinary(t)
 	client := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
 	peer := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
-	p := &proc{t: t, name: "etcd", done: make(chan struct{})}
-	p.cond = sync.NewCond(&p.mu)
-	p.cmd = exec.Command(bin, "--name", "e2e", "--data-dir", filepath.Join(t.TempDir(), "etcd"), "--logger", "zap",
+	if in != nil {
+		client, peer = "http://"+in.addr+":2379", "http://"+in.addr+":2380"
+	}
+	args := []string{"--name", "e2e", "--data-dir", filepath.Join(t.TempDir(), "etcd"), "--logger", "zap",
 		"--listen-client-urls", client, "--advertise-client-urls", client,
-		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "e2e="+peer)
-	stderr, err := p.cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
+		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "e2e=" + peer}
+	cmd := exec.Command(bin, args...)
+	if in != nil {
+		cmd = exec.Command("ip", append([]string{"netns", "exec", in.ns, bin}, args...)...)
 	}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start etcd: %v", err)
-	}
-	go p.read(stderr)
-	go func() { _ = p.cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() {
-		_ = p.cmd.Process.Signal(syscall.SIGCONT) // a test may have stopped it
-		p.stop(syscall.SIGTERM, 10*time.Second)
-		if t.Failed() {
-			p.mu.Lock()
-			t.Logf("--- etcd log:\n%s", p.raw.String())
-			p.mu.Unlock()
-		}
-	})
+	p := startCmd(t, "etcd", cmd)
+	// A test may have stopped it; registered after startCmd's clean-up, so it runs first.
+	t.Cleanup(func() { _ = p.cmd.Process.Signal(syscall.SIGCONT) })
 	p.await("etcd serving", func(m map[string]any) bool {
 		msg, _ := m["msg"].(string)
 		return strings.Contains(msg, "serving insecure client requests") || strings.Contains(msg, "serving client traffic insecurely")
@@ -137,7 +126,7 @@ func healthOf(t *testing.T, addr string) healthpb.HealthCheckResponse_ServingSta
 // duplicated, a spawn issued during the failover succeeds once it is over, exactly once, and the
 // deposed leader's fencing token is refused by the hive.
 func TestFailoverToAStandby(t *testing.T) {
-	_, etcd := startEtcd(t)
+	_, etcd := startEtcd(t, nil)
 	q1 := startHAQueen(t, etcd)
 	leader := q1.awaitAction("leader_elected")
 	oldRev := leader["election_revision"].(float64)
@@ -292,7 +281,7 @@ func TestFailoverToAStandby(t *testing.T) {
 // A leader cut off from etcd stops acting before its lease can have run out: it steps down,
 // reports NOT_SERVING and refuses calls; once etcd is back a queen leads again.
 func TestLeaderCutOffFromEtcdStepsDown(t *testing.T) {
-	e, etcd := startEtcd(t)
+	e, etcd := startEtcd(t, nil)
 	q := startHAQueen(t, etcd)
 	q.awaitAction("leader_elected")
 	if s := healthOf(t, q.addr); s != healthpb.HealthCheckResponse_SERVING {

@@ -31,18 +31,22 @@ import (
 // netnsSeq keeps names unique within the test binary; the PID across concurrent runs.
 var netnsSeq atomic.Int32
 
-// fabric is one test's network: a bridge namespace and the hosts attached to it.
+// fabric is one test's network: bridges in a namespace of their own and the hosts attached.
 type fabric struct {
-	t      *testing.T
-	prefix string // short: interface names are at most 15 bytes
-	subnet string // 10.N.M
-	hosts  int
+	t       *testing.T
+	prefix  string // short: interface names are at most 15 bytes
+	base    string // 10.N: each bridge is 10.N.M/24
+	bridges int
+	hosts   int
 }
 
-// host is a namespace attached to the fabric.
+// host is a namespace attached to one or more of the fabric's bridges.
 type host struct {
-	ns, port, addr string // namespace, its bridge port (in the bridge namespace), its IP
-	f              *fabric
+	ns    string
+	addr  string         // its address on the first bridge it is attached to
+	addrs map[int]string // by bridge
+	ports map[int]string // its port on each bridge (in the bridge namespace)
+	f     *fabric
 }
 
 func ipCmd(t *testing.T, args ...string) {
@@ -52,13 +56,12 @@ func ipCmd(t *testing.T, args ...string) {
 	}
 }
 
-// newFabric makes the bridge namespace, or skips the test where namespaces cannot be made (not
-// root, no ip(8), no CAP_SYS_ADMIN).
+// newFabric makes the bridge namespace with one bridge (number 0), or skips the test where
+// namespaces cannot be made (not root, no ip(8), no CAP_SYS_ADMIN).
 func newFabric(t *testing.T) *fabric {
 	t.Helper()
 	n := netnsSeq.Add(1)
-	f := &fabric{t: t, prefix: fmt.Sprintf("rb%d%d", os.Getpid()%10000, n),
-		subnet: fmt.Sprintf("10.%d.%d", 100+os.Getpid()%100, n%250)}
+	f := &fabric{t: t, prefix: fmt.Sprintf("rb%d%d", os.Getpid()%10000, n), base: fmt.Sprintf("10.%d", 100+(os.Getpid()+int(n))%150)}
 	br := f.prefix + "br"
 	if out, err := exec.Command("ip", "netns", "add", br).CombinedOutput(); err != nil {
 		msg := fmt.Sprintf("network namespaces cannot be made here (ip netns add: %v: %s); these tests need root", err, strings.TrimSpace(string(out)))
@@ -68,36 +71,72 @@ func newFabric(t *testing.T) *fabric {
 		t.Skip(msg)
 	}
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", br).Run() })
-	ipCmd(t, "-n", br, "link", "add", "br0", "type", "bridge")
-	ipCmd(t, "-n", br, "link", "set", "br0", "up")
+	f.addBridge()
 	return f
 }
 
-// addHost makes a namespace with loopback up and one address on the fabric.
-func (f *fabric) addHost(name string) *host {
+// addBridge adds a bridge (a separate network segment) and returns its number.
+func (f *fabric) addBridge() int {
 	f.t.Helper()
+	i := f.bridges
+	f.bridges++
+	ipCmd(f.t, "-n", f.prefix+"br", "link", "add", fmt.Sprintf("br%d", i), "type", "bridge")
+	ipCmd(f.t, "-n", f.prefix+"br", "link", "set", fmt.Sprintf("br%d", i), "up")
+	return i
+}
+
+// addHost makes a namespace with loopback up and one interface and address on each of the given
+// bridges (bridge 0 when none is given).
+func (f *fabric) addHost(name string, bridges ...int) *host {
+	f.t.Helper()
+	if len(bridges) == 0 {
+		bridges = []int{0}
+	}
 	f.hosts++
-	h := &host{ns: f.prefix + name, port: fmt.Sprintf("%sp%d", f.prefix, f.hosts), addr: fmt.Sprintf("%s.%d", f.subnet, f.hosts), f: f}
+	h := &host{ns: f.prefix + name, addrs: map[int]string{}, ports: map[int]string{}, f: f}
 	br := f.prefix + "br"
 	ipCmd(f.t, "netns", "add", h.ns)
 	f.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", h.ns).Run() })
 	ipCmd(f.t, "-n", h.ns, "link", "set", "lo", "up")
-	ipCmd(f.t, "-n", br, "link", "add", h.port, "type", "veth", "peer", "name", "eth0", "netns", h.ns)
-	ipCmd(f.t, "-n", br, "link", "set", h.port, "master", "br0", "up")
-	ipCmd(f.t, "-n", h.ns, "addr", "add", h.addr+"/24", "dev", "eth0")
-	ipCmd(f.t, "-n", h.ns, "link", "set", "eth0", "up")
+	for k, b := range bridges {
+		port, dev := fmt.Sprintf("%sp%d%d", f.prefix, f.hosts, b), fmt.Sprintf("eth%d", k)
+		addr := fmt.Sprintf("%s.%d.%d", f.base, b, f.hosts)
+		ipCmd(f.t, "-n", br, "link", "add", port, "type", "veth", "peer", "name", dev, "netns", h.ns)
+		ipCmd(f.t, "-n", br, "link", "set", port, "master", fmt.Sprintf("br%d", b), "up")
+		ipCmd(f.t, "-n", h.ns, "addr", "add", addr+"/24", "dev", dev)
+		ipCmd(f.t, "-n", h.ns, "link", "set", dev, "up")
+		h.addrs[b], h.ports[b] = addr, port
+		if k == 0 {
+			h.addr = addr
+		}
+	}
 	return h
 }
 
-// cut takes the host off the fabric (its bridge port down): packets to and from it are lost, as
-// when a cable or a switch port fails. heal puts it back.
+// cut takes the host off every bridge (its ports down): packets to and from it are lost, as when
+// a cable or a switch port fails. heal puts it back. cutFrom and healOn do it for one bridge.
 func (h *host) cut() {
 	h.f.t.Helper()
-	ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.port, "down")
+	for b := range h.ports {
+		h.cutFrom(b)
+	}
 }
+
 func (h *host) heal() {
 	h.f.t.Helper()
-	ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.port, "up")
+	for b := range h.ports {
+		h.healOn(b)
+	}
+}
+
+func (h *host) cutFrom(b int) {
+	h.f.t.Helper()
+	ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.ports[b], "down")
+}
+
+func (h *host) healOn(b int) {
+	h.f.t.Helper()
+	ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.ports[b], "up")
 }
 
 // start runs binary name inside the host's namespace (ip netns exec execs it, so the PID is the
@@ -328,4 +367,84 @@ func awaitHiveReady(t *testing.T, q rbeev1.QueenServiceClient, hiveID string) {
 		time.Sleep(50 * time.Millisecond) // hives have no watch; the queen's list is polled
 	}
 	t.Fatalf("hive %s not READY again within 20s", hiveID)
+}
+
+// logTime is when a parsed log line was written (zap's ISO8601 "time").
+func logTime(t *testing.T, m map[string]any) time.Time {
+	t.Helper()
+	s, _ := m["time"].(string)
+	at, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		t.Fatalf("log line without a time: %v", m)
+	}
+	return at
+}
+
+// The leader's host loses etcd but still reaches its workers: it must stop leading before the
+// standby can win (no two queens act at once), the fleet follows the standby by itself, and the
+// deposed queen refuses calls. Queens sit on two segments: a control network with etcd and a data
+// network with the hive; only the leader's control link is cut.
+func TestLeaderCutOffFromEtcdOnly(t *testing.T) {
+	f := newFabric(t)
+	ctl := f.addBridge() // bridge 0 is the data network
+	eh := f.addHost("e", ctl)
+	q1h, q2h := f.addHost("q1", 0, ctl), f.addHost("q2", 0, ctl)
+	hh := f.addHost("h", 0)
+	_, etcd := startEtcd(t, eh)
+	startQ := func(h *host) (*proc, string) {
+		addr := h.addr + ":7833"
+		p := h.start("queen", "--listen", addr, "--insecure", "--etcd", etcd, "--election-ttl", haTTL.String(),
+			"--heartbeat-interval", haInterval.String())
+		p.awaitAction("queen_start")
+		return p, addr
+	}
+	q1, a1 := startQ(q1h)
+	q1.awaitAction("leader_elected")
+	q2, a2 := startQ(q2h)
+	q2.await("the leader observed", func(m map[string]any) bool { return m["action"] == "leader_observed" && m["leader"] == a1 })
+	hiveID := uniqueID("cut")
+	cleanupWorkers(t, hiveID)
+	hh.start("hive", "--listen", hh.addr+":7835", "--insecure", "--hive-id", hiveID, "--queen", a1+","+a2,
+		"--log-dir", t.TempDir(), "--grace", "2s").awaitAction("hive_registered")
+	c1 := q1h.dialFrom(a1)
+	var ids []string
+	for i := range 2 {
+		resp, err := c1.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{HiveId: hiveID, Model: "m", WorkerId: fmt.Sprintf("c%d", i), WaitReady: true})
+		if err != nil {
+			t.Fatalf("spawn: %v", err)
+		}
+		ids = append(ids, resp.GetWorker().GetWorkerId())
+	}
+
+	cut := time.Now()
+	q1h.cutFrom(ctl)
+	down := q1.awaitAction("leader_stepped_down")
+	up := q2.await("the standby elected", func(m map[string]any) bool { return m["action"] == "leader_elected" })
+	downAt, upAt := logTime(t, down), logTime(t, up)
+	t.Logf("leader cut off from etcd: it stepped down %v after the cut, the standby led %v after it (TTL %v)",
+		downAt.Sub(cut).Round(time.Millisecond), upAt.Sub(downAt).Round(time.Millisecond), haTTL)
+	if !downAt.Before(upAt) {
+		t.Fatalf("the standby led at %v, before the cut-off leader stepped down at %v: two leaders", upAt, downAt)
+	}
+	// The workers still reach both queens; they follow the new leader on their own.
+	c2 := q2h.dialFrom(a2)
+	at := awaitStates(t, c2, ids, rbeev1.WorkerState_WORKER_STATE_READY, 20*time.Second)
+	t.Logf("every worker READY at the new leader %v after the cut", at.Sub(cut).Round(time.Millisecond))
+	if d := at.Sub(cut); d > haTTL+2*haInterval+time.Second {
+		t.Errorf("workers known to the new leader %v after the cut, more than TTL + 2 intervals (+1s slack)", d)
+	}
+	if _, err := c1.ListWorkers(ctxT(t, 5*time.Second), &rbeev1.ListWorkersRequest{}); status.Code(err) != codes.Unavailable {
+		t.Errorf("the deposed leader answered: %v, want UNAVAILABLE", err)
+	}
+	if n := len(workersOf(hiveID)); n != 2 {
+		t.Errorf("%d worker processes after the failover, want 2", n)
+	}
+	q1h.healOn(ctl)
+	q1.await("the new leader observed", func(m map[string]any) bool { return m["action"] == "leader_observed" && m["leader"] == a2 })
+	for _, id := range ids {
+		if _, err := c2.DeleteWorker(ctxT(t, 20*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: id}); err != nil {
+			t.Errorf("delete %s: %v", id, err)
+		}
+	}
+	noWorkersLeft(t, hiveID)
 }

@@ -168,7 +168,7 @@ func (e *Elector) Run(ctx context.Context, lead func(ctx context.Context, t *Ter
 
 // margin is how much earlier than etcd could this candidate gives up its lease: clock rates and
 // scheduling delays never line up exactly.
-func (e *Elector) margin() time.Duration { return max(e.cfg.TTL/10, 200*time.Millisecond) }
+func (e *Elector) margin() time.Duration { return max(e.cfg.TTL/10, 500*time.Millisecond) }
 
 // once runs one lease: grant, campaign, lead while it lasts, resign. led reports whether lead ran.
 func (e *Elector) once(ctx context.Context, lead func(context.Context, *Term)) (led bool, err error) {
