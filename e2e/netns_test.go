@@ -448,3 +448,153 @@ func TestLeaderCutOffFromEtcdOnly(t *testing.T) {
 	}
 	noWorkersLeft(t, hiveID)
 }
+
+// partitionFleet is a queen and a hive on separate hosts with n workers spawned READY.
+type partitionFleet struct {
+	hiveHost *host
+	queen    rbeev1.QueenServiceClient
+	hiveID   string
+	logDir   string
+	ids      []string
+	pids     map[string]int32
+}
+
+func newPartitionFleet(t *testing.T, n int, queenArgs ...string) *partitionFleet {
+	t.Helper()
+	f := newFabric(t)
+	qh, hh := f.addHost("q"), f.addHost("h")
+	queenAddr := qh.addr + ":7833"
+	qh.start("queen", append([]string{"--listen", queenAddr, "--insecure"}, queenArgs...)...).awaitAction("queen_start")
+	pf := &partitionFleet{hiveHost: hh, queen: qh.dialFrom(queenAddr), hiveID: uniqueID("flap"), logDir: t.TempDir(), pids: map[string]int32{}}
+	cleanupWorkers(t, pf.hiveID)
+	hh.start("hive", "--listen", hh.addr+":7835", "--insecure", "--hive-id", pf.hiveID, "--queen", queenAddr,
+		"--log-dir", pf.logDir, "--grace", "2s").awaitAction("hive_registered")
+	for i := range n {
+		resp, err := pf.queen.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{HiveId: pf.hiveID, Model: "m", WorkerId: fmt.Sprintf("f%d", i), WaitReady: true})
+		if err != nil {
+			t.Fatalf("spawn: %v", err)
+		}
+		pf.ids = append(pf.ids, resp.GetWorker().GetWorkerId())
+		pf.pids[resp.GetWorker().GetWorkerId()] = resp.GetWorker().GetPid()
+	}
+	return pf
+}
+
+// deleteAll deletes the fleet's workers and checks none is left.
+func (pf *partitionFleet) deleteAll(t *testing.T) {
+	t.Helper()
+	awaitHiveReady(t, pf.queen, pf.hiveID)
+	for _, id := range pf.ids {
+		if _, err := pf.queen.DeleteWorker(ctxT(t, 20*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: id}); err != nil {
+			t.Errorf("delete %s: %v", id, err)
+		}
+	}
+	noWorkersLeft(t, pf.hiveID)
+}
+
+// A partition longer than --expire-after: the queen forgets the worker (a Delete meanwhile is
+// NOT_FOUND: the queen cannot stop what it no longer knows, and says so); when the link returns
+// the worker's next beat registers it again, the same process, and it can be deleted then.
+func TestPartitionLongerThanExpiry(t *testing.T) {
+	pf := newPartitionFleet(t, 1, "--heartbeat-interval", "500ms", "--stale-after", "1s", "--expire-after", "2s")
+	id := pf.ids[0]
+	ws, err := pf.queen.WatchWorkers(ctxT(t, 60*time.Second), &rbeev1.WatchWorkersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	next := func(what string, match func(*rbeev1.WatchWorkersResponse) bool) *rbeev1.WatchWorkersResponse {
+		t.Helper()
+		for {
+			ev, err := ws.Recv()
+			if err != nil {
+				t.Fatalf("waiting for %s: %v", what, err)
+			}
+			if ev.GetWorker().GetWorkerId() == id && match(ev) {
+				return ev
+			}
+		}
+	}
+	pf.hiveHost.cut()
+	gone := next("the worker to expire", func(ev *rbeev1.WatchWorkersResponse) bool {
+		return ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_REMOVED
+	})
+	t.Logf("expired while cut off: %s", gone.GetReason())
+	_, err = pf.queen.DeleteWorker(ctxT(t, 5*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: id})
+	if status.Code(err) != codes.NotFound {
+		t.Fatalf("Delete of a forgotten worker: %v, want NOT_FOUND", err)
+	}
+	if !alive(int(pf.pids[id])) {
+		t.Fatal("the worker's process died while the queen had forgotten it")
+	}
+	pf.hiveHost.heal()
+	back := next("the worker to register again", func(ev *rbeev1.WatchWorkersResponse) bool {
+		return ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_ADDED
+	})
+	if back.GetWorker().GetPid() != pf.pids[id] {
+		t.Errorf("registered again with PID %d, want the same process %d", back.GetWorker().GetPid(), pf.pids[id])
+	}
+	if n := len(workersIn(t, pf.queen, pf.hiveID)); n != 1 {
+		t.Errorf("%d workers listed after healing, want 1", n)
+	}
+	pf.deleteAll(t)
+}
+
+// A link that flaps (down and up every 300 ms, for 10 s rather than the minute a soak would use):
+// no worker is lost or duplicated, each stays the same process, all are READY once the link holds,
+// and the workers' reconnects stay bounded (no storm).
+func TestFlappingLink(t *testing.T) {
+	const flap, span = 300 * time.Millisecond, 10 * time.Second
+	pf := newPartitionFleet(t, 3, "--heartbeat-interval", "500ms", "--stale-after", "1500ms")
+	removed := make(chan string, 16)
+	wctx := ctxT(t, 60*time.Second)
+	ws, err := pf.queen.WatchWorkers(wctx, &rbeev1.WatchWorkersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		for {
+			ev, err := ws.Recv()
+			if err != nil {
+				return
+			}
+			if ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_REMOVED {
+				removed <- ev.GetWorker().GetWorkerId() + ": " + ev.GetReason()
+			}
+		}
+	}()
+	t0 := time.Now()
+	for time.Since(t0) < span {
+		pf.hiveHost.cut()
+		time.Sleep(flap) // the flap's own rhythm
+		pf.hiveHost.heal()
+		time.Sleep(flap)
+	}
+	awaitStates(t, pf.queen, pf.ids, rbeev1.WorkerState_WORKER_STATE_READY, 30*time.Second)
+	select {
+	case r := <-removed:
+		t.Fatalf("a worker was removed while the link flapped: %s", r)
+	default:
+	}
+	ws2 := workersIn(t, pf.queen, pf.hiveID)
+	for _, id := range pf.ids {
+		if w := ws2[id]; w == nil || w.GetPid() != pf.pids[id] {
+			t.Errorf("worker %s after flapping: %v, want the same process %d", id, w, pf.pids[id])
+		}
+	}
+	if n := len(workersOf(pf.hiveID)); n != len(pf.ids) {
+		t.Errorf("%d worker processes after flapping, want %d", n, len(pf.ids))
+	}
+	reconnects := 0
+	logs, _ := filepath.Glob(filepath.Join(pf.logDir, "*.log"))
+	for _, l := range logs {
+		b, _ := os.ReadFile(l)
+		reconnects += strings.Count(string(b), `"worker_heartbeat_reconnect"`)
+	}
+	rate := float64(reconnects) / float64(len(pf.ids)) / span.Seconds()
+	t.Logf("flapping every %v for %v: %d worker reconnects, %.2f per worker per second", flap, span, reconnects, rate)
+	// The backoff starts at 100 ms and doubles; a storm would be one attempt per flap or more.
+	if rate > 1 {
+		t.Errorf("%.2f reconnects per worker per second while the link flapped: a reconnect storm", rate)
+	}
+	pf.deleteAll(t)
+}
