@@ -422,3 +422,26 @@ func TestEtcdLosesAndRegainsAMember(t *testing.T) {
 	}
 	noWorkersLeft(t, hiveID)
 }
+
+// A queen stops promptly on SIGTERM even when etcd does not answer (its resignation cannot be
+// delivered): leader and standby alike exit cleanly within a few seconds, not never.
+func TestStopWithEtcdFrozen(t *testing.T) {
+	e, etcd := startEtcd(t, nil)
+	q1 := startHAQueen(t, etcd)
+	q1.awaitAction("leader_elected")
+	q2 := startHAQueen(t, etcd)
+	q2.awaitAction("leader_observed")
+	if err := e.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	for _, q := range []haQueen{q1, q2} {
+		_ = q.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	for _, q := range []haQueen{q1, q2} {
+		if code := q.exitCode(15 * time.Second); code != 0 {
+			t.Errorf("queen %s exited %d, want 0", q.addr, code)
+		}
+	}
+	t.Logf("both queens stopped %v after SIGTERM with etcd frozen", time.Since(t0).Round(time.Millisecond))
+}

@@ -55,6 +55,9 @@ type leadership struct {
 	token uint64       // the fencing token hive calls carry
 }
 
+// resignTimeout bounds how long a stopping queen waits for etcd to take its resignation.
+const resignTimeout = 3 * time.Second
+
 // errNotLeader is why a queen that stops leading forgets what it knew.
 var errNotLeader = errors.New("this queen stopped leading; ask the leader")
 
@@ -147,11 +150,27 @@ func (a *app) Run(ctx context.Context) error {
 		leadDone <- a.elector.Run(ctx, a.lead)
 	}()
 	err = a.srv.Serve(ctx, lis, a.q.Drain)
-	if lerr := <-leadDone; err == nil {
-		err = lerr
-	}
-	if a.elector != nil {
+	var lerr error
+	if a.elector == nil {
+		lerr = <-leadDone
+	} else {
+		// The elector resigns on its way out, so a standby takes over at once; but an etcd that
+		// does not answer must not hang the stop: past a bound, closing the client ends its calls.
+		done := false
+		select {
+		case lerr = <-leadDone:
+			done = true
+		case <-time.After(resignTimeout):
+			a.log.Warn("etcd did not answer the resignation in time; stopping without it (a standby leads once the lease expires)",
+				zap.Duration("timeout", resignTimeout))
+		}
 		_ = a.elector.Close()
+		if !done {
+			lerr = <-leadDone
+		}
+	}
+	if err == nil {
+		err = lerr
 	}
 	if merr := metricsDone(); err == nil {
 		err = merr

@@ -184,9 +184,10 @@ func (e *Elector) once(ctx context.Context, lead func(context.Context, *Term)) (
 	deadline.Store(t0.Add(time.Duration(grant.TTL)*time.Second - e.margin()).UnixNano())
 
 	lctx, lost := context.WithCancelCause(ctx)
-	defer lost(nil)
 	var wg sync.WaitGroup
-	defer wg.Wait()
+	// Last on the way out: end the lease's goroutines, then wait for them (the session is closed
+	// and the lease revoked before, by the defer below).
+	defer func() { lost(nil); wg.Wait() }()
 	wg.Go(func() { e.keepAlive(lctx, lost, grant.ID, &deadline) })
 
 	// The session rides on the lease kept above (its own keep-alive is harmless); closing it
