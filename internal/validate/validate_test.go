@@ -2,6 +2,7 @@ package validate
 
 import (
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -127,6 +128,29 @@ func TestHost(t *testing.T) {
 	for _, bad := range []string{"", "10.0.0.5:9100", "[::1]", "a b", "host/x", "a..b", strings.Repeat("a", 64) + ".b", "-x;rm"} {
 		if err := Host("h", bad); err == nil {
 			t.Errorf("Host(%q) = nil, want an error", bad)
+		}
+	}
+}
+
+func TestAddresses(t *testing.T) {
+	for _, tc := range []struct {
+		in   string
+		want []string
+	}{
+		{"127.0.0.1:7833", []string{"127.0.0.1:7833"}},
+		{"a:1,b:2, c:3", []string{"a:1", "b:2", "c:3"}},
+		{"", nil},
+		{"a:1,,b:2", nil},
+		{"a:1,a:1", nil},
+		{"a:1,nowhere", nil},
+		{"a:1,b:0", nil},
+	} {
+		got, err := Addresses("--queen", tc.in)
+		if (err == nil) != (tc.want != nil) || !slices.Equal(got, tc.want) {
+			t.Errorf("Addresses(%q) = %v, %v; want %v", tc.in, got, err, tc.want)
+		}
+		if err != nil && !strings.Contains(err.Error(), "--queen") {
+			t.Errorf("Addresses(%q): error %q does not name the flag", tc.in, err)
 		}
 	}
 }
