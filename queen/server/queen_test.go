@@ -310,6 +310,30 @@ func TestDrainEndsHeartbeatStreams(t *testing.T) {
 	}
 }
 
+// A queen that leads again (Resume) serves new streams, while a stream of the drained term stays
+// ended: it never carries beats into the next term.
+func TestResumeServesNewStreamsOnly(t *testing.T) {
+	e := newEnv(t, Config{})
+	old, _ := e.beats.WorkerHeartbeat(t.Context())
+	_ = old.Send(descriptor("old", rbeev1.WorkerState_WORKER_STATE_READY))
+	if _, err := old.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	e.q.Drain()
+	e.q.Resume()
+	_ = old.Send(descriptor("old", rbeev1.WorkerState_WORKER_STATE_READY))
+	if _, err := old.Recv(); status.Code(err) != codes.Unavailable {
+		t.Fatalf("a stream of the drained term after Resume: %v, want UNAVAILABLE", err)
+	}
+	st, _ := e.beats.WorkerHeartbeat(t.Context())
+	for range 2 {
+		_ = st.Send(descriptor("new", rbeev1.WorkerState_WORKER_STATE_READY))
+		if _, err := st.Recv(); err != nil {
+			t.Fatalf("a stream opened after Resume: %v", err)
+		}
+	}
+}
+
 func TestDeleteForwardsPIDAndForgets(t *testing.T) {
 	e := newEnv(t, Config{})
 	if _, err := e.queen.SpawnWorker(t.Context(), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: "d"}); err != nil {
