@@ -113,10 +113,16 @@ func dialQueens(t *testing.T, addrs ...string) rbeev1.QueenServiceClient {
 	return rbeev1.NewQueenServiceClient(conn)
 }
 
-func healthOf(t *testing.T, addr string) healthpb.HealthCheckResponse_ServingStatus {
+// healthOf is the queen's health for QueenService, or for the service named (the server as a
+// whole: "").
+func healthOf(t *testing.T, addr string, service ...string) healthpb.HealthCheckResponse_ServingStatus {
 	t.Helper()
 	_, conn := dial(t, addr)
-	resp, err := healthpb.NewHealthClient(conn).Check(ctxT(t, 5*time.Second), &healthpb.HealthCheckRequest{Service: rpcclient.QueenService})
+	name := rpcclient.QueenService
+	if len(service) > 0 {
+		name = service[0]
+	}
+	resp, err := healthpb.NewHealthClient(conn).Check(ctxT(t, 5*time.Second), &healthpb.HealthCheckRequest{Service: name})
 	if err != nil {
 		t.Fatalf("health of %s: %v", addr, err)
 	}
@@ -137,8 +143,13 @@ func TestFailoverToAStandby(t *testing.T) {
 	queens := strings.Join([]string{q1.addr, q2.addr, q3.addr}, ",")
 
 	// Standbys say so: NOT_SERVING, and a clear refusal naming the leader.
-	if s := healthOf(t, q2.addr); s != healthpb.HealthCheckResponse_NOT_SERVING {
-		t.Fatalf("standby health %v, want NOT_SERVING", s)
+	for _, svc := range []string{rpcclient.QueenService, rpcclient.HeartbeatService, ""} {
+		if s := healthOf(t, q2.addr, svc); s != healthpb.HealthCheckResponse_NOT_SERVING {
+			t.Fatalf("standby health of %q: %v, want NOT_SERVING", svc, s)
+		}
+		if s := healthOf(t, q1.addr, svc); s != healthpb.HealthCheckResponse_SERVING {
+			t.Fatalf("leader health of %q: %v, want SERVING", svc, s)
+		}
 	}
 	direct, _ := dial(t, q3.addr)
 	_, err := direct.ListWorkers(ctxT(t, 5*time.Second), &rbeev1.ListWorkersRequest{})

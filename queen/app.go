@@ -209,8 +209,10 @@ func (a *app) begin(t *election.Term) {
 	a.setHealth(healthpb.HealthCheckResponse_SERVING)
 }
 
+// setHealth reports the queen's services, and the server as a whole (""), as s: a standby is
+// alive but not ready, and load balancers probing "" should not send it work either.
 func (a *app) setHealth(s healthpb.HealthCheckResponse_ServingStatus) {
-	for _, name := range gatedServices {
+	for _, name := range append([]string{""}, gatedServices...) {
 		a.srv.Health.SetServingStatus(name, s)
 	}
 }
