@@ -598,3 +598,41 @@ func TestFlappingLink(t *testing.T) {
 	}
 	pf.deleteAll(t)
 }
+
+// A worker cut off while its hive still reaches the queen: the worker turns STALE, not dead (not
+// removed, its hive stays READY); healed, it is READY again. A hive's workers share its network
+// namespace, so the worker here runs on a host of its own, started directly (the queen accepts
+// beats from workers it did not spawn) under the id of the hive that does reach the queen.
+func TestPartitionedWorkerOfAReachableHive(t *testing.T) {
+	f := newFabric(t)
+	qh, hh, wh := f.addHost("q"), f.addHost("h"), f.addHost("w")
+	queenAddr := qh.addr + ":7833"
+	qh.start("queen", "--listen", queenAddr, "--insecure", "--heartbeat-interval", "500ms", "--stale-after", "1500ms").awaitAction("queen_start")
+	hiveID := uniqueID("wcut")
+	hh.start("hive", "--listen", hh.addr+":7835", "--insecure", "--hive-id", hiveID, "--queen", queenAddr,
+		"--log-dir", t.TempDir()).awaitAction("hive_registered")
+	w := wh.start("worker-stub", "--worker-id", "lone", "--hive-id", hiveID, "--model", "m", "--device", "cpu",
+		"--port", "9100", "--queen", queenAddr)
+	w.awaitAction("worker_heartbeat_connected")
+	q := qh.dialFrom(queenAddr)
+	awaitStates(t, q, []string{"lone"}, rbeev1.WorkerState_WORKER_STATE_READY, 10*time.Second)
+
+	wh.cut()
+	awaitStates(t, q, []string{"lone"}, rbeev1.WorkerState_WORKER_STATE_STALE, 20*time.Second)
+	resp, err := q.ListHives(ctxT(t, 5*time.Second), &rbeev1.ListHivesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range resp.GetHives() {
+		if h.GetHiveId() == hiveID && h.GetState() != rbeev1.HiveState_HIVE_STATE_READY {
+			t.Errorf("the hive is %v while only its worker is cut off, want READY", h.GetState())
+		}
+	}
+	healed := time.Now()
+	wh.heal()
+	awaitStates(t, q, []string{"lone"}, rbeev1.WorkerState_WORKER_STATE_READY, 30*time.Second)
+	t.Logf("the cut-off worker was STALE, not removed, and READY %v after healing", time.Since(healed).Round(time.Millisecond))
+	if ws := workersIn(t, q, hiveID); len(ws) != 1 {
+		t.Errorf("%d workers listed after healing, want 1", len(ws))
+	}
+}
