@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/errinfo"
 )
 
 // A fleet of hosts in network namespaces: each host (the queen's, each hive's) is a namespace with
@@ -303,6 +304,9 @@ func TestPartitionedHive(t *testing.T) {
 	_, err := q.DeleteWorker(ctxT(t, 5*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: ids[0]})
 	if status.Code(err) != codes.Unavailable {
 		t.Fatalf("Delete during the partition: %v, want UNAVAILABLE", err)
+	}
+	if id, _, ok := errinfo.UnreachableHive(status.Convert(err)); !ok || id != hiveID {
+		t.Errorf("Delete during the partition names hive %q (detail present: %v), want %s", id, ok, hiveID)
 	}
 	t.Logf("Delete during the partition: %v", err)
 

@@ -297,8 +297,9 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Del
 	if hive.State == registry.HiveStale {
 		// Cut off or down: a call would hang until its deadline. Say so now; nothing was sent, so
 		// a retry once the hive beats again stops the worker exactly once.
-		return Deleted{}, errorf(KindUnavailable, "hive %s of worker %s sends no heartbeat (STALE; its last one was %v ago): it is down or cut off from this queen; nothing was sent, retry once it is back",
-			hive.ID, id, time.Since(hive.LastHeartbeat).Round(time.Second))
+		return Deleted{}, &Error{Kind: KindUnavailable, Unreachable: &HiveRef{hive.ID, hive.Address},
+			Msg: fmt.Sprintf("hive %s of worker %s sends no heartbeat (STALE; its last one was %v ago): it is down or cut off from this queen; nothing was sent, retry once it is back",
+				hive.ID, id, time.Since(hive.LastHeartbeat).Round(time.Second))}
 	}
 	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", id), zap.String("hive_id", hive.ID)))
 	if hive.ID != w.HiveID {
