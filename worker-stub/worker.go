@@ -23,7 +23,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/procstat"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
 	"github.com/rbee-dev/rbee/internal/version"
-	"github.com/rbee-dev/rbee/worker-stub/heartbeat"
+	"github.com/rbee-dev/rbee/worker/heartbeat"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
