@@ -5,7 +5,7 @@ GO       ?= go
 TOOL     := $(GO) tool -modfile=tools/go.mod
 BIN      ?= bin
 PREFIX   ?= /usr/local
-PROGRAMS := queen hive worker-stub rbee
+PROGRAMS := queen hive worker-stub worker-shim rbee
 # --version names the commit even where the build has no VCS stamp (GOFLAGS=-buildvcs=false).
 REVISION := $(shell git rev-parse --short=12 HEAD 2>/dev/null)
 LDFLAGS  := -X github.com/rbee-dev/rbee/internal/version.Revision=$(REVISION)
@@ -15,7 +15,7 @@ LDFLAGS  := -X github.com/rbee-dev/rbee/internal/version.Revision=$(REVISION)
 all: build
 
 build:
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./queen ./hive ./worker-stub ./rbee
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./queen ./hive ./worker-stub ./worker-shim ./rbee
 
 # grpcurl for the README walkthrough; built from tools/go.mod.
 $(BIN)/grpcurl: tools/go.mod tools/go.sum

@@ -5,7 +5,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -22,8 +21,10 @@ import (
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/hive/catalog"
 	"github.com/rbee-dev/rbee/hive/devices"
 	"github.com/rbee-dev/rbee/hive/heartbeat"
 	"github.com/rbee-dev/rbee/hive/process"
@@ -47,6 +48,8 @@ func main() {
 
 type options struct {
 	listen, hiveID, queen, workerBinary, portRange, advertise, logDir, logLevel, metricsListen, workerHost string
+	models, shim                                                                                           string
+	catalog                                                                                                *catalog.Catalog
 	grace, logKeepFor                                                                                      time.Duration
 	maxWorkers, logKeepExited                                                                              int
 	register, noCgroups, noHandoff                                                                         bool
@@ -61,6 +64,8 @@ func run(args []string) int {
 	fs.StringVar(&o.hiveID, "hive-id", defaultHiveID(), "this hive's id (default: the host name)")
 	fs.StringVar(&o.queen, "queen", "127.0.0.1:7833", "address of the queen, which workers and this hive report to; several queens (on etcd): A,B,C")
 	fs.StringVar(&o.workerBinary, "worker-binary", "", "worker executable (default: worker-stub beside the hive binary, else on PATH)")
+	fs.StringVar(&o.models, "models", "", "YAML model catalog: the models this hive serves and the command line of each (default: any model, with --worker-binary)")
+	fs.StringVar(&o.shim, "worker-shim", "", "the per-worker supervisor for catalog models (default: worker-shim beside the hive binary, else on PATH)")
 	fs.StringVar(&o.portRange, "port-range", "9100-9999", "ports for workers, LOW-HIGH")
 	fs.StringVar(&o.workerHost, "worker-host", "127.0.0.1", "host (IP or name) workers' ports are bound on and reported at (Worker.address), handed to workers as $RBEE_WORKER_HOST; an address other machines can reach for routing across machines, 0.0.0.0 for all (reported as the hive's own host)")
 	fs.DurationVar(&o.grace, "grace", 2*time.Second, "default grace period between SIGTERM and SIGKILL for Delete")
@@ -151,8 +156,17 @@ func (o *options) check() (process.Config, error) {
 		}
 	}
 	bin, err := workerBinary(o.workerBinary)
-	if err != nil {
+	if err != nil && o.models == "" {
 		return cfg, err
+	}
+	if o.models != "" {
+		// A bad catalog stops the hive here, with the line and field named, not at the first spawn.
+		if o.catalog, err = catalog.Load(o.models); err != nil {
+			return cfg, fmt.Errorf("--models: %w", err)
+		}
+		if o.shim, err = besideOrOnPath("--worker-shim", o.shim, "worker-shim"); err != nil {
+			return cfg, err
+		}
 	}
 	if o.logDir == "" {
 		o.logDir = filepath.Join(stateDir(), "hive-"+o.hiveID, "logs")
@@ -198,7 +212,8 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 		beater = heartbeat.New(heartbeat.Config{Conn: conn, Logger: log, Describe: func() *rbeev1.Hive {
 			// Describe runs only once m is set (Run starts below).
 			return &rbeev1.Hive{HiveId: o.hiveID, Address: o.advertise, Version: version.Version(), Os: runtime.GOOS,
-				Devices: inv.Names(), DeviceInfo: deviceInfo(inv.List()), FreePorts: freeSlots(ports, o.maxWorkers, m.Live())}
+				Devices: inv.Names(), DeviceInfo: deviceInfo(inv.List()), FreePorts: freeSlots(ports, o.maxWorkers, m.Live()),
+				Models: offers(o.catalog, o.grace)}
 		}})
 		pcfg.OnExit = beater.ReportExit
 	}
@@ -218,6 +233,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	hs := server.New(server.Config{
 		HiveID: o.hiveID, Queen: o.queen, Grace: o.grace, Registerer: ms.Registry, Live: m.Live,
 		WorkerEnv: o.creds.TLS.Env(), WorkerAddress: workerAddress(o.workerHost), Devices: inv,
+		Catalog: o.catalog, Shim: o.shim, WorkerHost: o.workerHost,
 	}, m)
 	rbeev1.RegisterHiveServiceServer(srv.GRPC, hs)
 	srv.Health.SetServingStatus(rbeev1.HiveService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
@@ -230,6 +246,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	}()
 	log.Info("hive serving", zap.String("listen", lis.Addr().String()), zap.String("advertise", o.advertise),
 		zap.String("queen", o.queen), zap.String("worker_binary", pcfg.Binary), zap.String("log_dir", pcfg.LogDir), zap.String("worker_host", pcfg.ListenHost),
+		zap.String("models", o.models), zap.Strings("catalog", o.catalog.Names()), zap.String("worker_shim", o.shim),
 		zap.String("actor", "hive"), zap.String("action", "hive_start"))
 	err = srv.Serve(ctx, lis, hs.Drain)
 	<-done
@@ -285,24 +302,47 @@ func parsePortRange(s string) (lo, hi int, err error) {
 
 // workerBinary resolves --worker-binary: as given, else worker-stub beside this binary, else on PATH.
 func workerBinary(flagValue string) (string, error) {
+	return besideOrOnPath("--worker-binary", flagValue, "worker-stub")
+}
+
+// besideOrOnPath resolves a program flag: as given, else name beside this binary, else on PATH.
+func besideOrOnPath(flagName, flagValue, name string) (string, error) {
 	if flagValue != "" {
 		p, err := filepath.Abs(flagValue)
 		if err != nil {
-			return "", fmt.Errorf("--worker-binary %q: %w", flagValue, err)
+			return "", fmt.Errorf("%s %q: %w", flagName, flagValue, err)
 		}
 		return p, nil
 	}
 	if self, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(self), "worker-stub")
+		p := filepath.Join(filepath.Dir(self), name)
 		if st, err := os.Stat(p); err == nil && !st.IsDir() {
 			return p, nil
 		}
 	}
-	p, err := exec.LookPath("worker-stub")
+	p, err := exec.LookPath(name)
 	if err != nil {
-		return "", errors.New("--worker-binary not given and no worker-stub beside the hive binary or on PATH")
+		return "", fmt.Errorf("%s not given and no %s beside the hive binary or on PATH", flagName, name)
 	}
 	return filepath.Abs(p)
+}
+
+// offers is the catalog as the queen sees it in the hive's heartbeat; nil without a catalog.
+func offers(c *catalog.Catalog, hiveGrace time.Duration) []*rbeev1.ModelOffer {
+	var out []*rbeev1.ModelOffer
+	for _, m := range c.Models() {
+		grace := m.Grace
+		if grace == 0 {
+			grace = hiveGrace
+		}
+		o := &rbeev1.ModelOffer{Name: m.Name, Devices: m.Devices, Concurrency: m.Concurrency,
+			LoadTimeout: durationpb.New(m.LoadTimeout), Grace: durationpb.New(grace)}
+		if m.TTL > 0 {
+			o.Ttl = durationpb.New(m.TTL)
+		}
+		out = append(out, o)
+	}
+	return out
 }
 
 // defaultHiveID turns the host name into a valid id (lower case, [a-z0-9-], at most 63).

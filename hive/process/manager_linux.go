@@ -240,9 +240,11 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	if err := checkID("hive id", hiveID); err != nil {
 		return Spawned{}, err
 	}
-	if err := checkBinary(m.cfg.Binary); err != nil {
+	binary := cmp.Or(s.Binary, m.cfg.Binary)
+	if err := checkBinary(binary); err != nil {
 		return Spawned{}, err
 	}
+	noHandoff := m.cfg.NoHandoff || s.OwnPort
 	if m.cfg.MaxWorkers > 0 {
 		n := m.pending.Add(1)
 		defer m.pending.Add(-1)
@@ -253,13 +255,13 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	narrate.Event(ctx, "hive", "worker_spawn_start", fmt.Sprintf("Spawning worker %s for model %q on %s", s.WorkerID, s.Model, s.Device),
 		zap.String("worker_id", s.WorkerID), zap.String("model", s.Model), zap.String("device", s.Device))
 
-	lis, port, err := m.listen()
+	lis, port, err := m.listen(noHandoff)
 	if err != nil {
 		return Spawned{}, err
 	}
 	defer lis.Close() // the worker has its own copy once started
 	var inherit []*os.File
-	if m.cfg.NoHandoff {
+	if noHandoff {
 		lis.Close() // free for the worker to bind; m.given keeps other spawns off it meanwhile
 	} else {
 		inherit = []*os.File{lis}
@@ -297,12 +299,18 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		attr.UseCgroupFD, attr.CgroupFD = true, fd
 	}
 
+	args := []string{binary,
+		"--worker-id", s.WorkerID, "--hive-id", hiveID, "--model", s.Model, "--device", s.Device,
+		"--port", strconv.Itoa(port), "--queen", s.QueenAddress}
+	if s.Extra != nil {
+		more, env := s.Extra(port)
+		args = append(args, more...)
+		s.Env = append(slices.Clip(s.Env), env...)
+	}
 	cmd := &exec.Cmd{
-		Path: m.self, // the trampoline: sets LISTEN_PID to its own PID, then execs the worker
-		Args: []string{m.cfg.Binary,
-			"--worker-id", s.WorkerID, "--hive-id", hiveID, "--model", s.Model, "--device", s.Device,
-			"--port", strconv.Itoa(port), "--queen", s.QueenAddress},
-		Env:         append(workerEnv(s, hiveID, m.cfg.ListenHost, m.cfg.Binary, !m.cfg.NoHandoff), envTrampolineLog+"="+logPath),
+		Path:        m.self, // the trampoline: sets LISTEN_PID to its own PID, then execs the worker
+		Args:        args,
+		Env:         append(workerEnv(s, hiveID, m.cfg.ListenHost, binary, !noHandoff), envTrampolineLog+"="+logPath),
 		ExtraFiles:  inherit,
 		SysProcAttr: attr,
 	}
@@ -310,7 +318,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		cmd.Stderr = errW
 	}
 	if m.direct {
-		cmd.Path = m.cfg.Binary
+		cmd.Path = binary
 		cmd.Env = slices.DeleteFunc(cmd.Env, func(kv string) bool { return strings.HasPrefix(kv, "RBEE_TRAMPOLINE_") })
 	}
 	if err := cmd.Start(); err != nil {
@@ -415,7 +423,7 @@ func (m *Manager) give(port int) bool {
 // that consecutive Spawns do not all probe the same busy ports. The socket is close-on-exec, so
 // only the worker it is meant for inherits it, and a port is in use exactly as long as some
 // process holds its socket: no bookkeeping, nothing to leak.
-func (m *Manager) listen() (*os.File, int, error) {
+func (m *Manager) listen(noHandoff bool) (*os.File, int, error) {
 	fd, err := unix.Socket(m.family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, 0, errf(KindInternal, err, "socket")
@@ -430,7 +438,7 @@ func (m *Manager) listen() (*os.File, int, error) {
 	start := int(m.nextPort.Add(1) % uint32(n))
 	for i := 0; i < n; i++ {
 		port := m.cfg.PortLow + (start+i)%n
-		if m.cfg.NoHandoff && !m.give(port) {
+		if noHandoff && !m.give(port) {
 			continue
 		}
 		if err := unix.Bind(fd, m.sa(port)); err != nil {
@@ -443,7 +451,7 @@ func (m *Manager) listen() (*os.File, int, error) {
 		if err := unix.Listen(fd, unix.SOMAXCONN); err != nil {
 			unix.Close(fd)
 			if err == unix.EADDRINUSE { // lost a race for the port; a fresh socket tries on
-				return m.listen()
+				return m.listen(noHandoff)
 			}
 			return nil, 0, errf(KindInternal, err, "listen %s:%d", m.cfg.ListenHost, port)
 		}

@@ -77,6 +77,14 @@ type SpawnSpec struct {
 	WorkerID, HiveID, Model, Device, QueenAddress string
 	Env                                           []string // extra KEY=VALUE for the worker only
 	JobID                                         string
+
+	// Binary, when set, runs instead of Config.Binary (a catalog model's supervisor, worker-shim).
+	Binary string
+	// OwnPort says the program binds its port itself: like Config.NoHandoff, for this spawn only.
+	OwnPort bool
+	// Extra, when set, is called once the port is chosen and returns arguments to append after the
+	// worker contract's and environment to add to Env (a catalog's ${PORT} is known only then).
+	Extra func(port int) (args, env []string)
 }
 
 // Spawned is what the hive reports back about a started worker.

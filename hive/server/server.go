@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -17,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/hive/catalog"
 	"github.com/rbee-dev/rbee/hive/devices"
 	"github.com/rbee-dev/rbee/hive/process"
 	"github.com/rbee-dev/rbee/internal/auth"
@@ -50,6 +52,14 @@ type Config struct {
 	Live       func() int
 	// Devices, when set, is what the hive has: a Spawn on any other device is refused.
 	Devices DeviceSet
+
+	// Catalog, when set, is the only models this hive serves, each started through Shim
+	// (worker-shim) with the server's command line from the catalog; nil: any model, with the
+	// process core's worker binary.
+	Catalog *catalog.Catalog
+	Shim    string
+	// WorkerHost is the host servers bind (${HOST}, the hive's --worker-host); "" means 127.0.0.1.
+	WorkerHost string
 }
 
 // DeviceSet is what the edge needs of the hive's device inventory.
@@ -144,10 +154,24 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 	}
 	// The process core names the worker (worker_id, pid) in each of its own lines; putting it on
 	// the context's logger too would repeat the keys in every JSON line.
-	sp, err := h.procs.Spawn(ctx, process.SpawnSpec{
+	spec := process.SpawnSpec{
 		WorkerID: req.GetWorkerId(), HiveID: h.cfg.HiveID, Model: req.GetModel(), Device: device,
 		QueenAddress: queen, Env: env, JobID: jobid.FromContext(ctx),
-	})
+	}
+	if h.cfg.Catalog != nil {
+		m, ok := h.cfg.Catalog.Lookup(req.GetModel())
+		if !ok {
+			return nil, status.Errorf(codes.FailedPrecondition, "model %q is not in hive %s's catalog (%s offers: %s)",
+				req.GetModel(), h.cfg.HiveID, h.cfg.Catalog.Path, strings.Join(h.cfg.Catalog.Names(), ", "))
+		}
+		if !m.AllowsDevice(device) {
+			return nil, status.Errorf(codes.FailedPrecondition, "model %q may not run on %s on hive %s (catalog devices: %s)",
+				req.GetModel(), device, h.cfg.HiveID, strings.Join(m.Devices, ", "))
+		}
+		spec.Binary, spec.OwnPort = h.cfg.Shim, true
+		spec.Extra = h.shimArgs(m, req.GetWorkerId(), device)
+	}
+	sp, err := h.procs.Spawn(ctx, spec)
 	if err != nil {
 		h.metrics.spawns.WithLabelValues(reason(err)).Inc()
 		narrate.Warn(ctx, "hive", "worker_spawn_failed", "Could not spawn the worker", zap.String("worker_id", req.GetWorkerId()), zap.Error(err))
@@ -155,6 +179,25 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 	}
 	h.metrics.spawns.WithLabelValues("ok").Inc()
 	return &rbeev1.SpawnResponse{Pid: int32(sp.PID), Port: uint32(sp.Port), ProcessStartTime: sp.StartTime, Address: h.cfg.WorkerAddress}, nil
+}
+
+// shimArgs returns what worker-shim needs beyond the worker contract for catalog model m, and the
+// server's environment, once the process core has chosen the port.
+func (h *Hive) shimArgs(m *catalog.Model, workerID, device string) func(port int) ([]string, []string) {
+	return func(port int) ([]string, []string) {
+		v := catalog.Vars{Port: port, Model: m.Name, WorkerID: workerID, Device: device,
+			DeviceIndex: devices.Index(device), Host: h.cfg.WorkerHost}
+		grace := m.Grace
+		if grace == 0 {
+			grace = h.cfg.Grace
+		}
+		args := []string{"--health", m.Health, "--load-timeout", m.LoadTimeout.String(),
+			"--unhealthy-timeout", m.UnhealthyTimeout.String(), "--grace", grace.String(),
+			"--concurrency", strconv.FormatUint(uint64(m.Concurrency), 10), "--"}
+		// The device's visibility variable is in every worker's environment already; the
+		// catalog's env comes after it, so it can override it.
+		return append(args, m.Command(v)...), m.Environ(v)
+	}
 }
 
 // Delete stops the named worker's process after proving the PID is that worker.
