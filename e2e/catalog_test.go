@@ -1,0 +1,427 @@
+package e2e
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+)
+
+// catalogFile writes a model catalog in which ${SERVER} is the fake inference server's path.
+func catalogFile(t *testing.T, text string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "models.yaml")
+	text = strings.ReplaceAll(text, "${SERVER}", filepath.Join(binDir, "fakeserver"))
+	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// markedProcs lists the live processes that carry worker id's marker: its shim, its server and
+// whatever the server forked (found in /proc by their environment).
+func markedProcs(id string) []int {
+	var pids []int
+	want := []byte("RBEE_WORKER_ID=" + id + "\x00")
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		env, err := os.ReadFile("/proc/" + e.Name() + "/environ")
+		if err != nil || !strings.Contains(string(env), string(want)) || !alive(pid) {
+			continue
+		}
+		pids = append(pids, pid)
+	}
+	return pids
+}
+
+// nothingLeft fails the test if a process of the workers is still there, and kills it.
+func nothingLeft(t *testing.T, ids ...string) {
+	t.Helper()
+	for _, id := range ids {
+		if pids := markedProcs(id); len(pids) > 0 {
+			t.Errorf("processes of worker %s left running: %v", id, pids)
+			for _, p := range pids {
+				unix.Kill(p, unix.SIGKILL)
+			}
+		}
+	}
+}
+
+// cleanupMarked registers a last-resort kill of the workers' processes.
+func cleanupMarked(t *testing.T, ids ...string) {
+	t.Cleanup(func() {
+		for _, id := range ids {
+			for _, p := range markedProcs(id) {
+				unix.Kill(p, unix.SIGKILL)
+			}
+		}
+	})
+}
+
+// awaitGone waits, bounded, until pid has exited (polling /proc: the test is not its parent).
+func awaitGone(t *testing.T, pid int, within time.Duration) {
+	t.Helper()
+	fd, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		return // already gone
+	}
+	defer unix.Close(fd)
+	fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+	if n, _ := unix.Poll(fds, int(within.Milliseconds())); n == 0 {
+		t.Fatalf("PID %d still alive after %v", pid, within)
+	}
+}
+
+// serverOf returns the PIDs written by fakeserver's --pid-file: the server first, then its children.
+func serverOf(t *testing.T, path string) []int {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatalf("fake server's pid file: %v", err)
+	}
+	var pids []int
+	for _, f := range strings.Fields(string(b)) {
+		n, _ := strconv.Atoi(f)
+		pids = append(pids, n)
+	}
+	return pids
+}
+
+// A catalog model is served by a real server under worker-shim: READY once its health answers
+// 200, the shim's PID registered, the server its child carrying the worker marker and the
+// catalog's environment; the hive's catalog is visible in ListHives; delete leaves nothing.
+func TestCatalogSpawnReadyDelete(t *testing.T) {
+	_, addr := startQueen(t)
+	hid := uniqueID("cat")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	dir := t.TempDir()
+	models := catalogFile(t, `models:
+  tiny:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "300ms", "--pid-file", "`+dir+`/${WORKER_ID}.pids"]
+    env: {FAKE_TAG: "${MODEL}@${DEVICE}"}
+    concurrency: 4
+    grace: 3s
+`)
+	startHive(t, addr, hid, "--models", models)
+	q, _ := dial(t, addr)
+
+	hives, err := q.ListHives(ctxT(t, 5*time.Second), &rbeev1.ListHivesRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var offered []string
+	for _, h := range hives.GetHives() {
+		if h.GetHiveId() == hid {
+			for _, m := range h.GetModels() {
+				offered = append(offered, m.GetName())
+				if m.GetConcurrency() != 4 || m.GetGrace().AsDuration() != 3*time.Second {
+					t.Errorf("offer %v: want concurrency 4, grace 3s", m)
+				}
+			}
+		}
+	}
+	if !slices.Equal(offered, []string{"tiny"}) {
+		t.Fatalf("hive %s offers %q, want [tiny]", hid, offered)
+	}
+
+	t0 := time.Now()
+	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "tiny", WorkerId: wid, WaitReady: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := r.GetWorker()
+	if w.GetState() != rbeev1.WorkerState_WORKER_STATE_READY || w.GetConcurrency() != 4 {
+		t.Fatalf("worker = %v, want READY with concurrency 4", w)
+	}
+	if took := time.Since(t0); took < 300*time.Millisecond {
+		t.Errorf("READY after %v, before the server's health answered 200", took)
+	}
+	shim := int(w.GetPid())
+	cmdline, _ := os.ReadFile("/proc/" + strconv.Itoa(shim) + "/cmdline")
+	if !strings.Contains(string(cmdline), "worker-shim") {
+		t.Fatalf("registered PID %d is %q, want the worker-shim", shim, cmdline)
+	}
+	srv := serverOf(t, filepath.Join(dir, wid+".pids"))[0]
+	st, _ := os.ReadFile("/proc/" + strconv.Itoa(srv) + "/stat")
+	if f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+2:])); f[1] != strconv.Itoa(shim) || f[2] != strconv.Itoa(shim) {
+		t.Fatalf("server %d: parent %s, group %s; want both the shim %d", srv, f[1], f[2], shim)
+	}
+	env, _ := os.ReadFile("/proc/" + strconv.Itoa(srv) + "/environ")
+	for _, kv := range []string{"RBEE_WORKER_ID=" + wid, "FAKE_TAG=tiny@cpu"} {
+		if !slices.Contains(strings.Split(string(env), "\x00"), kv) {
+			t.Errorf("server environment lacks %s", kv)
+		}
+	}
+	if strings.Contains(string(env), "LISTEN_PID=") {
+		t.Errorf("server inherited the shim's socket activation variables")
+	}
+
+	// A model the hive does not offer.
+	_, err = q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "llama-70b", WaitReady: true})
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "llama-70b") {
+		t.Errorf("spawn of an unoffered model = %v, want FAILED_PRECONDITION naming it", err)
+	}
+
+	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid})
+	if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {
+		t.Fatalf("DeleteWorker = %v, %v; want EXITED (the shim forwards SIGTERM and exits with the server)", d, err)
+	}
+	nothingLeft(t, wid)
+}
+
+// A hive refuses to start on a bad catalog, naming the line and the field; without --models it
+// starts as always.
+func TestCatalogBadFileStopsHive(t *testing.T) {
+	_, addr := startQueen(t)
+	models := catalogFile(t, "models:\n  tiny:\n    cmd: [\"${SERVER}\", \"--port\", \"${PROT}\"]\n")
+	h := start(t, "hive", "--listen", "127.0.0.1:0", "--hive-id", uniqueID("bad"), "--queen", addr, "--models", models)
+	if code := h.exitCode(20 * time.Second); code != 2 {
+		t.Fatalf("hive with a bad catalog exited %d, want 2", code)
+	}
+	h.mu.Lock()
+	out := h.raw.String()
+	h.mu.Unlock()
+	if !strings.Contains(out, "models.yaml:3: models.tiny.cmd[2]: unknown placeholder ${PROT}") {
+		t.Fatalf("hive said %q; want the line, the field and the placeholder", out)
+	}
+}
+
+// A server that never answers health with 200 is stopped once its load_timeout passes; the spawn
+// fails with the reason.
+func TestShimLoadTimeout(t *testing.T) {
+	_, addr := startQueen(t)
+	hid := uniqueID("lt")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	models := catalogFile(t, `models:
+  stuck:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--never-ready", "--ignore-sigterm"]
+    load_timeout: 1s
+    grace: 300ms
+`)
+	startHive(t, addr, hid, "--models", models)
+	q, _ := dial(t, addr)
+	t0 := time.Now()
+	_, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "stuck", WorkerId: wid, WaitReady: true})
+	if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "load_timeout 1s") || !strings.Contains(err.Error(), "503") {
+		t.Fatalf("SpawnWorker = %v; want ABORTED naming load_timeout and the last health answer", err)
+	}
+	if took := time.Since(t0); took > 10*time.Second {
+		t.Errorf("took %v; the load timeout is 1s and the grace 300ms", took)
+	}
+	nothingLeft(t, wid)
+}
+
+// A server that exits while loading fails the spawn at once with its status and its last output.
+func TestShimServerExitsDuringLoad(t *testing.T) {
+	_, addr := startQueen(t)
+	hid := uniqueID("ex")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	models := catalogFile(t, `models:
+  oom:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "200ms", "--fail-load", "ggml_cuda_init: CUDA out of memory", "--exit-code", "3"]
+`)
+	startHive(t, addr, hid, "--models", models)
+	q, _ := dial(t, addr)
+	_, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "oom", WorkerId: wid, WaitReady: true})
+	if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "exit status 3") || !strings.Contains(err.Error(), "CUDA out of memory") {
+		t.Fatalf("SpawnWorker = %v; want ABORTED with exit status 3 and the server's output", err)
+	}
+	nothingLeft(t, wid)
+}
+
+// A server that ignores SIGTERM and forks children (one in a session of its own): delete kills
+// the lot.
+func TestShimDeleteForkingStubbornServer(t *testing.T) {
+	_, addr := startQueen(t)
+	hid := uniqueID("fk")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	dir := t.TempDir()
+	models := catalogFile(t, `models:
+  stubborn:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--fork", "2", "--pid-file", "`+dir+`/pids"]
+`)
+	startHive(t, addr, hid, "--models", models)
+	q, _ := dial(t, addr)
+	if _, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "stubborn", WorkerId: wid, WaitReady: true}); err != nil {
+		t.Fatal(err)
+	}
+	pids := serverOf(t, filepath.Join(dir, "pids"))
+	if len(pids) != 3 {
+		t.Fatalf("server and children = %v, want 3 PIDs", pids)
+	}
+	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid, GracePeriod: durationpbNew(300 * time.Millisecond)})
+	if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_KILLED {
+		t.Fatalf("DeleteWorker = %v, %v; want KILLED", d, err)
+	}
+	for _, p := range pids {
+		if alive(p) {
+			t.Errorf("PID %d of the server's tree alive after delete", p)
+		}
+	}
+	nothingLeft(t, wid)
+}
+
+// SIGKILL of the shim takes the server with it (Pdeathsig), and the hive reports the exit.
+func TestShimKilledTakesServer(t *testing.T) {
+	_, addr := startQueen(t)
+	hid := uniqueID("sk")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	dir := t.TempDir()
+	models := catalogFile(t, `models:
+  tiny:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--pid-file", "`+dir+`/pids"]
+`)
+	startHive(t, addr, hid, "--models", models)
+	q, _ := dial(t, addr)
+	w, err := q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{HiveId: hid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "tiny", WorkerId: wid, WaitReady: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := serverOf(t, filepath.Join(dir, "pids"))[0]
+	if err := unix.Kill(int(r.GetWorker().GetPid()), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	awaitGone(t, srv, 5*time.Second)
+	ev := watchUntil(t, w, "REMOVED", func(ev *rbeev1.WatchWorkersResponse) bool {
+		return ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_REMOVED && ev.GetWorker().GetWorkerId() == wid
+	})
+	if !strings.Contains(ev.GetReason(), "SIGKILL") {
+		t.Errorf("REMOVED reason %q does not say the worker was killed", ev.GetReason())
+	}
+	nothingLeft(t, wid)
+}
+
+// A ready server whose health starts failing is UNHEALTHY with the reason, then stopped once
+// unhealthy_timeout passes, its exit reported like any other.
+func TestShimUnhealthyThenStopped(t *testing.T) {
+	_, addr := startQueen(t)
+	hid := uniqueID("uh")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	models := catalogFile(t, `models:
+  flaky:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--unhealthy-after", "300ms"]
+    unhealthy_timeout: 1s
+`)
+	startHive(t, addr, hid, "--models", models, "--grace", "500ms")
+	q, _ := dial(t, addr)
+	w, err := q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{HiveId: hid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "flaky", WorkerId: wid, WaitReady: true}); err != nil {
+		t.Fatal(err)
+	}
+	ev := watchUntil(t, w, "UNHEALTHY", isState(wid, rbeev1.WorkerState_WORKER_STATE_UNHEALTHY))
+	if !strings.Contains(ev.GetWorker().GetStatusMessage(), "503") {
+		t.Errorf("UNHEALTHY with status_message %q, want the failed health answer", ev.GetWorker().GetStatusMessage())
+	}
+	ev = watchUntil(t, w, "REMOVED", func(ev *rbeev1.WatchWorkersResponse) bool {
+		return ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_REMOVED && ev.GetWorker().GetWorkerId() == wid
+	})
+	if !strings.Contains(ev.GetReason(), "unhealthy_timeout 1s") {
+		t.Errorf("REMOVED reason %q does not say it stayed unhealthy too long", ev.GetReason())
+	}
+	nothingLeft(t, wid)
+}
+
+// kill -9 of the hive while a server loads: the load completes, the worker turns READY, and a new
+// hive deletes it by the same proof; nothing is left.
+func TestShimSurvivesHiveKillDuringLoad(t *testing.T) {
+	_, addr := startQueen(t)
+	hid := uniqueID("hl")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	models := catalogFile(t, `models:
+  slow:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "1500ms"]
+`)
+	h1, hiveAddr := startHive(t, addr, hid, "--models", models)
+	q, _ := dial(t, addr)
+	w, err := q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{HiveId: hid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "slow", WorkerId: wid})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h1.stop(syscall.SIGKILL, 10*time.Second)
+	ev := watchUntil(t, w, "READY", isState(wid, rbeev1.WorkerState_WORKER_STATE_READY))
+	if ev.GetWorker().GetPid() != r.GetWorker().GetPid() {
+		t.Fatalf("READY worker has PID %d, spawned as %d", ev.GetWorker().GetPid(), r.GetWorker().GetPid())
+	}
+	h2 := start(t, "hive", "--listen", hiveAddr, "--hive-id", hid, "--queen", addr, "--log-dir", t.TempDir(), "--models", models)
+	h2.awaitAction("hive_registered")
+	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid})
+	if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {
+		t.Fatalf("DeleteWorker through the new hive = %v, %v; want EXITED", d, err)
+	}
+	nothingLeft(t, wid)
+}
+
+// A queen restarted while a served model is READY relearns it from the shim's heartbeats, same PID.
+func TestShimQueenRestart(t *testing.T) {
+	q1, addr := startQueen(t, "--heartbeat-interval", "200ms")
+	hid := uniqueID("qr")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	models := catalogFile(t, `models:
+  tiny:
+    cmd: ["${SERVER}", "--port", "${PORT}"]
+    concurrency: 2
+`)
+	hive, _ := startHive(t, addr, hid, "--models", models)
+	q, _ := dial(t, addr)
+	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "tiny", WorkerId: wid, WaitReady: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	q1.stop(syscall.SIGKILL, 10*time.Second)
+	newID := start(t, "queen", "--listen", addr, "--heartbeat-interval", "200ms").awaitAction("queen_start")["queen_id"]
+	w, err := q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev := watchUntil(t, w, "worker relearned READY", isState(wid, rbeev1.WorkerState_WORKER_STATE_READY))
+	got := ev.GetWorker()
+	if got.GetPid() != r.GetWorker().GetPid() || got.GetProcessStartTime() != r.GetWorker().GetProcessStartTime() ||
+		got.GetConcurrency() != 2 || got.GetModel() != "tiny" {
+		t.Fatalf("relearned %v; want PID %d, concurrency 2, model tiny", got, r.GetWorker().GetPid())
+	}
+	// The new queen learns the hive and its catalog too, and can delete the worker.
+	hive.await("registration with the new queen", func(m map[string]any) bool {
+		return m["action"] == "hive_registered" && m["queen_id"] == newID
+	})
+	hs, err := q.ListHives(ctxT(t, 5*time.Second), &rbeev1.ListHivesRequest{})
+	if err != nil || len(hs.GetHives()) != 1 || len(hs.GetHives()[0].GetModels()) != 1 {
+		t.Fatalf("ListHives on the new queen = %v, %v; want the hive with its one model", hs, err)
+	}
+	if _, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid}); err != nil {
+		t.Fatal(err)
+	}
+	nothingLeft(t, wid)
+}
