@@ -173,8 +173,8 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 
 	// A model the hive does not offer.
 	_, err = q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "llama-70b", WaitReady: true})
-	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "llama-70b") {
-		t.Errorf("spawn of an unoffered model = %v, want FAILED_PRECONDITION naming it", err)
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), `"llama-70b"`) || !strings.Contains(err.Error(), hid+" (offers tiny)") {
+		t.Errorf("spawn of an unoffered model = %v, want FAILED_PRECONDITION naming it and the hive considered", err)
 	}
 
 	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid})

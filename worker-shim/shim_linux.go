@@ -146,12 +146,20 @@ func supervise(cfg config, log *zap.Logger, stderr io.Writer) int {
 	var unhealthy, killTimer <-chan time.Time
 	var lastCheck string
 	stopping := false // the shim stopped the server or forwarded a signal: its exit is expected
+	// signalled: the stop came from outside (the hive's Delete), so the queen is told goodbye
+	// with a clean close; a stop of the shim's own (timeouts) ends the stream without one, and
+	// the hive's exit report, with the reason in the log tail, is what the queen keeps.
+	signalled := false
 
 	// stop ends the server on the shim's own decision: SIGTERM, then SIGKILL after the grace.
 	stop := func(reason string) {
 		stopping = true
 		probeCancel()
-		desc.set(rbeev1.WorkerState_WORKER_STATE_STOPPING, reason)
+		// The state stays what it was (not STOPPING: the queen takes a STOPPING worker whose
+		// stream ends for one that said goodbye, and would drop the reason); the hive's report
+		// of the exit then removes it with the reason, which is also in the log tail.
+		st, _ := desc.get()
+		desc.set(st, "stopping: "+reason)
 		hb.Beat()
 		fmt.Fprintf(stderr, "worker-shim: stopping the server: %s\n", reason)
 		narrate.Warn(ctx, actor, "worker_server_stop", "stopping the server", zap.String("reason", reason))
@@ -213,8 +221,8 @@ func supervise(cfg config, log *zap.Logger, stderr io.Writer) int {
 		case sig := <-sigs:
 			// The hive's Delete (or an operator): the server gets the same signal and the grace
 			// period is the hive's to enforce, with SIGKILL to the whole group or cgroup.
-			if !stopping {
-				stopping = true
+			if !signalled {
+				stopping, signalled = true, true
 				probeCancel()
 				desc.set(rbeev1.WorkerState_WORKER_STATE_STOPPING, "")
 				wg.Go(func() {
@@ -240,7 +248,7 @@ func supervise(cfg config, log *zap.Logger, stderr io.Writer) int {
 			}
 			killOrphans(pid)
 			probeCancel()
-			if stopping {
+			if signalled {
 				cctx, cancel := context.WithTimeout(ctx, streamCloseTimeout)
 				hb.Close(cctx) //nolint:errcheck // a silent queen is torn down by hbCancel
 				cancel()

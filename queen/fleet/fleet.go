@@ -66,6 +66,10 @@ const hiveSpawnTimeout = 30 * time.Second
 // hiveDeleteSlack is how much longer than the grace period the queen waits for a hive's Delete.
 const hiveDeleteSlack = 15 * time.Second
 
+// loadTimeoutSlack is how much longer than a catalog model's load_timeout and grace a spawn waits
+// for READY, so that the supervisor's own verdict (with its reason) arrives first.
+const loadTimeoutSlack = 10 * time.Second
+
 // SpawnSpec is what a caller asks of a spawn; empty fields take their defaults.
 type SpawnSpec struct {
 	HiveID   string // "": the queen picks a hive
@@ -95,6 +99,7 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 	} else if err := validate.ID("worker_id", id); err != nil {
 		return registry.Worker{}, &Error{Kind: KindInvalid, Msg: err.Error(), Err: err}
 	}
+	spec.Device = device // placement by catalog asks about the device the worker will get
 	hive, err := f.pickHive(ctx, spec)
 	if err != nil {
 		return registry.Worker{}, err
@@ -153,6 +158,11 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 	timeout := spec.ReadyTimeout
 	if timeout <= 0 {
 		timeout = f.cfg.StartTimeout
+		// A catalog model may load for longer: its supervisor stops it past load_timeout and
+		// that exit answers the spawn with the reason, so the wait outlasts it.
+		if o, _ := hive.Offer(spec.Model); o.LoadTimeout > 0 {
+			timeout = max(timeout, o.LoadTimeout+o.Grace+loadTimeoutSlack)
+		}
 	}
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
@@ -210,12 +220,21 @@ func (f *Fleet) pickHive(ctx context.Context, spec SpawnSpec) (registry.Hive, er
 		if !ok {
 			return registry.Hive{}, errorf(KindNotFound, "hive %q is not known to this queen (see ListHives)", hid)
 		}
+		if _, ok := h.Offer(spec.Model); !ok {
+			return registry.Hive{}, errorf(KindFailedPrecondition, "hive %s does not offer model %q (its catalog: %s)",
+				hid, spec.Model, strings.Join(h.ModelNames(), ", "))
+		}
 		return h, nil
 	}
 	h, err := f.reg.PickHive(f.need(spec))
 	var nf *registry.NoFitError
 	for err != nil && !errors.As(err, &nf) && f.awaitHold(ctx) {
 		h, err = f.reg.PickHive(f.need(spec))
+	}
+	if errors.As(err, &nf) {
+		if e := f.notOffered(spec); e != nil {
+			return registry.Hive{}, e
+		}
 	}
 	switch {
 	case errors.As(err, &nf):
@@ -228,7 +247,45 @@ func (f *Fleet) pickHive(ctx context.Context, spec SpawnSpec) (registry.Hive, er
 
 // need is what spec asks of the hive the queen picks. Room for one more worker is always asked;
 // what the model and device require of a hive (the model catalog) goes in Need.Fits.
-func (f *Fleet) need(SpawnSpec) registry.Need { return registry.Need{} }
+func (f *Fleet) need(spec SpawnSpec) registry.Need {
+	return registry.Need{Fits: func(h registry.Hive) (bool, string) {
+		o, ok := h.Offer(spec.Model)
+		switch {
+		case !ok:
+			return false, fmt.Sprintf("its catalog does not offer model %q (offers %s)", spec.Model, strings.Join(h.ModelNames(), ", "))
+		case !o.AllowsDevice(spec.Device):
+			return false, fmt.Sprintf("its catalog offers %s on %s only", spec.Model, strings.Join(o.Devices, ", "))
+		}
+		return true, ""
+	}}
+}
+
+// notOffered is the FAILED_PRECONDITION for a model (on a device) that no live hive's catalog
+// offers, room or not, naming each hive considered and what it offers; nil when some live hive
+// offers it (the spawn then failed for room alone).
+func (f *Fleet) notOffered(spec SpawnSpec) *Error {
+	var considered []string
+	for _, h := range f.reg.ListHives() {
+		if h.State != registry.HiveReady {
+			considered = append(considered, h.ID+" ("+strings.ToLower(h.State.String())+")")
+			continue
+		}
+		o, ok := h.Offer(spec.Model)
+		switch {
+		case !ok:
+			considered = append(considered, h.ID+" (offers "+strings.Join(h.ModelNames(), ", ")+")")
+		case !o.AllowsDevice(spec.Device):
+			considered = append(considered, h.ID+" (offers "+spec.Model+" on "+strings.Join(o.Devices, ", ")+" only)")
+		default:
+			return nil
+		}
+	}
+	what := fmt.Sprintf("model %q", spec.Model)
+	if spec.Device != "" {
+		what += " on " + spec.Device
+	}
+	return errorf(KindFailedPrecondition, "no live hive offers %s (hives considered: %s)", what, strings.Join(considered, "; "))
+}
 
 // cleanup kills a worker the caller will not keep, on a context of its own: the call that wanted
 // the worker may already be cancelled, but the process must not outlive it.
@@ -318,6 +375,9 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Del
 	}
 	dreq := &rbeev1.DeleteRequest{WorkerId: id, Pid: w.PID, ProcessStartTime: w.ProcessStartTime, FencingToken: token}
 	timeout := validate.MaxGrace + hiveDeleteSlack
+	if o, ok := hive.Offer(w.Model); grace < 0 && ok && o.Grace > 0 {
+		grace = o.Grace // the catalog's grace for this model, as the hive reported it
+	}
 	if grace >= 0 {
 		dreq.GracePeriod = durationpb.New(grace)
 		timeout = grace + hiveDeleteSlack

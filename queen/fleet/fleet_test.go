@@ -68,6 +68,13 @@ func (l *fakeLogs) Recv() (*rbeev1.LogsResponse, error) {
 	return &rbeev1.LogsResponse{Data: []byte(c)}, nil
 }
 
+// spawnCount is how many Spawns the hive answered.
+func (f *fakeHive) spawnCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.spawns)
+}
+
 func (f *fakeHive) deleted() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -267,5 +274,43 @@ func TestFenceGatesEveryHiveCall(t *testing.T) {
 	}
 	if got := fh.deletes[0].GetFencingToken(); got != 57 {
 		t.Fatalf("delete carried fencing token %d, want 57", got)
+	}
+}
+
+// A model no live hive offers is refused before any hive is called, naming the model and the
+// hives considered; a named hive that lacks it is refused too.
+func TestSpawnUnofferedModel(t *testing.T) {
+	f, fh, reg := newFleet(t)
+	if _, err := reg.HiveBeat(registry.Hive{ID: "h1", FreePorts: 10, Models: []registry.ModelOffer{{Name: "llama-8b"}}}); err != nil {
+		t.Fatal(err)
+	}
+	_, err := f.Spawn(t.Context(), SpawnSpec{Model: "qwen-7b"})
+	if KindOf(err) != KindFailedPrecondition || !strings.Contains(err.Error(), `"qwen-7b"`) || !strings.Contains(err.Error(), "h1 (offers llama-8b)") {
+		t.Fatalf("Spawn of an unoffered model = %v, want FAILED_PRECONDITION naming it and h1", err)
+	}
+	_, err = f.Spawn(t.Context(), SpawnSpec{Model: "qwen-7b", HiveID: "h1"})
+	if KindOf(err) != KindFailedPrecondition || !strings.Contains(err.Error(), "h1 does not offer") {
+		t.Fatalf("Spawn on a hive without the model = %v", err)
+	}
+	if _, err := f.Spawn(t.Context(), SpawnSpec{Model: "llama-8b"}); err != nil {
+		t.Fatalf("Spawn of an offered model: %v", err)
+	}
+	// Devices: a cuda-only model is not placed on cpu; full hives that offer it are a matter of
+	// room (RESOURCE_EXHAUSTED), not of the catalog.
+	if _, err := reg.HiveBeat(registry.Hive{ID: "h2", FreePorts: 10, Models: []registry.ModelOffer{{Name: "big", Devices: []string{"cuda:0"}}}}); err != nil {
+		t.Fatal(err)
+	}
+	_, err = f.Spawn(t.Context(), SpawnSpec{Model: "big"})
+	if KindOf(err) != KindFailedPrecondition || !strings.Contains(err.Error(), `model "big" on cpu`) || !strings.Contains(err.Error(), "h2 (offers big on cuda:0 only)") {
+		t.Fatalf("Spawn of a cuda-only model on cpu = %v", err)
+	}
+	if _, err := reg.HiveBeat(registry.Hive{ID: "h2", FreePorts: 0, Models: []registry.ModelOffer{{Name: "big"}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Spawn(t.Context(), SpawnSpec{Model: "big"}); KindOf(err) != KindResourceExhausted {
+		t.Fatalf("Spawn of a model only a full hive offers = %v, want RESOURCE_EXHAUSTED", err)
+	}
+	if n := fh.spawnCount(); n != 1 {
+		t.Fatalf("the hive was asked %d times, want once (for the offered model only)", n)
 	}
 }

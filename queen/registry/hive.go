@@ -39,8 +39,53 @@ type Hive struct {
 	// DeviceInfo is what the hive reports of each device (memory figures change at its refresh).
 	DeviceInfo []Device
 	FreePorts  uint32
+	// Models is the hive's catalog (hive --models); empty: it serves any model.
+	Models []ModelOffer
 	// Workers is computed: the registry's workers whose HiveID is this hive.
 	Workers int
+}
+
+// ModelOffer is one model of a hive's catalog.
+type ModelOffer struct {
+	Name        string
+	Devices     []string // empty: any device of the hive
+	Concurrency uint32
+	LoadTimeout time.Duration
+	TTL         time.Duration
+	Grace       time.Duration
+}
+
+func (m ModelOffer) equal(o ModelOffer) bool {
+	return m.Name == o.Name && slices.Equal(m.Devices, o.Devices) && m.Concurrency == o.Concurrency &&
+		m.LoadTimeout == o.LoadTimeout && m.TTL == o.TTL && m.Grace == o.Grace
+}
+
+// Offer returns the hive's catalog entry for model; ok is false when the hive has a catalog
+// without it. A hive without a catalog offers every model (and returns a zero ModelOffer).
+func (h Hive) Offer(model string) (ModelOffer, bool) {
+	if len(h.Models) == 0 {
+		return ModelOffer{Name: model}, true
+	}
+	for _, m := range h.Models {
+		if m.Name == model {
+			return m, true
+		}
+	}
+	return ModelOffer{}, false
+}
+
+// AllowsDevice says whether the offer lets the model run on device ("": any).
+func (m ModelOffer) AllowsDevice(device string) bool {
+	return device == "" || len(m.Devices) == 0 || slices.Contains(m.Devices, device)
+}
+
+// ModelNames returns the names of the hive's catalog, in its order.
+func (h Hive) ModelNames() []string {
+	out := make([]string, len(h.Models))
+	for i, m := range h.Models {
+		out[i] = m.Name
+	}
+	return out
 }
 
 // Device is one device of a hive, as it reports it.
@@ -104,6 +149,9 @@ func (r *Registry) HiveBeat(in Hive) (Hive, error) {
 	}
 	if !slices.Equal(h.DeviceInfo, in.DeviceInfo) {
 		h.DeviceInfo = slices.Clone(in.DeviceInfo)
+	}
+	if !slices.EqualFunc(h.Models, in.Models, ModelOffer.equal) {
+		h.Models = cloneOffers(in.Models)
 	}
 	if !sameHiveButBeat(old, *h) {
 		r.rev++
@@ -295,14 +343,28 @@ func (r *Registry) hiveLocked(e *hiveEntry) Hive {
 	h := e.h
 	h.Devices = slices.Clone(h.Devices)
 	h.DeviceInfo = slices.Clone(h.DeviceInfo)
+	h.Models = cloneOffers(h.Models)
 	h.Workers = r.perHive[h.ID]
 	return h
+}
+
+func cloneOffers(ms []ModelOffer) []ModelOffer {
+	if ms == nil {
+		return nil
+	}
+	out := make([]ModelOffer, len(ms))
+	for i, m := range ms {
+		m.Devices = slices.Clone(m.Devices)
+		out[i] = m
+	}
+	return out
 }
 
 func sameHiveButBeat(a, b Hive) bool {
 	return a.ID == b.ID && a.Address == b.Address && a.State == b.State && a.Static == b.Static &&
 		a.Version == b.Version && a.OS == b.OS && a.FreePorts == b.FreePorts &&
-		slices.Equal(a.Devices, b.Devices) && slices.Equal(a.DeviceInfo, b.DeviceInfo)
+		slices.Equal(a.Devices, b.Devices) && slices.Equal(a.DeviceInfo, b.DeviceInfo) &&
+		slices.EqualFunc(a.Models, b.Models, ModelOffer.equal)
 }
 
 func (r *Registry) hiveDue(e *hiveEntry) time.Time {

@@ -28,9 +28,11 @@ const (
 	StateStopping
 	// StateStale is never reported by a worker: the registry shows it when beats stopped.
 	StateStale
+	// StateUnhealthy: the worker was serving but its health check fails (StatusMessage says why).
+	StateUnhealthy
 )
 
-var stateNames = [...]string{"UNSPECIFIED", "STARTING", "READY", "BUSY", "STOPPING", "STALE"}
+var stateNames = [...]string{"UNSPECIFIED", "STARTING", "READY", "BUSY", "STOPPING", "STALE", "UNHEALTHY"}
 
 func (s State) String() string {
 	if int(s) < len(stateNames) {
@@ -40,7 +42,9 @@ func (s State) String() string {
 }
 
 // reportable says whether a worker may report s about itself.
-func (s State) reportable() bool { return s >= StateStarting && s <= StateStopping }
+func (s State) reportable() bool {
+	return s >= StateStarting && s <= StateStopping || s == StateUnhealthy
+}
 
 // Worker is one worker as the queen knows it. Values are copies; changing one changes nothing
 // in the registry.
@@ -58,6 +62,10 @@ type Worker struct {
 	// LastHeartbeat is zero until the first beat.
 	LastHeartbeat time.Time
 	Created       time.Time
+	// As the worker reports them in every beat: the requests it serves at once (0: not
+	// limited) and why it is in its state (e.g. a supervisor's failed health check).
+	Concurrency   uint32
+	StatusMessage string
 }
 
 // sameButBeat reports whether a and b differ at most in LastHeartbeat, that is whether a beat
@@ -288,6 +296,8 @@ func (r *Registry) Beat(in Worker) (Worker, error) {
 	if in.ProcessStartTime != 0 {
 		w.ProcessStartTime = in.ProcessStartTime
 	}
+	// Every beat carries the whole descriptor, so these are taken as they are, empty included.
+	w.Concurrency, w.StatusMessage = in.Concurrency, in.StatusMessage
 	w.LastHeartbeat = now
 	r.changedLocked(e, old)
 	return e.w, nil

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
@@ -8,11 +9,12 @@ import (
 )
 
 var stateToProto = map[registry.State]rbeev1.WorkerState{
-	registry.StateStarting: rbeev1.WorkerState_WORKER_STATE_STARTING,
-	registry.StateReady:    rbeev1.WorkerState_WORKER_STATE_READY,
-	registry.StateBusy:     rbeev1.WorkerState_WORKER_STATE_BUSY,
-	registry.StateStopping: rbeev1.WorkerState_WORKER_STATE_STOPPING,
-	registry.StateStale:    rbeev1.WorkerState_WORKER_STATE_STALE,
+	registry.StateStarting:  rbeev1.WorkerState_WORKER_STATE_STARTING,
+	registry.StateReady:     rbeev1.WorkerState_WORKER_STATE_READY,
+	registry.StateBusy:      rbeev1.WorkerState_WORKER_STATE_BUSY,
+	registry.StateStopping:  rbeev1.WorkerState_WORKER_STATE_STOPPING,
+	registry.StateStale:     rbeev1.WorkerState_WORKER_STATE_STALE,
+	registry.StateUnhealthy: rbeev1.WorkerState_WORKER_STATE_UNHEALTHY,
 }
 
 // reportable are the states a worker may report of itself; STALE is the queen's verdict.
@@ -21,6 +23,8 @@ var reportable = map[rbeev1.WorkerState]registry.State{
 	rbeev1.WorkerState_WORKER_STATE_READY:    registry.StateReady,
 	rbeev1.WorkerState_WORKER_STATE_BUSY:     registry.StateBusy,
 	rbeev1.WorkerState_WORKER_STATE_STOPPING: registry.StateStopping,
+	// A supervisor (worker-shim) reports a served model's failing health check.
+	rbeev1.WorkerState_WORKER_STATE_UNHEALTHY: registry.StateUnhealthy,
 }
 
 func workerToProto(w registry.Worker) *rbeev1.Worker {
@@ -33,7 +37,7 @@ func workerToProto(w registry.Worker) *rbeev1.Worker {
 func fillWorker(p *rbeev1.Worker, w registry.Worker, beat, created *timestamppb.Timestamp) {
 	p.WorkerId, p.HiveId, p.Model, p.Device = w.ID, w.HiveID, w.Model, w.Device
 	p.Pid, p.Port, p.State, p.ProcessStartTime = w.PID, w.Port, stateToProto[w.State], w.ProcessStartTime
-	p.Address = w.Address
+	p.Address, p.Concurrency, p.StatusMessage = w.Address, w.Concurrency, w.StatusMessage
 	if !w.LastHeartbeat.IsZero() {
 		beat.Seconds, beat.Nanos = w.LastHeartbeat.Unix(), int32(w.LastHeartbeat.Nanosecond())
 		p.LastHeartbeatTime = beat
@@ -77,6 +81,19 @@ func hiveToProto(h registry.Hive) *rbeev1.Hive {
 	for _, d := range h.DeviceInfo {
 		p.DeviceInfo = append(p.DeviceInfo, &rbeev1.Device{Name: d.Name, Description: d.Description,
 			MemoryTotalBytes: d.MemoryTotal, MemoryUsedBytes: d.MemoryUsed})
+	}
+	for _, m := range h.Models {
+		o := &rbeev1.ModelOffer{Name: m.Name, Devices: m.Devices, Concurrency: m.Concurrency}
+		if m.LoadTimeout > 0 {
+			o.LoadTimeout = durationpb.New(m.LoadTimeout)
+		}
+		if m.TTL > 0 {
+			o.Ttl = durationpb.New(m.TTL)
+		}
+		if m.Grace > 0 {
+			o.Grace = durationpb.New(m.Grace)
+		}
+		p.Models = append(p.Models, o)
 	}
 	if !h.LastHeartbeat.IsZero() {
 		p.LastHeartbeatTime = timestamppb.New(h.LastHeartbeat)

@@ -163,11 +163,18 @@ func workerFromProto(p *rbeev1.Worker) (registry.Worker, error) {
 	}
 	st, ok := reportable[p.GetState()]
 	if !ok {
-		return registry.Worker{}, &validate.Error{Field: "worker.state", Rule: fmt.Sprintf("%s is not a state a worker reports (STARTING, READY, BUSY, STOPPING)", p.GetState())}
+		return registry.Worker{}, &validate.Error{Field: "worker.state", Rule: fmt.Sprintf("%s is not a state a worker reports (STARTING, READY, BUSY, STOPPING, UNHEALTHY)", p.GetState())}
+	}
+	if p.GetConcurrency() > maxConcurrency {
+		return registry.Worker{}, &validate.Error{Field: "worker.concurrency", Rule: fmt.Sprintf("%d: at most %d", p.GetConcurrency(), maxConcurrency)}
+	}
+	if len(p.GetStatusMessage()) > maxStatusMessage {
+		return registry.Worker{}, &validate.Error{Field: "worker.status_message", Rule: fmt.Sprintf("%d bytes: at most %d", len(p.GetStatusMessage()), maxStatusMessage)}
 	}
 	return registry.Worker{
 		ID: p.GetWorkerId(), HiveID: p.GetHiveId(), Model: p.GetModel(), Device: p.GetDevice(),
-		PID: p.GetPid(), Port: p.GetPort(), ProcessStartTime: p.GetProcessStartTime(), Address: p.GetAddress(), State: st, Reported: st,
+		PID: p.GetPid(), Port: p.GetPort(), ProcessStartTime: p.GetProcessStartTime(), State: st, Reported: st,
+		Address: p.GetAddress(), Concurrency: p.GetConcurrency(), StatusMessage: p.GetStatusMessage(),
 	}, nil
 }
 
@@ -333,10 +340,50 @@ func hiveFromProto(p *rbeev1.Hive) (registry.Hive, error) {
 		info = append(info, registry.Device{Name: d.GetName(), Description: d.GetDescription(),
 			MemoryTotal: d.GetMemoryTotalBytes(), MemoryUsed: d.GetMemoryUsedBytes()})
 	}
+	models, err := offersFromProto(p.GetModels())
+	if err != nil {
+		return registry.Hive{}, err
+	}
 	return registry.Hive{
 		ID: p.GetHiveId(), Address: p.GetAddress(), Version: p.GetVersion(), OS: p.GetOs(),
-		Devices: p.GetDevices(), DeviceInfo: info, FreePorts: p.GetFreePorts(),
+		Devices: p.GetDevices(), DeviceInfo: info, FreePorts: p.GetFreePorts(), Models: models,
 	}, nil
+}
+
+// Bounds on what a heartbeat may carry, so that one hive or worker cannot bloat the registry.
+const (
+	maxConcurrency   = 1 << 16
+	maxStatusMessage = 1024
+	maxModelOffers   = 1024
+)
+
+// offersFromProto checks a hive's catalog as its heartbeat reports it.
+func offersFromProto(ms []*rbeev1.ModelOffer) ([]registry.ModelOffer, error) {
+	if len(ms) > maxModelOffers {
+		return nil, &validate.Error{Field: "hive.models", Rule: fmt.Sprintf("%d models: at most %d", len(ms), maxModelOffers)}
+	}
+	var out []registry.ModelOffer
+	for i, m := range ms {
+		f := fmt.Sprintf("hive.models[%d]", i)
+		if err := validate.ID(f+".name", m.GetName()); err != nil {
+			return nil, err
+		}
+		for j, d := range m.GetDevices() {
+			if err := validate.Device(fmt.Sprintf("%s.devices[%d]", f, j), d); err != nil {
+				return nil, err
+			}
+		}
+		if m.GetConcurrency() > maxConcurrency {
+			return nil, &validate.Error{Field: f + ".concurrency", Rule: fmt.Sprintf("at most %d", maxConcurrency)}
+		}
+		o := registry.ModelOffer{Name: m.GetName(), Devices: m.GetDevices(), Concurrency: m.GetConcurrency(),
+			LoadTimeout: m.GetLoadTimeout().AsDuration(), TTL: m.GetTtl().AsDuration(), Grace: m.GetGrace().AsDuration()}
+		if o.LoadTimeout < 0 || o.TTL < 0 || o.Grace < 0 || o.Grace > validate.MaxGrace {
+			return nil, &validate.Error{Field: f, Rule: fmt.Sprintf("durations must not be negative, grace at most %v", validate.MaxGrace)}
+		}
+		out = append(out, o)
+	}
+	return out, nil
 }
 
 // workerExited forgets a worker its hive saw die, if the report is about the process the registry

@@ -135,6 +135,8 @@ func writeWorker(w io.Writer, wk *rbeev1.Worker, now time.Time) error {
 		{"MODEL", wk.GetModel()},
 		{"DEVICE", wk.GetDevice()},
 		{"STATE", stateName(wk.GetState())},
+		{"STATUS", orDash(wk.GetStatusMessage())}, // why, e.g. the failed health check of an UNHEALTHY worker
+		{"CONCURRENCY", orDash(wk.GetConcurrency())},
 		{"PID", orDash(wk.GetPid())},
 		{"PORT", orDash(wk.GetPort())},
 		{"ADDRESS", orDash(wk.GetAddress())},
@@ -150,14 +152,23 @@ func writeWorker(w io.Writer, wk *rbeev1.Worker, now time.Time) error {
 // writeHives prints hives as an aligned table.
 func writeHives(w io.Writer, hs []*rbeev1.Hive, now time.Time) error {
 	tw := newTable(w)
-	fmt.Fprintln(tw, "ID\tADDRESS\tSTATE\tWORKERS\tLAST BEAT\tSTATIC\tDEVICES")
+	fmt.Fprintln(tw, "ID\tADDRESS\tSTATE\tWORKERS\tLAST BEAT\tSTATIC\tMODELS\tDEVICES")
 	for _, h := range hs {
 		static := "no"
 		if h.GetStatic() {
 			static = "yes"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\n", h.GetHiveId(), h.GetAddress(), hiveStateName(h.GetState()),
-			h.GetWorkerCount(), ago(h.GetLastHeartbeatTime(), now), static, deviceList(h))
+		// A hive without a catalog (no --models) serves any model with its worker binary.
+		models := "any"
+		if len(h.GetModels()) > 0 {
+			names := make([]string, len(h.GetModels()))
+			for i, m := range h.GetModels() {
+				names[i] = m.GetName()
+			}
+			models = strings.Join(names, ",")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", h.GetHiveId(), h.GetAddress(), hiveStateName(h.GetState()),
+			h.GetWorkerCount(), ago(h.GetLastHeartbeatTime(), now), static, models, deviceList(h))
 	}
 	return tw.Flush()
 }

@@ -30,3 +30,13 @@ func TestHiveDevices(t *testing.T) {
 		t.Errorf("hive ls table:\n%s", b.String())
 	}
 }
+
+func TestHiveModels(t *testing.T) {
+	var b bytes.Buffer
+	writeHives(&b, []*rbeev1.Hive{{HiveId: "h1", Devices: []string{"cpu"}},
+		{HiveId: "h2", Devices: []string{"cpu"}, Models: []*rbeev1.ModelOffer{{Name: "llama-8b"}, {Name: "qwen-7b"}}}}, time.Now())
+	lines := strings.Split(b.String(), "\n")
+	if !strings.Contains(lines[0], "MODELS") || !strings.Contains(lines[1], " any ") || !strings.Contains(lines[2], " llama-8b,qwen-7b ") {
+		t.Errorf("hive ls table:\n%s", b.String())
+	}
+}
