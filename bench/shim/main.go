@@ -1,0 +1,290 @@
+// Command shim measures worker-shim, the supervisor of catalog models, with the real binaries:
+// readiness latency (the server's /health turns 200 -> the queen's watch shows READY), spawn to
+// READY through the queen against starting the same server directly and polling it, and the
+// shim's resident memory and idle CPU. It starts its own queen and hive on loopback with a
+// one-model catalog served by a fake inference server, and stops everything it started.
+//
+//	make build && go run ./bench/shim -bin bin -n 50
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/rbee-dev/rbee/bench/internal/loopback"
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+)
+
+func main() {
+	bin := flag.String("bin", "bin", "directory with the queen, hive and worker-shim binaries")
+	n := flag.Int("n", 50, "spawns to measure (at most 1000)")
+	load := flag.Duration("load", 300*time.Millisecond, "how long the fake server loads before /health answers 200")
+	idle := flag.Int("idle", 10, "workers kept READY and idle for the memory and CPU figures")
+	idleFor := flag.Duration("idle-for", 10*time.Second, "how long the idle CPU is sampled")
+	flag.Parse()
+	if *n < 1 || *n > 1000 || *idle < 1 || *idle > 100 {
+		fmt.Fprintln(os.Stderr, "shim: -n must be 1..1000, -idle 1..100")
+		os.Exit(2)
+	}
+	if err := run(*bin, *n, *load, *idle, *idleFor); err != nil {
+		fmt.Fprintln(os.Stderr, "shim:", err)
+		os.Exit(1)
+	}
+}
+
+func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration) error {
+	dir, err := os.MkdirTemp("", "rbee-bench-shim-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	server := filepath.Join(dir, "fakeserver")
+	if out, err := exec.Command("go", "build", "-o", server, "./e2e/testdata/fakeserver").CombinedOutput(); err != nil {
+		return fmt.Errorf("build the fake server (run from the repository root): %v\n%s", err, out)
+	}
+	catalog := filepath.Join(dir, "models.yaml")
+	text := fmt.Sprintf("models:\n  bench:\n    cmd: [%q, \"--port\", \"${PORT}\", \"--load-time\", %q, \"--flip-file\", %q]\n",
+		server, load.String(), filepath.Join(dir, "${WORKER_ID}.flip"))
+	if err := os.WriteFile(catalog, []byte(text), 0o644); err != nil {
+		return err
+	}
+	queenAddr := loopback.FreeAddr()
+	queen, err := startProc(filepath.Join(bin, "queen"), "--listen", queenAddr, "--log-level", "warn")
+	if err != nil {
+		return err
+	}
+	defer stopProc(queen)
+	hive, err := startProc(filepath.Join(bin, "hive"), "--listen", loopback.FreeAddr(), "--hive-id", "bench", "--queen", queenAddr,
+		"--models", catalog, "--log-dir", filepath.Join(dir, "logs"), "--log-level", "warn")
+	if err != nil {
+		return err
+	}
+	defer stopProc(hive)
+	conn, err := grpc.NewClient(queenAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := loopback.AwaitServing(conn); err != nil {
+		return fmt.Errorf("queen: %w", err)
+	}
+	q := rbeev1.NewQueenServiceClient(conn)
+	ctx := context.Background()
+	if err := awaitHive(ctx, q); err != nil {
+		return err
+	}
+
+	// Readiness latency and spawn-to-READY, one worker at a time.
+	var flipToReady, spawnToReady []time.Duration
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("b%d", i)
+		wctx, cancel := context.WithTimeout(ctx, time.Minute)
+		w, err := q.WatchWorkers(wctx, &rbeev1.WatchWorkersRequest{HiveId: "bench"})
+		if err != nil {
+			cancel()
+			return err
+		}
+		t0 := time.Now()
+		if _, err := q.SpawnWorker(ctx, &rbeev1.SpawnWorkerRequest{Model: "bench", WorkerId: id}); err != nil {
+			cancel()
+			return fmt.Errorf("spawn: %w", err)
+		}
+		var ready time.Time
+		for ready.IsZero() {
+			ev, err := w.Recv()
+			if err != nil {
+				cancel()
+				return fmt.Errorf("watch: %w", err)
+			}
+			if ev.GetWorker().GetWorkerId() == id && ev.GetWorker().GetState() == rbeev1.WorkerState_WORKER_STATE_READY {
+				ready = time.Now()
+			}
+		}
+		cancel()
+		flip, err := readFlip(filepath.Join(dir, id+".flip"))
+		if err != nil {
+			return err
+		}
+		flipToReady = append(flipToReady, ready.Sub(flip))
+		spawnToReady = append(spawnToReady, ready.Sub(t0))
+		if _, err := q.DeleteWorker(ctx, &rbeev1.DeleteWorkerRequest{WorkerId: id}); err != nil {
+			return fmt.Errorf("delete: %w", err)
+		}
+	}
+
+	// The same server started directly and polled every millisecond: the floor rbee is compared to.
+	var direct []time.Duration
+	for i := 0; i < n; i++ {
+		d, err := directStart(server, load)
+		if err != nil {
+			return err
+		}
+		direct = append(direct, d)
+	}
+
+	fmt.Printf("worker-shim, %d spawns, server load %v (machine: %d CPUs)\n", n, load, runtime.NumCPU())
+	report("health 200 -> READY in the queen's watch", flipToReady)
+	report("SpawnWorker -> READY in the watch (rbee)", spawnToReady)
+	report("exec -> first 200 polling every 1ms (direct)", direct)
+	fmt.Printf("  overhead of rbee over direct, p50: %.1f ms\n", ms(pct(spawnToReady, 50)-pct(direct, 50)))
+
+	// Memory and idle CPU of the shims of idle READY workers.
+	var pids []int
+	for i := 0; i < idle; i++ {
+		r, err := q.SpawnWorker(ctx, &rbeev1.SpawnWorkerRequest{Model: "bench", WorkerId: fmt.Sprintf("idle%d", i), WaitReady: true})
+		if err != nil {
+			return fmt.Errorf("spawn idle worker: %w", err)
+		}
+		pids = append(pids, int(r.GetWorker().GetPid()))
+	}
+	var rss []float64
+	ticks0 := 0
+	for _, p := range pids {
+		kb, err := rssKB(p)
+		if err != nil {
+			return err
+		}
+		rss = append(rss, float64(kb)/1024)
+		t, _ := cpuTicks(p)
+		ticks0 += t
+	}
+	time.Sleep(idleFor) // the measurement window itself, not a synchronisation
+	ticks1 := 0
+	for _, p := range pids {
+		t, _ := cpuTicks(p)
+		ticks1 += t
+	}
+	slices.Sort(rss)
+	const hz = 100 // USER_HZ on Linux
+	cpu := float64(ticks1-ticks0) / hz / idleFor.Seconds() / float64(len(pids)) * 100
+	fmt.Printf("  shim RSS over %d idle READY workers: median %.1f MB, max %.1f MB\n", len(rss), rss[len(rss)/2], rss[len(rss)-1])
+	fmt.Printf("  shim CPU while idle (health check every 1s, heartbeat every 1s): %.3f%% of one core each, over %v\n", cpu, idleFor)
+	for i := range pids {
+		if _, err := q.DeleteWorker(ctx, &rbeev1.DeleteWorkerRequest{WorkerId: fmt.Sprintf("idle%d", i)}); err != nil {
+			return fmt.Errorf("delete idle worker: %w", err)
+		}
+	}
+	return nil
+}
+
+func awaitHive(ctx context.Context, q rbeev1.QueenServiceClient) error {
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		hs, err := q.ListHives(ctx, &rbeev1.ListHivesRequest{})
+		if err == nil && len(hs.GetHives()) == 1 {
+			return nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return errors.New("the hive did not register within 10s")
+}
+
+// directStart starts the server itself and polls its health every millisecond until 200.
+func directStart(server string, load time.Duration) (time.Duration, error) {
+	port := strings.TrimPrefix(loopback.FreeAddr(), "127.0.0.1:")
+	t0 := time.Now()
+	cmd := exec.Command(server, "--port", port, "--load-time", load.String())
+	if err := cmd.Start(); err != nil {
+		return 0, err
+	}
+	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
+	url := "http://127.0.0.1:" + port + "/health"
+	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil}}
+	for time.Since(t0) < time.Minute {
+		if resp, err := client.Get(url); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return time.Since(t0), nil
+			}
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return 0, errors.New("direct server never became healthy")
+}
+
+func readFlip(path string) (time.Time, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("flip time: %w", err)
+	}
+	ns, err := strconv.ParseInt(string(bytes.TrimSpace(b)), 10, 64)
+	if err != nil {
+		return time.Time{}, err
+	}
+	return time.Unix(0, ns), nil
+}
+
+func rssKB(pid int) (int, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
+			return strconv.Atoi(f[1])
+		}
+	}
+	return 0, errors.New("no VmRSS")
+}
+
+// cpuTicks is utime+stime of pid (fields 14 and 15 of /proc/PID/stat).
+func cpuTicks(pid int) (int, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return 0, err
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	u, _ := strconv.Atoi(f[11])
+	st, _ := strconv.Atoi(f[12])
+	return u + st, nil
+}
+
+func pct(ds []time.Duration, p int) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[min(len(s)-1, len(s)*p/100)]
+}
+
+func report(name string, ds []time.Duration) {
+	fmt.Printf("  %-48s p50 %7.2f ms  p99 %7.2f ms  max %7.2f ms\n", name, ms(pct(ds, 50)), ms(pct(ds, 99)), ms(pct(ds, 100)))
+}
+
+func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+func startProc(path string, args ...string) (*exec.Cmd, error) {
+	cmd := exec.Command(path, args...)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", path, err)
+	}
+	return cmd, nil
+}
+
+func stopProc(cmd *exec.Cmd) {
+	cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		cmd.Process.Kill()
+		<-done
+	}
+}
