@@ -52,7 +52,7 @@ type config struct {
 	version  bool
 }
 
-const usage = `Usage: worker-shim --worker-id ID --model M --port P --queen ADDR [flags] -- SERVER [ARGS...]
+const usage = `Usage: worker-shim --worker-id ID --hive-id ID --model M --port P --queen ADDR [flags] -- SERVER [ARGS...]
 
 Runs SERVER as a supervised rbee worker: reports STARTING until GET http://HOST:PORT<health>
 answers 200, then READY; UNHEALTHY when health fails after that; stops the server when loading
@@ -68,7 +68,7 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
 	fs.StringVar(&c.workerID, "worker-id", "", "worker id (required; must equal $"+envWorkerID+" when that is set)")
-	fs.StringVar(&c.hiveID, "hive-id", "", "id of the hive that started this worker")
+	fs.StringVar(&c.hiveID, "hive-id", "", "id of the hive that started this worker (required)")
 	fs.StringVar(&c.model, "model", "", "model the server serves (required)")
 	fs.StringVar(&c.device, "device", "cpu", "device the server runs on")
 	fs.IntVar(&c.port, "port", 0, "port the server binds (required)")
@@ -110,6 +110,9 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 		return c, fmt.Errorf("--concurrency %d: at most 65536", c.concurrency)
 	}
 	if err := validate.ID("--worker-id", c.workerID); err != nil {
+		return c, err
+	}
+	if err := validate.ID("--hive-id", c.hiveID); err != nil {
 		return c, err
 	}
 	if err := validate.Model("--model", c.model); err != nil {

@@ -91,7 +91,7 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 	}
 
 	// Readiness latency and spawn-to-READY, one worker at a time.
-	var flipToReady, spawnToReady []time.Duration
+	var flipToReady, spawnToReady, spawnRPC []time.Duration
 	for i := 0; i < n; i++ {
 		id := fmt.Sprintf("b%d", i)
 		wctx, cancel := context.WithTimeout(ctx, time.Minute)
@@ -105,6 +105,7 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 			cancel()
 			return fmt.Errorf("spawn: %w", err)
 		}
+		spawnRPC = append(spawnRPC, time.Since(t0))
 		var ready time.Time
 		for ready.IsZero() {
 			ev, err := w.Recv()
@@ -142,6 +143,7 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 	report("health 200 -> READY in the queen's watch", flipToReady)
 	report("SpawnWorker -> READY in the watch (rbee)", spawnToReady)
 	report("exec -> first 200 polling every 1ms (direct)", direct)
+	report("  of rbee's: SpawnWorker answered (shim forked)", spawnRPC)
 	fmt.Printf("  overhead of rbee over direct, p50: %.1f ms\n", ms(pct(spawnToReady, 50)-pct(direct, 50)))
 
 	// Memory and idle CPU of the shims of idle READY workers.
@@ -153,14 +155,14 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 		}
 		pids = append(pids, int(r.GetWorker().GetPid()))
 	}
-	var rss []float64
+	var rss, anon, pss []float64
 	ticks0 := 0
 	for _, p := range pids {
-		kb, err := rssKB(p)
+		m, err := memory(p)
 		if err != nil {
 			return err
 		}
-		rss = append(rss, float64(kb)/1024)
+		rss, anon, pss = append(rss, m["Rss:"]), append(anon, m["Anonymous:"]), append(pss, m["Pss:"])
 		t, _ := cpuTicks(p)
 		ticks0 += t
 	}
@@ -170,10 +172,11 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 		t, _ := cpuTicks(p)
 		ticks1 += t
 	}
-	slices.Sort(rss)
+	med := func(v []float64) float64 { slices.Sort(v); return v[len(v)/2] }
 	const hz = 100 // USER_HZ on Linux
 	cpu := float64(ticks1-ticks0) / hz / idleFor.Seconds() / float64(len(pids)) * 100
-	fmt.Printf("  shim RSS over %d idle READY workers: median %.1f MB, max %.1f MB\n", len(rss), rss[len(rss)/2], rss[len(rss)-1])
+	fmt.Printf("  shim memory, median of %d idle READY workers: RSS %.1f MB, of which private (anonymous) %.1f MB; PSS %.1f MB\n",
+		len(rss), med(rss), med(anon), med(pss))
 	fmt.Printf("  shim CPU while idle (health check every 1s, heartbeat every 1s): %.3f%% of one core each, over %v\n", cpu, idleFor)
 	for i := range pids {
 		if _, err := q.DeleteWorker(ctx, &rbeev1.DeleteWorkerRequest{WorkerId: fmt.Sprintf("idle%d", i)}); err != nil {
@@ -230,17 +233,22 @@ func readFlip(path string) (time.Time, error) {
 	return time.Unix(0, ns), nil
 }
 
-func rssKB(pid int) (int, error) {
-	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+// memory reads /proc/PID/smaps_rollup in MB: Rss, Pss (file-backed pages shared between the
+// shims counted once overall) and Anonymous (the shim's own).
+func memory(pid int) (map[string]float64, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/smaps_rollup")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
+	out := map[string]float64{}
 	for _, line := range strings.Split(string(b), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == "VmRSS:" {
-			return strconv.Atoi(f[1])
+		if f := strings.Fields(line); len(f) >= 2 {
+			if kb, err := strconv.Atoi(f[1]); err == nil {
+				out[f[0]] = float64(kb) / 1024
+			}
 		}
 	}
-	return 0, errors.New("no VmRSS")
+	return out, nil
 }
 
 // cpuTicks is utime+stime of pid (fields 14 and 15 of /proc/PID/stat).
