@@ -116,9 +116,24 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
     env: {FAKE_TAG: "${MODEL}@${DEVICE}"}
     concurrency: 4
     grace: 3s
+  gpu-only:
+    cmd: ["${SERVER}", "--port", "${PORT}"]
+    devices: ["cuda:0"]
 `)
-	startHive(t, addr, hid, "--models", models)
+	_, hiveAddr := startHive(t, addr, hid, "--models", models)
 	q, _ := dial(t, addr)
+
+	// The hive itself refuses what its catalog does not allow, whoever asks.
+	hc := hiveClient(t, hiveAddr)
+	for _, tc := range []struct{ model, device, want string }{
+		{"llama-70b", "cpu", `model "llama-70b" is not in hive ` + hid + `'s catalog`},
+		{"gpu-only", "cpu", `model "gpu-only" may not run on cpu`},
+	} {
+		_, err := hc.Spawn(ctxT(t, 10*time.Second), &rbeev1.SpawnRequest{WorkerId: uniqueID("x"), Model: tc.model, Device: tc.device, QueenAddress: addr})
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("hive Spawn(%s on %s) = %v; want FAILED_PRECONDITION with %q", tc.model, tc.device, err, tc.want)
+		}
+	}
 
 	hives, err := q.ListHives(ctxT(t, 5*time.Second), &rbeev1.ListHivesRequest{})
 	if err != nil {
@@ -129,14 +144,14 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 		if h.GetHiveId() == hid {
 			for _, m := range h.GetModels() {
 				offered = append(offered, m.GetName())
-				if m.GetConcurrency() != 4 || m.GetGrace().AsDuration() != 3*time.Second {
+				if m.GetName() == "tiny" && (m.GetConcurrency() != 4 || m.GetGrace().AsDuration() != 3*time.Second) {
 					t.Errorf("offer %v: want concurrency 4, grace 3s", m)
 				}
 			}
 		}
 	}
-	if !slices.Equal(offered, []string{"tiny"}) {
-		t.Fatalf("hive %s offers %q, want [tiny]", hid, offered)
+	if !slices.Equal(offered, []string{"gpu-only", "tiny"}) {
+		t.Fatalf("hive %s offers %q, want [gpu-only tiny]", hid, offered)
 	}
 
 	t0 := time.Now()
@@ -173,7 +188,7 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 
 	// A model the hive does not offer.
 	_, err = q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "llama-70b", WaitReady: true})
-	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), `"llama-70b"`) || !strings.Contains(err.Error(), hid+" (offers tiny)") {
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), `"llama-70b"`) || !strings.Contains(err.Error(), hid+" (offers gpu-only, tiny)") {
 		t.Errorf("spawn of an unoffered model = %v, want FAILED_PRECONDITION naming it and the hive considered", err)
 	}
 
