@@ -191,6 +191,10 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), `"llama-70b"`) || !strings.Contains(err.Error(), hid+" (offers gpu-only, tiny)") {
 		t.Errorf("spawn of an unoffered model = %v, want FAILED_PRECONDITION naming it and the hive considered", err)
 	}
+	_, err = q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "gpu-only", WaitReady: true})
+	if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), hid+" (offers gpu-only on cuda:0 only)") {
+		t.Errorf("spawn of a cuda-only model on cpu = %v, want FAILED_PRECONDITION naming the devices", err)
+	}
 
 	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid})
 	if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {

@@ -184,9 +184,10 @@ func supervise(cfg config, log *zap.Logger, stderr io.Writer) int {
 					zap.Stringer("was", was))
 			case !c.ok && st == rbeev1.WorkerState_WORKER_STATE_STARTING:
 				if c.msg != lastCheck {
+					// Shown with the next regular beat (no extra one): why it is still STARTING.
+					desc.set(st, "loading: "+c.msg)
 					log.Debug("still loading", zap.String("health", c.msg))
 				}
-				lastCheck = c.msg
 			case !c.ok && st == rbeev1.WorkerState_WORKER_STATE_READY:
 				desc.set(rbeev1.WorkerState_WORKER_STATE_UNHEALTHY, c.msg)
 				hb.Beat()

@@ -93,6 +93,12 @@ func (m *Manager) prove(t Target) (p proven, gone bool, err error) {
 	p.startTime = st.StartTime
 
 	env, err := readEnviron(fd, pid)
+	if errors.Is(err, unix.ESRCH) || errors.Is(err, os.ErrNotExist) {
+		// No task behind the PID any more: the process the pidfd holds has exited and been
+		// reaped (a reused PID would have answered). Seen when a SIGKILLed multithreaded worker
+		// whose leader read 'Z' with threads still exiting is reaped by init in between.
+		return proven{}, true, nil
+	}
 	if err != nil {
 		return fail(errf(KindInternal, err, "read /proc/%d/environ", pid))
 	}
