@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
-	"golang.org/x/sys/unix"
 
 	"github.com/rbee-dev/rbee/internal/validate"
 )
@@ -446,7 +445,7 @@ func checkExecutable(path string) error {
 	if !fi.Mode().IsRegular() {
 		return fmt.Errorf("%s is not a regular file", path)
 	}
-	if err := unix.Access(path, unix.X_OK); err != nil {
+	if err := executable(path); err != nil {
 		return fmt.Errorf("%s is not executable: %w", path, err)
 	}
 	return nil
