@@ -86,19 +86,26 @@ func awaitGone(t *testing.T, pid int, within time.Duration) {
 	}
 }
 
-// serverOf returns the PIDs written by fakeserver's --pid-file: the server first, then its children.
-func serverOf(t *testing.T, path string) []int {
+// serverOf returns the server worker-shim shim started: its one child.
+func serverOf(t *testing.T, shim int) int {
 	t.Helper()
-	b, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatalf("fake server's pid file: %v", err)
+	var kids []int
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+2:]))
+		if len(f) > 1 && f[1] == strconv.Itoa(shim) && f[0] != "Z" {
+			n, _ := strconv.Atoi(e.Name())
+			kids = append(kids, n)
+		}
 	}
-	var pids []int
-	for _, f := range strings.Fields(string(b)) {
-		n, _ := strconv.Atoi(f)
-		pids = append(pids, n)
+	if len(kids) != 1 {
+		t.Fatalf("worker-shim %d has children %v, want exactly its server", shim, kids)
 	}
-	return pids
+	return kids[0]
 }
 
 // A catalog model is served by a real server under worker-shim: READY once its health answers
@@ -109,10 +116,9 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 	hid := uniqueID("cat")
 	wid := uniqueID("w")
 	cleanupMarked(t, wid)
-	dir := t.TempDir()
 	models := catalogFile(t, `models:
   tiny:
-    cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "300ms", "--pid-file", "`+dir+`/${WORKER_ID}.pids"]
+    cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "300ms"]
     env: {FAKE_TAG: "${MODEL}@${DEVICE}"}
     concurrency: 4
     grace: 3s
@@ -171,7 +177,7 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 	if !strings.Contains(string(cmdline), "worker-shim") {
 		t.Fatalf("registered PID %d is %q, want the worker-shim", shim, cmdline)
 	}
-	srv := serverOf(t, filepath.Join(dir, wid+".pids"))[0]
+	srv := serverOf(t, shim)
 	st, _ := os.ReadFile("/proc/" + strconv.Itoa(srv) + "/stat")
 	if f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+2:])); f[1] != strconv.Itoa(shim) || f[2] != strconv.Itoa(shim) {
 		t.Fatalf("server %d: parent %s, group %s; want both the shim %d", srv, f[1], f[2], shim)
@@ -272,17 +278,17 @@ func TestShimDeleteForkingStubbornServer(t *testing.T) {
 	hid := uniqueID("fk")
 	wid := uniqueID("w")
 	cleanupMarked(t, wid)
-	dir := t.TempDir()
 	models := catalogFile(t, `models:
   stubborn:
-    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--fork", "2", "--pid-file", "`+dir+`/pids"]
+    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--fork", "2"]
 `)
 	startHive(t, addr, hid, "--models", models)
 	q, _ := dial(t, addr)
-	if _, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "stubborn", WorkerId: wid, WaitReady: true}); err != nil {
+	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "stubborn", WorkerId: wid, WaitReady: true})
+	if err != nil {
 		t.Fatal(err)
 	}
-	pids := serverOf(t, filepath.Join(dir, "pids"))
+	pids := slices.DeleteFunc(markedProcs(wid), func(p int) bool { return p == int(r.GetWorker().GetPid()) })
 	if len(pids) != 3 {
 		t.Fatalf("server and children = %v, want 3 PIDs", pids)
 	}
@@ -306,10 +312,9 @@ func TestShimKilledTakesServer(t *testing.T) {
 	hid := uniqueID("sk")
 	wid := uniqueID("w")
 	cleanupMarked(t, wid)
-	dir := t.TempDir()
 	models := catalogFile(t, `models:
   tiny:
-    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--pid-file", "`+dir+`/pids"]
+    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm"]
 `)
 	h1, hiveAddr := startHive(t, addr, hid, "--models", models)
 	q, _ := dial(t, addr)
@@ -317,7 +322,7 @@ func TestShimKilledTakesServer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := serverOf(t, filepath.Join(dir, "pids"))[0]
+	srv := serverOf(t, int(r.GetWorker().GetPid()))
 	h1.stop(syscall.SIGKILL, 10*time.Second)
 	if !alive(srv) {
 		t.Fatal("the server died with the hive")

@@ -32,13 +32,11 @@ func main() {
 	unhealthyAfter := flag.Duration("unhealthy-after", 0, "once ready, answer /health with 503 after this long (0: never)")
 	ignoreTerm := flag.Bool("ignore-sigterm", false, "survive SIGTERM")
 	fork := flag.Int("fork", 0, "fork this many children that ignore SIGTERM and sleep, the last in a new session")
-	pidFile := flag.String("pid-file", "", "write the server's PID and its children's here, one a line")
 	flipFile := flag.String("flip-file", "", "write the time /health turned 200 here (unix nanoseconds)")
 	flag.Parse()
 
 	sigs := make(chan os.Signal, 2)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	pids := strconv.Itoa(os.Getpid()) + "\n"
 	for i := 0; i < *fork; i++ {
 		c := exec.Command("/proc/self/exe", "child")
 		c.SysProcAttr = &syscall.SysProcAttr{Setsid: i == *fork-1}
@@ -46,11 +44,6 @@ func main() {
 			fmt.Fprintln(os.Stderr, "fakeserver: fork:", err)
 			os.Exit(1)
 		}
-		pids += strconv.Itoa(c.Process.Pid) + "\n"
-	}
-	if *pidFile != "" {
-		os.WriteFile(*pidFile+".tmp", []byte(pids), 0o644)
-		os.Rename(*pidFile+".tmp", *pidFile)
 	}
 	fmt.Printf("fakeserver: loading model on %s:%d\n", *host, *port)
 
