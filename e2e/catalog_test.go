@@ -1,6 +1,8 @@
 package e2e
 
 import (
+	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -17,11 +19,12 @@ import (
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 )
 
-// catalogFile writes a model catalog in which ${SERVER} is the fake inference server's path.
+// catalogFile writes a model catalog in which "${SERVER}" stands for worker-stub imitating an
+// inference server that knows nothing of rbee (--openai: binds --port itself, no heartbeat).
 func catalogFile(t *testing.T, text string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "models.yaml")
-	text = strings.ReplaceAll(text, "${SERVER}", filepath.Join(binDir, "fakeserver"))
+	text = strings.ReplaceAll(text, `"${SERVER}"`, `"`+filepath.Join(binDir, "worker-stub")+`", "--openai", "--model", "${MODEL}"`)
 	if err := os.WriteFile(p, []byte(text), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -221,7 +224,7 @@ func TestCatalogBadFileStopsHive(t *testing.T) {
 	h.mu.Lock()
 	out := h.raw.String()
 	h.mu.Unlock()
-	if !strings.Contains(out, "models.yaml:3: models.tiny.cmd[2]: unknown placeholder ${PROT}") {
+	if !strings.Contains(out, "models.yaml:3: models.tiny.cmd[5]: unknown placeholder ${PROT}") {
 		t.Fatalf("hive said %q; want the line, the field and the placeholder", out)
 	}
 }
@@ -235,7 +238,7 @@ func TestShimLoadTimeout(t *testing.T) {
 	cleanupMarked(t, wid)
 	models := catalogFile(t, `models:
   stuck:
-    cmd: ["${SERVER}", "--port", "${PORT}", "--never-ready", "--ignore-sigterm"]
+    cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "1h", "--ignore-sigterm"]
     load_timeout: 1s
     grace: 300ms
 `)
@@ -280,7 +283,7 @@ func TestShimDeleteForkingStubbornServer(t *testing.T) {
 	cleanupMarked(t, wid)
 	models := catalogFile(t, `models:
   stubborn:
-    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--fork", "2"]
+    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--spawn-children", "2"]
 `)
 	startHive(t, addr, hid, "--models", models)
 	q, _ := dial(t, addr)
@@ -341,8 +344,9 @@ func TestShimKilledTakesServer(t *testing.T) {
 	nothingLeft(t, wid)
 }
 
-// A ready server whose health starts failing is UNHEALTHY with the reason, then stopped once
-// unhealthy_timeout passes, its exit reported like any other.
+// A ready server whose health starts failing (here after it answered one request, as a server
+// that wedges under load) is UNHEALTHY with the reason, then stopped once unhealthy_timeout
+// passes, its exit reported like any other.
 func TestShimUnhealthyThenStopped(t *testing.T) {
 	_, addr := startQueen(t)
 	hid := uniqueID("uh")
@@ -350,7 +354,7 @@ func TestShimUnhealthyThenStopped(t *testing.T) {
 	cleanupMarked(t, wid)
 	models := catalogFile(t, `models:
   flaky:
-    cmd: ["${SERVER}", "--port", "${PORT}", "--unhealthy-after", "300ms"]
+    cmd: ["${SERVER}", "--port", "${PORT}", "--unhealthy-after", "1"]
     unhealthy_timeout: 1s
 `)
 	startHive(t, addr, hid, "--models", models, "--grace", "500ms")
@@ -359,9 +363,16 @@ func TestShimUnhealthyThenStopped(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "flaky", WorkerId: wid, WaitReady: true}); err != nil {
+	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "flaky", WorkerId: wid, WaitReady: true})
+	if err != nil {
 		t.Fatal(err)
 	}
+	body := `{"model":"flaky","prompt":"hi","max_tokens":1}`
+	resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/v1/completions", r.GetWorker().GetPort()), "application/json", strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
 	ev := watchUntil(t, w, "UNHEALTHY", isState(wid, rbeev1.WorkerState_WORKER_STATE_UNHEALTHY))
 	if !strings.Contains(ev.GetWorker().GetStatusMessage(), "503") {
 		t.Errorf("UNHEALTHY with status_message %q, want the failed health answer", ev.GetWorker().GetStatusMessage())

@@ -2,13 +2,12 @@
 // readiness latency (the server's /health turns 200 -> the queen's watch shows READY), spawn to
 // READY through the queen against starting the same server directly and polling it, and the
 // shim's resident memory and idle CPU. It starts its own queen and hive on loopback with a
-// one-model catalog served by a fake inference server, and stops everything it started.
+// one-model catalog served by worker-stub --openai, and stops everything it started.
 //
 //	make build && go run ./bench/shim -bin bin -n 50
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"flag"
@@ -54,13 +53,10 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 		return err
 	}
 	defer os.RemoveAll(dir)
-	server := filepath.Join(dir, "fakeserver")
-	if out, err := exec.Command("go", "build", "-o", server, "./e2e/testdata/fakeserver").CombinedOutput(); err != nil {
-		return fmt.Errorf("build the fake server (run from the repository root): %v\n%s", err, out)
-	}
+	stub := abs(filepath.Join(bin, "worker-stub"))
 	catalog := filepath.Join(dir, "models.yaml")
-	text := fmt.Sprintf("models:\n  bench:\n    cmd: [%q, \"--port\", \"${PORT}\", \"--load-time\", %q, \"--flip-file\", %q]\n",
-		server, load.String(), filepath.Join(dir, "${WORKER_ID}.flip"))
+	text := fmt.Sprintf("models:\n  bench:\n    cmd: [%q, \"--openai\", \"--model\", \"${MODEL}\", \"--port\", \"${PORT}\", \"--load-time\", %q]\n",
+		stub, load.String())
 	if err := os.WriteFile(catalog, []byte(text), 0o644); err != nil {
 		return err
 	}
@@ -101,11 +97,15 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 			return err
 		}
 		t0 := time.Now()
-		if _, err := q.SpawnWorker(ctx, &rbeev1.SpawnWorkerRequest{Model: "bench", WorkerId: id}); err != nil {
+		sp, err := q.SpawnWorker(ctx, &rbeev1.SpawnWorkerRequest{Model: "bench", WorkerId: id})
+		if err != nil {
 			cancel()
 			return fmt.Errorf("spawn: %w", err)
 		}
 		spawnRPC = append(spawnRPC, time.Since(t0))
+		// The moment health turns 200, seen by polling it every millisecond beside the shim.
+		flipped := make(chan time.Time, 1)
+		go func() { flipped <- firstOK(wctx, sp.GetWorker().GetPort(), time.Millisecond) }()
 		var ready time.Time
 		for ready.IsZero() {
 			ev, err := w.Recv()
@@ -117,10 +117,10 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 				ready = time.Now()
 			}
 		}
+		flip := <-flipped
 		cancel()
-		flip, err := readFlip(filepath.Join(dir, id+".flip"))
-		if err != nil {
-			return err
+		if flip.IsZero() {
+			return fmt.Errorf("worker %s READY but its health never answered 200 to the bench", id)
 		}
 		flipToReady = append(flipToReady, ready.Sub(flip))
 		spawnToReady = append(spawnToReady, ready.Sub(t0))
@@ -132,7 +132,7 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 	// The same server started directly and polled every millisecond: the floor rbee is compared to.
 	var direct []time.Duration
 	for i := 0; i < n; i++ {
-		d, err := directStart(server, load)
+		d, err := directStart(stub, load)
 		if err != nil {
 			return err
 		}
@@ -199,38 +199,41 @@ func awaitHive(ctx context.Context, q rbeev1.QueenServiceClient) error {
 }
 
 // directStart starts the server itself and polls its health every millisecond until 200.
-func directStart(server string, load time.Duration) (time.Duration, error) {
+func directStart(stub string, load time.Duration) (time.Duration, error) {
 	port := strings.TrimPrefix(loopback.FreeAddr(), "127.0.0.1:")
 	t0 := time.Now()
-	cmd := exec.Command(server, "--port", port, "--load-time", load.String())
+	cmd := exec.Command(stub, "--openai", "--model", "bench", "--port", port, "--load-time", load.String())
 	if err := cmd.Start(); err != nil {
 		return 0, err
 	}
 	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
-	url := "http://127.0.0.1:" + port + "/health"
-	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil}}
-	for time.Since(t0) < time.Minute {
-		if resp, err := client.Get(url); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return time.Since(t0), nil
-			}
-		}
-		time.Sleep(time.Millisecond)
+	p, _ := strconv.Atoi(port)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	ok := firstOK(ctx, uint32(p), time.Millisecond)
+	if ok.IsZero() {
+		return 0, errors.New("direct server never became healthy")
 	}
-	return 0, errors.New("direct server never became healthy")
+	return ok.Sub(t0), nil
 }
 
-func readFlip(path string) (time.Time, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return time.Time{}, fmt.Errorf("flip time: %w", err)
+// firstOK polls http://127.0.0.1:port/health every interval and returns when it first answered
+// 200 (zero if ctx ends first).
+func firstOK(ctx context.Context, port uint32, interval time.Duration) time.Time {
+	url := "http://127.0.0.1:" + strconv.Itoa(int(port)) + "/health"
+	client := &http.Client{Timeout: time.Second, Transport: &http.Transport{Proxy: nil}}
+	defer client.CloseIdleConnections()
+	for ctx.Err() == nil {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if resp, err := client.Do(req); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return time.Now()
+			}
+		}
+		time.Sleep(interval)
 	}
-	ns, err := strconv.ParseInt(string(bytes.TrimSpace(b)), 10, 64)
-	if err != nil {
-		return time.Time{}, err
-	}
-	return time.Unix(0, ns), nil
+	return time.Time{}
 }
 
 // memory reads /proc/PID/smaps_rollup in MB: Rss, Pss (file-backed pages shared between the
@@ -283,6 +286,14 @@ func startProc(path string, args ...string) (*exec.Cmd, error) {
 		return nil, fmt.Errorf("start %s: %w", path, err)
 	}
 	return cmd, nil
+}
+
+func abs(p string) string {
+	a, err := filepath.Abs(p)
+	if err != nil {
+		return p
+	}
+	return a
 }
 
 func stopProc(cmd *exec.Cmd) {
