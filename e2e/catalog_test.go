@@ -463,3 +463,36 @@ func TestShimQueenRestart(t *testing.T) {
 	}
 	nothingLeft(t, wid)
 }
+
+// With a cluster token, worker-shim beats with the worker's own token, and the server it starts
+// gets neither that token nor the cluster's.
+func TestShimWithClusterToken(t *testing.T) {
+	tf := tokenFile(t)
+	_, addr := startQueen(t, "--token-file", tf)
+	hid := uniqueID("tk")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	models := catalogFile(t, `models:
+  tiny:
+    cmd: ["${SERVER}", "--port", "${PORT}"]
+`)
+	startHive(t, addr, hid, "--token-file", tf, "--models", models)
+	q, _ := dial(t, addr)
+	r, err := q.SpawnWorker(withToken(t, testToken), &rbeev1.SpawnWorkerRequest{Model: "tiny", WorkerId: wid, WaitReady: true})
+	if err != nil {
+		t.Fatalf("SpawnWorker: %v (the shim must beat with its worker token)", err)
+	}
+	shim := int(r.GetWorker().GetPid())
+	senv, _ := os.ReadFile("/proc/" + strconv.Itoa(shim) + "/environ")
+	if !strings.Contains(string(senv), "RBEE_WORKER_TOKEN=") {
+		t.Fatal("the shim was not handed its worker token")
+	}
+	env, _ := os.ReadFile("/proc/" + strconv.Itoa(serverOf(t, shim)) + "/environ")
+	if strings.Contains(string(env), "RBEE_WORKER_TOKEN=") || strings.Contains(string(env), testToken) {
+		t.Fatal("the server inherited a token")
+	}
+	if _, err := q.DeleteWorker(withToken(t, testToken), &rbeev1.DeleteWorkerRequest{WorkerId: wid}); err != nil {
+		t.Fatal(err)
+	}
+	nothingLeft(t, wid)
+}
