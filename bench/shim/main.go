@@ -9,6 +9,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -87,7 +88,7 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 	}
 
 	// Readiness latency and spawn-to-READY, one worker at a time.
-	var flipToReady, spawnToReady, spawnRPC []time.Duration
+	var flipToReady, spawnToReady, spawnRPC, toExec []time.Duration
 	for i := 0; i < n; i++ {
 		id := fmt.Sprintf("b%d", i)
 		wctx, cancel := context.WithTimeout(ctx, time.Minute)
@@ -124,6 +125,11 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 		}
 		flipToReady = append(flipToReady, ready.Sub(flip))
 		spawnToReady = append(spawnToReady, ready.Sub(t0))
+		started, err := serverStarted(filepath.Join(dir, "logs", id+".log"))
+		if err != nil {
+			return err
+		}
+		toExec = append(toExec, started.Sub(t0))
 		if _, err := q.DeleteWorker(ctx, &rbeev1.DeleteWorkerRequest{WorkerId: id}); err != nil {
 			return fmt.Errorf("delete: %w", err)
 		}
@@ -144,6 +150,7 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 	report("SpawnWorker -> READY in the watch (rbee)", spawnToReady)
 	report("exec -> first 200 polling every 1ms (direct)", direct)
 	report("  of rbee's: SpawnWorker answered (shim forked)", spawnRPC)
+	report("  of rbee's: SpawnWorker -> shim starts the server", toExec)
 	fmt.Printf("  overhead of rbee over direct, p50: %.1f ms\n", ms(pct(spawnToReady, 50)-pct(direct, 50)))
 
 	// Memory and idle CPU of the shims of idle READY workers.
@@ -234,6 +241,24 @@ func firstOK(ctx context.Context, port uint32, interval time.Duration) time.Time
 		time.Sleep(interval)
 	}
 	return time.Time{}
+}
+
+// serverStarted is when worker-shim started the server, from its log line in the worker's log.
+func serverStarted(path string) (time.Time, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return time.Time{}, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		var m struct {
+			Time   time.Time `json:"time"`
+			Action string    `json:"action"`
+		}
+		if json.Unmarshal([]byte(line), &m) == nil && m.Action == "worker_server_started" {
+			return m.Time, nil
+		}
+	}
+	return time.Time{}, fmt.Errorf("%s: no worker_server_started line", path)
 }
 
 // memory reads /proc/PID/smaps_rollup in MB: Rss, Pss (file-backed pages shared between the
