@@ -100,9 +100,13 @@ func supervise(cfg config, log *zap.Logger, stderr io.Writer) int {
 		return 1
 	}
 	host := os.Getenv(envWorkerHost)
+	address := host // where other machines reach the server; an unspecified host says nothing
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		address = ""
+	}
 	desc := &descriptor{base: &rbeev1.Worker{
 		WorkerId: cfg.workerID, HiveId: cfg.hiveID, Model: cfg.model, Device: cfg.device, Pid: int32(pid),
-		Port: uint32(cfg.port), ProcessStartTime: startTime, Address: host, Concurrency: uint32(cfg.concurrency),
+		Port: uint32(cfg.port), ProcessStartTime: startTime, Address: address, Concurrency: uint32(cfg.concurrency),
 	}, state: rbeev1.WorkerState_WORKER_STATE_STARTING}
 
 	srv := exec.Command(cfg.cmd[0], cfg.cmd[1:]...)

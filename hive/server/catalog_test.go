@@ -35,7 +35,7 @@ func TestSpawnCatalogModel(t *testing.T) {
 	}
 	f := &fakeProcs{}
 	h := New(Config{HiveID: "h", Queen: "127.0.0.1:7833", Grace: 2 * time.Second, Catalog: c, Shim: "/opt/rbee/worker-shim",
-		WorkerEnv: []string{"RBEE_WORKER_HOST=10.0.0.5"}}, f)
+		WorkerHost: "10.0.0.5"}, f)
 	if _, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w1", Model: "llama", Device: "cuda:1"}); err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +49,7 @@ func TestSpawnCatalogModel(t *testing.T) {
 	if !slices.Equal(args, want) {
 		t.Fatalf("args %q\nwant %q", args, want)
 	}
-	for _, kv := range []string{"CUDA_VISIBLE_DEVICES=1", "TAG=w1", "RBEE_WORKER_HOST=10.0.0.5"} {
+	for _, kv := range []string{"CUDA_VISIBLE_DEVICES=1", "TAG=w1"} {
 		if !slices.Contains(env, kv) {
 			t.Errorf("env %q lacks %s", env, kv)
 		}
