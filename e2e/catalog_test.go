@@ -121,7 +121,7 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 	cleanupMarked(t, wid)
 	models := catalogFile(t, `models:
   tiny:
-    cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "300ms"]
+    cmd: ["${SERVER}", "--port", "${PORT}", "--host", "${HOST}", "--load-time", "300ms"]
     env: {FAKE_TAG: "${MODEL}@${DEVICE}"}
     concurrency: 4
     grace: 3s
@@ -129,7 +129,9 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
     cmd: ["${SERVER}", "--port", "${PORT}"]
     devices: ["cuda:0"]
 `)
-	_, hiveAddr := startHive(t, addr, hid, "--models", models)
+	// A host other than the default: the server binds it (${HOST}), the shim polls it there
+	// and reports it as the worker's address.
+	_, hiveAddr := startHive(t, addr, hid, "--models", models, "--worker-host", "127.0.0.2")
 	q, _ := dial(t, addr)
 
 	// The hive itself refuses what its catalog does not allow, whoever asks.
@@ -169,8 +171,8 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 		t.Fatal(err)
 	}
 	w := r.GetWorker()
-	if w.GetState() != rbeev1.WorkerState_WORKER_STATE_READY || w.GetConcurrency() != 4 {
-		t.Fatalf("worker = %v, want READY with concurrency 4", w)
+	if w.GetState() != rbeev1.WorkerState_WORKER_STATE_READY || w.GetConcurrency() != 4 || w.GetAddress() != "127.0.0.2" {
+		t.Fatalf("worker = %v, want READY with concurrency 4 at 127.0.0.2", w)
 	}
 	if took := time.Since(t0); took < 300*time.Millisecond {
 		t.Errorf("READY after %v, before the server's health answered 200", took)
