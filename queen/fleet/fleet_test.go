@@ -314,3 +314,31 @@ func TestSpawnUnofferedModel(t *testing.T) {
 		t.Fatalf("the hive was asked %d times, want once (for the offered model only)", n)
 	}
 }
+
+// A Delete that names no grace period takes the catalog's grace for the worker's model, as its
+// hive reported it; one that names a grace keeps it.
+func TestDeleteTakesTheCatalogGrace(t *testing.T) {
+	f, fh, reg := newFleet(t)
+	if _, err := reg.HiveBeat(registry.Hive{ID: "h1", FreePorts: 10, Models: []registry.ModelOffer{{Name: "llama-8b", Grace: 9 * time.Second}}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"a", "b"} {
+		if _, err := f.Spawn(t.Context(), SpawnSpec{Model: "llama-8b", WorkerID: id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := f.Delete(t.Context(), "a", -1); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.Delete(t.Context(), "b", time.Second); err != nil {
+		t.Fatal(err)
+	}
+	fh.mu.Lock()
+	defer fh.mu.Unlock()
+	if g := fh.deletes[0].GetGracePeriod().AsDuration(); g != 9*time.Second {
+		t.Errorf("Delete without a grace sent %v, want the catalog's 9s", g)
+	}
+	if g := fh.deletes[1].GetGracePeriod().AsDuration(); g != time.Second {
+		t.Errorf("Delete with grace 1s sent %v", g)
+	}
+}
