@@ -498,3 +498,27 @@ func TestShimWithClusterToken(t *testing.T) {
 	}
 	nothingLeft(t, wid)
 }
+
+// A model whose catalog allows a long load is waited for past the queen's --start-timeout: its
+// load_timeout is the bound, not the queen's default.
+func TestCatalogLoadOutlastsStartTimeout(t *testing.T) {
+	_, addr := startQueen(t, "--start-timeout", "1s")
+	hid := uniqueID("lo")
+	wid := uniqueID("w")
+	cleanupMarked(t, wid)
+	models := catalogFile(t, `models:
+  slow:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "2500ms"]
+    load_timeout: 1m
+`)
+	startHive(t, addr, hid, "--models", models)
+	q, _ := dial(t, addr)
+	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "slow", WorkerId: wid, WaitReady: true})
+	if err != nil || r.GetWorker().GetState() != rbeev1.WorkerState_WORKER_STATE_READY {
+		t.Fatalf("SpawnWorker of a model loading 2.5s with --start-timeout 1s = %v, %v; want READY", r, err)
+	}
+	if _, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid}); err != nil {
+		t.Fatal(err)
+	}
+	nothingLeft(t, wid)
+}
