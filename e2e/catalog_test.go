@@ -311,7 +311,8 @@ func TestShimDeleteForkingStubbornServer(t *testing.T) {
 
 // SIGKILL of the shim takes the server with it through Pdeathsig alone: the hive is killed
 // first, so nothing else (its reaper's group or cgroup kill) can be what stops the server. A new
-// hive then deletes the worker as already gone.
+// hive then deletes the worker as already gone, and kills what the server had forked (left in
+// the worker's cgroup, where there are cgroups).
 func TestShimKilledTakesServer(t *testing.T) {
 	_, addr := startQueen(t)
 	hid := uniqueID("sk")
@@ -319,9 +320,12 @@ func TestShimKilledTakesServer(t *testing.T) {
 	cleanupMarked(t, wid)
 	models := catalogFile(t, `models:
   tiny:
-    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm"]
+    cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--spawn-children", "2"]
 `)
 	h1, hiveAddr := startHive(t, addr, hid, "--models", models)
+	cgroups := h1.awaitAction("hive_start") != nil && h1.await("process manager", func(m map[string]any) bool {
+		return m["msg"] == "process manager ready"
+	})["cgroups"] == true
 	q, _ := dial(t, addr)
 	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "tiny", WorkerId: wid, WaitReady: true})
 	if err != nil {
@@ -342,6 +346,10 @@ func TestShimKilledTakesServer(t *testing.T) {
 	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid})
 	if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_ALREADY_EXITED {
 		t.Fatalf("DeleteWorker of the killed shim = %v, %v; want ALREADY_EXITED", d, err)
+	}
+	if !cgroups {
+		t.Log("no writable cgroup v2 here: the server's children outlive it (see the README's limits)")
+		return
 	}
 	nothingLeft(t, wid)
 }

@@ -239,6 +239,37 @@ func (r cgroupRoot) liveCgroups(hiveID string) int {
 	return n
 }
 
+// orphaned returns worker id's cgroups of hive hiveID that still hold processes although the
+// worker's own process is gone: what its server forked, left behind when the worker was killed
+// with no hive alive to reap it and kill its cgroup. A cgroup holding a process with the hive's
+// worker mark (LISTEN_PID naming itself, or the trampoline's marker before the exec) is a live
+// worker of that id and never returned; a process whose environment cannot be read counts as
+// such a mark, so a doubt never kills.
+func (r cgroupRoot) orphaned(hiveID, workerID string) []string {
+	dirs, _ := filepath.Glob(filepath.Join(r.mount, r.own, hiveCgroupPrefix+hiveID, workerCgroupName(workerID)+"*"))
+	var out []string
+	for _, d := range dirs {
+		b, err := os.ReadFile(filepath.Join(d, "cgroup.procs"))
+		if err != nil || len(bytes.TrimSpace(b)) == 0 {
+			continue
+		}
+		live := false
+		for _, pid := range strings.Fields(string(b)) {
+			env, err := os.ReadFile("/proc/" + pid + "/environ")
+			switch {
+			case errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH):
+				// exited meanwhile: no mark
+			case err != nil || len(env) == 0 || hasEnv(env, envListenPID+"="+pid) || hasEnvKey(env, envTrampoline):
+				live = true
+			}
+		}
+		if !live {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
 func ceilMillis(d time.Duration) int {
 	if d <= 0 {
 		return 0

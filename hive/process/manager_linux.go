@@ -580,6 +580,9 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 				return OutcomeUnknown, errf(KindStuck, nil, "pid %d exited but was not reaped within %v", t.PID, killWait)
 			}
 		}
+		if c == nil && m.useCg {
+			m.killOrphaned(ctx, t.WorkerID)
+		}
 		narrate.Event(ctx, "hive", "worker_delete_already_exited", "worker already gone", fields...)
 		return AlreadyExited, nil
 	}
@@ -632,6 +635,24 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 		narrate.Event(ctx, "hive", "worker_delete_forced", "Worker killed with SIGKILL", append(fields, zap.Stringer("outcome", out))...)
 	}
 	return out, nil
+}
+
+// killOrphaned kills and removes what a worker that died unreaped left in its cgroups (see
+// cgroupRoot.orphaned): a Delete of a gone worker then still leaves nothing behind.
+func (m *Manager) killOrphaned(ctx context.Context, workerID string) {
+	for _, dir := range m.cg.orphaned(cmp.Or(m.cfg.HiveID, "hive"), workerID) {
+		narrate.Warn(ctx, "hive", "worker_delete_orphans", "the worker is gone but left processes in its cgroup; killing them",
+			zap.String("worker_id", workerID), zap.String("cgroup", dir))
+		if err := cgroupKill(dir); err != nil {
+			m.log.Warn("cgroup.kill", zap.String("cgroup", dir), zap.Error(err))
+			continue
+		}
+		if err := waitCgroupEmpty(dir, killWait); err != nil {
+			m.log.Warn("orphaned worker cgroup not emptied", zap.String("cgroup", dir), zap.Error(err))
+			continue
+		}
+		removeCgroup(dir)
+	}
 }
 
 // claimChild returns this Manager's record of child pid, if it has one with that start time, and
