@@ -125,7 +125,11 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 		}
 		flipToReady = append(flipToReady, ready.Sub(flip))
 		spawnToReady = append(spawnToReady, ready.Sub(t0))
-		started, err := serverStarted(filepath.Join(dir, "logs", id+".log"))
+		logs, _ := filepath.Glob(filepath.Join(dir, "logs", "rbee-worker-"+id+".*.log"))
+		if len(logs) != 1 {
+			return fmt.Errorf("worker %s: log files %q, want one", id, logs)
+		}
+		started, err := serverStarted(logs[0])
 		if err != nil {
 			return err
 		}

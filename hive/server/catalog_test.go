@@ -49,10 +49,9 @@ func TestSpawnCatalogModel(t *testing.T) {
 	if !slices.Equal(args, want) {
 		t.Fatalf("args %q\nwant %q", args, want)
 	}
-	for _, kv := range []string{"CUDA_VISIBLE_DEVICES=1", "TAG=w1"} {
-		if !slices.Contains(env, kv) {
-			t.Errorf("env %q lacks %s", env, kv)
-		}
+	// The device's variable comes with every worker's environment, the catalog's env after it.
+	if !slices.Contains(s.Env, "CUDA_VISIBLE_DEVICES=1") || !slices.Equal(env, []string{"TAG=w1"}) {
+		t.Errorf("worker env %q and catalog env %q: want CUDA_VISIBLE_DEVICES=1, then TAG=w1", s.Env, env)
 	}
 
 	for _, tc := range []struct{ model, device, want string }{
