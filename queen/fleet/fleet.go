@@ -389,7 +389,15 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Del
 	if err != nil {
 		f.metrics.deleted("error", t0)
 		narrate.Warn(ctx, "queen", "worker_delete_failed", "Hive did not delete the worker", zap.Error(err))
-		return Deleted{}, hiveError(hive.ID, hive.Address, "delete", err)
+		herr := hiveError(hive.ID, hive.Address, "delete", err)
+		if herr.Kind == KindUnavailable || herr.Kind == KindCanceled {
+			// The request may still sit in the connection, held up by the network; reset the
+			// connection so that it never arrives once the operator has been told it failed.
+			if d, ok := f.cfg.Hives.(hiveDropper); ok {
+				d.Drop(hive.Address)
+			}
+		}
+		return Deleted{}, herr
 	}
 	f.metrics.deleted(strings.ToLower(strings.TrimPrefix(resp.GetOutcome().String(), "DELETE_OUTCOME_")), t0)
 	if last, ok := f.reg.Remove(id, errors.New("deleted")); ok {

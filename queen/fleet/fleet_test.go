@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"go.uber.org/goleak"
@@ -341,4 +342,80 @@ func TestDeleteTakesTheCatalogGrace(t *testing.T) {
 	if g := fh.deletes[1].GetGracePeriod().AsDuration(); g != time.Second {
 		t.Errorf("Delete with grace 1s sent %v", g)
 	}
+}
+
+// unreachableHive fails every Delete as a hive cut off by the network does (deadline exceeded),
+// and records the connections the fleet abandons.
+type unreachableHive struct {
+	fakeHive
+	dropped []string
+}
+
+func (u *unreachableHive) Hive(string) (rbeev1.HiveServiceClient, error) { return u, nil }
+
+func (u *unreachableHive) Delete(_ context.Context, in *rbeev1.DeleteRequest, _ ...grpc.CallOption) (*rbeev1.DeleteResponse, error) {
+	u.fakeHive.mu.Lock()
+	defer u.fakeHive.mu.Unlock()
+	u.deletes = append(u.deletes, in)
+	return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
+}
+
+func (u *unreachableHive) Drop(address string) {
+	u.fakeHive.mu.Lock()
+	defer u.fakeHive.mu.Unlock()
+	u.dropped = append(u.dropped, address)
+}
+
+// fleetWithHive returns a fleet over a registry (running in the caller's synctest bubble) that
+// knows self-registered hive h2 and its READY worker w1.
+func fleetWithHive(t *testing.T, hives HiveDialer) (*Fleet, *registry.Registry) {
+	t.Helper()
+	reg := registry.New(registry.Config{Interval: time.Second, StaleAfter: 3 * time.Second, ExpireAfter: time.Hour, StartTimeout: time.Minute})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); reg.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	if _, err := reg.HiveBeat(registry.Hive{ID: "h2", Address: "10.0.0.2:7835"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := reg.Beat(registry.Worker{ID: "w1", HiveID: "h2", Model: "m", Device: "cpu", PID: 42, Port: 9100, State: registry.StateReady}); err != nil {
+		t.Fatal(err)
+	}
+	return New(Config{Registry: reg, Hives: hives, StartTimeout: time.Minute}), reg
+}
+
+// A Delete for a worker whose hive stopped beating is refused at once, UNAVAILABLE, and nothing is
+// sent: a request sent into a partition could arrive, and act, after the operator was told it failed.
+func TestDeleteRefusedWhileHiveStale(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		fh := &fakeHive{}
+		f, _ := fleetWithHive(t, fh)
+		time.Sleep(4 * time.Second) // no beats: h2 and w1 turn STALE
+		synctest.Wait()
+		_, err := f.Delete(t.Context(), "w1", time.Second)
+		var fe *Error
+		if !errors.As(err, &fe) || fe.Kind != KindUnavailable || fe.Unreachable == nil || !strings.Contains(fe.Msg, "STALE") || !strings.Contains(fe.Msg, "nothing was sent") {
+			t.Fatalf("Delete through a STALE hive = %v, want UNAVAILABLE saying the hive is STALE and nothing was signalled", err)
+		}
+		if n := fh.deleted(); n != 0 {
+			t.Errorf("%d Delete calls reached the STALE hive", n)
+		}
+	})
+}
+
+// A Delete the hive never answered abandons the connection, so that the request, if it is held up
+// in the network, is reset with it rather than delivered when the link returns.
+func TestDeleteUnansweredDropsTheConnection(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		uh := &unreachableHive{}
+		f, _ := fleetWithHive(t, uh)
+		_, err := f.Delete(t.Context(), "w1", time.Second)
+		var fe *Error
+		if !errors.As(err, &fe) || fe.Kind != KindUnavailable {
+			t.Fatalf("Delete through an unreachable hive = %v, want UNAVAILABLE", err)
+		}
+		if uh.deleted() != 1 || len(uh.dropped) != 1 || uh.dropped[0] != "10.0.0.2:7835" {
+			t.Errorf("calls %d, dropped %v; want one call and the connection to 10.0.0.2:7835 dropped", uh.deleted(), uh.dropped)
+		}
+	})
 }

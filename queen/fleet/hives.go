@@ -1,7 +1,9 @@
 package fleet
 
 import (
+	"context"
 	"fmt"
+	"net"
 	"sync"
 
 	"google.golang.org/grpc"
@@ -32,7 +34,41 @@ func NewHivePool(opts ...grpc.DialOption) *HivePool {
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithChainUnaryInterceptor(jobid.UnaryClientInterceptor()),
 	}
+	base = append(base, grpc.WithContextDialer(dialAbortable))
 	return &HivePool{opts: append(append(base, rpcclient.Options()...), opts...), conns: map[string]*grpc.ClientConn{}}
+}
+
+// dialAbortable dials a hive with SO_LINGER 0, so that closing the connection (Drop) resets it and
+// discards what the kernel still holds unsent. Without that, a call the queen has given up on
+// while the network was cut (a Delete the operator was told failed) would stay queued in the
+// socket and reach the hive when the link returns, and be carried out with a fresh deadline.
+func dialAbortable(ctx context.Context, address string) (net.Conn, error) {
+	c, err := (&net.Dialer{}).DialContext(ctx, "tcp", address)
+	if err != nil {
+		return nil, err
+	}
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetLinger(0)
+	}
+	return c, nil
+}
+
+// hiveDropper is a HiveDialer that can abandon its connection to an address (HivePool).
+type hiveDropper interface {
+	Drop(address string)
+}
+
+// Drop closes the connection to address, resetting it (see dialAbortable), so that no request
+// sent on it and still held up in the network is delivered later; calls in flight on it fail.
+// The next Hive call for the address dials afresh.
+func (p *HivePool) Drop(address string) {
+	p.mu.Lock()
+	c, ok := p.conns[address]
+	delete(p.conns, address)
+	p.mu.Unlock()
+	if ok {
+		_ = c.Close()
+	}
 }
 
 // Hive returns the client for address.
