@@ -225,7 +225,7 @@ func workersOf(hiveID string) []int {
 		}
 		args := strings.Split(string(b), "\x00")
 		for i := 0; i+1 < len(args); i++ {
-			if args[i] == "--hive-id" && args[i+1] == hiveID && strings.HasSuffix(args[0], "worker-stub") {
+			if args[i] == "--hive-id" && args[i+1] == hiveID && (strings.HasSuffix(args[0], "worker-stub") || strings.HasSuffix(args[0], "worker-shim")) {
 				if st, err := os.ReadFile("/proc/" + e.Name() + "/stat"); err == nil && !bytes.Contains(st, []byte(") Z ")) {
 					pids = append(pids, pid)
 				}

@@ -128,7 +128,7 @@ func TestRunScriptNeverOutlivesItsTerminal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, how := range []string{"terminal closed", "ctrl-c through tee", "script killed"} {
+	for _, how := range []string{"terminal closed", "ctrl-c through tee", "script killed", "group terminated"} {
 		t.Run(strings.ReplaceAll(how, " ", "_"), func(t *testing.T) {
 			queen, hive, hid := freeAddr(t), freeAddr(t), uniqueID("run")
 			cleanupWorkers(t, hid)
@@ -156,6 +156,19 @@ func TestRunScriptNeverOutlivesItsTerminal(t *testing.T) {
 				out = collect(r)
 				defer w.Close()
 				hangUp = func() { _ = cmd.Process.Kill() }
+			} else if how == "group terminated" {
+				// `timeout make run > run.log`: SIGTERM to the whole process group, the log relay
+				// included, with the output going to a file.
+				cmd = exec.Command("bash", script)
+				cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+				logf, err := os.Create(filepath.Join(t.TempDir(), "run.log"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer logf.Close()
+				cmd.Stdout, cmd.Stderr = logf, logf
+				out = tail(t, logf.Name())
+				hangUp = func() { _ = unix.Kill(-cmd.Process.Pid, unix.SIGTERM) }
 			} else {
 				cmd = exec.Command("bash", "-c", `"$0" 2>&1 | tee "$1"`, script, filepath.Join(t.TempDir(), "run.log"))
 				cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
@@ -183,7 +196,7 @@ func TestRunScriptNeverOutlivesItsTerminal(t *testing.T) {
 			})
 			out.await(t, "hive_registered", 30*time.Second)
 
-			if b, err := exec.Command(rbee, "--queen", queen, "worker", "spawn", "--model", "m", "--id", "dev1", "--wait").CombinedOutput(); err != nil {
+			if b, err := exec.Command(rbee, "--queen", queen, "worker", "spawn", "--model", "demo-chat", "--id", "dev1", "--wait").CombinedOutput(); err != nil {
 				t.Fatalf("rbee worker spawn: %v\n%s", err, b)
 			}
 			workers := workersOf(hid)
@@ -225,6 +238,39 @@ func TestRunScriptNeverOutlivesItsTerminal(t *testing.T) {
 			}
 		})
 	}
+}
+
+// tail follows a file that another process writes, as collect follows a pipe.
+func tail(t *testing.T, name string) *output {
+	f, err := os.Open(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	t.Cleanup(func() { close(done); f.Close() })
+	pr, pw := io.Pipe()
+	go func() {
+		defer pw.Close()
+		b := make([]byte, 32<<10)
+		for {
+			n, err := f.Read(b)
+			if n > 0 {
+				if _, werr := pw.Write(b[:n]); werr != nil {
+					return
+				}
+			}
+			if err == io.EOF {
+				select {
+				case <-done:
+					return
+				case <-time.After(20 * time.Millisecond): // a regular file has no readiness to wait on
+				}
+			} else if err != nil {
+				return
+			}
+		}
+	}()
+	return collect(pr)
 }
 
 func cmdline(pid int) string {

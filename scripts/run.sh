@@ -10,15 +10,39 @@ HIVE_ID=${HIVE_ID:-local}
 STATE=${STATE:-.state}
 mkdir -p "$STATE/logs"
 
+# The hive's demo catalog: one stand-in model, served by worker-stub in its OpenAI mode under the
+# per-worker supervisor, so that the first curl after `make run` gets tokens. A real catalog names
+# llama-server or vLLM here instead (README: "Real inference servers").
+# CATALOG=path/to/models.yaml runs the hive with that catalog instead.
+if [ -z "${CATALOG:-}" ]; then
+  CATALOG=$STATE/models.yaml
+  stub=$(cd "$(dirname "$BIN/worker-stub")" && pwd)/worker-stub
+  cat >"$STATE/models.yaml" <<YAML
+# Written by scripts/run.sh at every make run.
+models:
+  demo-chat:
+    cmd: ["$stub", "--openai", "--model", "\${MODEL}", "--port", "\${PORT}",
+          "--load-time", "500ms", "--tokens-per-second", "40", "--max-tokens", "24"]
+    health: /health
+    load_timeout: 30s
+    grace: 5s
+    concurrency: 4
+    ttl: 10m
+YAML
+fi
+
 # A reader that goes away (`make run 2>&1 | tee run.log` and Ctrl-C, which kills tee too) must not
 # kill this script half way through its clean-up, nor the queen it needs for it: the script ignores
 # SIGPIPE, and when stderr is not a terminal the queen's and the hive's logs go through a relay that
-# ignores it too and, once its reader is gone, drains them to nowhere. (On a terminal they write to
-# it directly, in colour; a closed terminal gives them write errors, not signals.)
+# ignores it (and INT, HUP and TERM: `timeout make run` signals the whole process group, and a dead
+# relay would kill the queen at its next log line, before it deletes the workers) and, once its
+# reader is gone, drains them to nowhere; it ends when the queen and the hive close their end. (On a
+# terminal they write to it directly, in colour; a closed terminal gives them write errors, not
+# signals.)
 trap '' PIPE
 exec 3>&2
 if [ ! -t 2 ]; then
-  exec 3> >(trap '' INT HUP PIPE; cat >&2; exec cat >/dev/null)
+  exec 3> >(trap '' INT HUP PIPE TERM; cat >&2; exec cat >/dev/null)
 fi
 
 # Their own session keeps the terminal's Ctrl-C and hang-up away from them, so that the queen is
@@ -30,7 +54,7 @@ if command -v setpriv >/dev/null 2>&1; then
 fi
 setsid "${pdeath[@]}" "$BIN/queen" --listen "$QUEEN" --hive "$HIVE_ID=$HIVE" 2>&3 &
 queen=$!
-setsid "${pdeath[@]}" "$BIN/hive" --hive-id "$HIVE_ID" --listen "$HIVE" --queen "$QUEEN" --log-dir "$STATE/logs" 2>&3 &
+setsid "${pdeath[@]}" "$BIN/hive" --hive-id "$HIVE_ID" --listen "$HIVE" --queen "$QUEEN" --log-dir "$STATE/logs" --models "$CATALOG" 2>&3 &
 hive=$!
 
 stop() {
@@ -52,7 +76,7 @@ stop() {
 }
 trap stop INT TERM HUP
 
-echo "queen on $QUEEN, hive '$HIVE_ID' on $HIVE; worker logs in $STATE/logs. Ctrl-C stops both." >&2
+echo "queen on $QUEEN, hive '$HIVE_ID' on $HIVE serving the models in $CATALOG; worker logs in $STATE/logs. Ctrl-C stops both." >&2
 # If either dies on its own, stop the other too.
 wait -n "$queen" "$hive"
 echo "the queen or the hive exited on its own (see its log above); stopping" >&2
