@@ -593,19 +593,31 @@ func TestNames(t *testing.T) {
 }
 
 // A smoke test for the race detector: every entry point at once, on the real clock.
+// TestConcurrentUse runs every operation at once (under -race) and then checks what users rely on
+// after such a storm: List is sorted without duplicates and agrees with Get, Len and the hives'
+// worker counts; a watcher that followed it all (resets included) ends with exactly the
+// registry's workers, its revisions never going backwards; a wait for BUSY only ever returns a
+// BUSY worker; and the clock stops when asked.
 func TestConcurrentUse(t *testing.T) {
 	r := New(Config{Interval: time.Millisecond, ExpireAfter: 20 * time.Millisecond, StartTimeout: 10 * time.Millisecond, WatchBuffer: 8})
 	ctx, cancel := context.WithCancel(t.Context())
-	var wg sync.WaitGroup
-	wg.Go(func() { r.Run(ctx) })
+	runDone := make(chan struct{})
+	go func() { defer close(runDone); r.Run(ctx) }()
 	ids := []string{"a", "b", "c", "d", "e", "f"}
+	hives := []string{"h", "h2"}
+
+	// Watchers of all hives and of one hive follow everything from the start.
+	all, onlyH := r.Watch(""), r.Watch("h")
+	views := []*watchView{newWatchView(all), newWatchView(onlyH)}
+	var storm, others sync.WaitGroup
+	quiet := make(chan struct{}) // closed once the storm is over
 	for g := range 4 {
-		wg.Go(func() {
+		storm.Go(func() {
 			for i := range 2000 {
-				id := ids[(i+g)%len(ids)]
+				id, hive := ids[(i+g)%len(ids)], hives[(i/7+g)%len(hives)]
 				switch i % 7 {
 				case 0:
-					_ = r.Reserve(Worker{ID: id, HiveID: "h"})
+					_ = r.Reserve(Worker{ID: id, HiveID: hive})
 				case 1:
 					_, _ = r.Started(id, 1, 2, 3, "")
 				case 2:
@@ -613,37 +625,132 @@ func TestConcurrentUse(t *testing.T) {
 				case 3:
 					r.Remove(id, nil)
 				case 4:
-					_, _ = r.HiveBeat(Hive{ID: "h", Devices: []string{"cpu"}})
+					_, _ = r.HiveBeat(Hive{ID: hive, Devices: []string{"cpu"}})
 					_, _ = r.PickHive(Need{})
 				default:
-					_, _ = r.Beat(Worker{ID: id, HiveID: "h", State: State(1 + i%4)})
-					_ = r.List("h")
+					_, _ = r.Beat(Worker{ID: id, HiveID: hive, State: State(1 + i%4)})
+					_ = r.List(hive)
 				}
 			}
 		})
 	}
-	wg.Go(func() {
+	// Short-lived watchers come and go meanwhile.
+	others.Go(func() {
 		for range 20 {
 			wt := r.Watch("")
 			for range 50 {
 				select {
 				case <-wt.Events():
-				case <-ctx.Done():
+				case <-quiet:
 				}
 			}
 			wt.Close()
 		}
 	})
-	wg.Go(func() {
+	others.Go(func() {
 		for range 200 {
 			actx, acancel := context.WithTimeout(ctx, time.Millisecond)
-			_, _ = r.Await(actx, "a", func(w Worker) bool { return w.State == StateBusy })
+			w, err := r.Await(actx, "a", func(w Worker) bool { return w.State == StateBusy })
 			acancel()
+			if err == nil && w.State != StateBusy {
+				t.Errorf("Await returned %v without error, want BUSY", w.State)
+			}
 		}
 	})
-	time.Sleep(50 * time.Millisecond)
+	storm.Wait()
+	close(quiet)
+	others.Wait()
 	cancel()
-	wg.Wait()
+	select {
+	case <-runDone:
+	case <-time.After(10 * time.Second):
+		t.Fatal("Run did not return after its context ended")
+	}
+
+	// The registry is quiet now: check it against itself and against the watchers.
+	list := r.List("")
+	if len(list) != r.Len() {
+		t.Errorf("List has %d workers, Len says %d", len(list), r.Len())
+	}
+	perHive := map[string]int{}
+	for i, w := range list {
+		if i > 0 && list[i-1].ID >= w.ID {
+			t.Errorf("List not sorted or duplicated at %d: %q then %q", i, list[i-1].ID, w.ID)
+		}
+		if g, ok := r.Get(w.ID); !ok || g != w {
+			t.Errorf("Get(%q) = %+v, %v; List has %+v", w.ID, g, ok, w)
+		}
+		perHive[w.HiveID]++
+	}
+	for _, h := range r.ListHives() {
+		if h.Workers != perHive[h.ID] || len(r.List(h.ID)) != perHive[h.ID] {
+			t.Errorf("hive %s counts %d workers, List(%q) has %d, want %d", h.ID, h.Workers, h.ID, len(r.List(h.ID)), perHive[h.ID])
+		}
+	}
+	rev := r.Revision()
+	for i, v := range views {
+		hive := []string{"", "h"}[i]
+		got := v.until(t, rev)
+		want := map[string]Worker{}
+		for _, w := range r.List(hive) {
+			want[w.ID] = w
+		}
+		if len(got) != len(want) {
+			t.Errorf("watcher of %q ends with %d workers, the registry has %d", hive, len(got), len(want))
+		}
+		for id, w := range want {
+			// Beats that only move LastHeartbeat are not events, by design.
+			if g, ok := got[id]; !ok || !sameButBeat(g, w) {
+				t.Errorf("watcher of %q has %s = %+v (%v), the registry %+v", hive, id, g, ok, w)
+			}
+		}
+	}
+	all.Close()
+	onlyH.Close()
+}
+
+// watchView applies a watcher's events to a map of workers, as a client of WatchWorkers does.
+type watchView struct {
+	wt      *Watcher
+	workers map[string]Worker
+	rev     uint64
+	synced  bool
+}
+
+func newWatchView(wt *Watcher) *watchView {
+	return &watchView{wt: wt, workers: map[string]Worker{}}
+}
+
+// until applies events until the view is synced at revision rev or later; it fails the test on a
+// revision going backwards, and if rev is not reached within 10 s.
+func (v *watchView) until(t *testing.T, rev uint64) map[string]Worker {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for !v.synced || v.rev < rev {
+		var e Event
+		select {
+		case e = <-v.wt.Events():
+		case <-timeout:
+			t.Fatalf("watcher at revision %d (synced %v), registry at %d after 10s", v.rev, v.synced, rev)
+		}
+		if e.Type != EventReset && e.Revision < v.rev {
+			t.Fatalf("%v event at revision %d after revision %d", e.Type, e.Revision, v.rev)
+		}
+		switch e.Type {
+		case EventAdded, EventUpdated:
+			v.workers[e.Worker.ID] = e.Worker
+		case EventRemoved:
+			delete(v.workers, e.Worker.ID)
+		case EventSynced:
+			v.synced = true
+		case EventReset:
+			clear(v.workers)
+			v.synced = false
+			continue
+		}
+		v.rev = e.Revision
+	}
+	return v.workers
 }
 
 // TestGetOrLast: a removed worker's last state (its hive, for its log) stays findable until it
