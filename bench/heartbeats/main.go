@@ -159,32 +159,57 @@ func run(c config) error {
 	fmt.Printf("  beat->ack latency p50 %v  p99 %v  p99.9 %v  max %v\n", st.lat.Quantile(0.5), st.lat.Quantile(0.99), st.lat.Quantile(0.999), st.lat.Max())
 	if c.queenPID > 0 {
 		rss, _ := measure.RSSKB(c.queenPID)
-		fmt.Printf("  queen CPU         %.0f%% of one core; RSS %.1f MB (%.1f KB per worker)\n",
-			100*float64(cpu1-cpu0)/measure.ClockTicks/elapsed.Seconds(), float64(rss)/1024, float64(rss)/float64(c.workers))
+		cpu := float64(cpu1-cpu0) / measure.ClockTicks
+		perBeat := 0.0
+		if n > 0 {
+			perBeat = cpu / float64(n) * 1e6
+		}
+		fmt.Printf("  queen CPU         %.0f%% of one core, %.2f µs per beat (%.2f s / %d beats); RSS %.1f MB (%.1f KB per worker)\n",
+			100*cpu/elapsed.Seconds(), perBeat, cpu, n, float64(rss)/1024, float64(rss)/float64(c.workers))
 	}
 	return listReport(queen, c.workers)
 }
 
-// listReport prints how many of the load's workers the queen shows, by state, and times ListWorkers.
+// listReport prints how many of the load's workers the queen shows, by state, and times
+// ListWorkers two ways: one call with the maximum page size (10,000), and paging through all of
+// them at the default page size, as `rbee worker ls` does.
 func listReport(queen rbeev1.QueenServiceClient, want int) error {
-	var ds []time.Duration
+	var ds, paged []time.Duration
 	var last *rbeev1.ListWorkersResponse
+	pages := 0
 	for range 11 {
 		t0 := time.Now()
-		resp, err := queen.ListWorkers(context.Background(), &rbeev1.ListWorkersRequest{HiveId: "load"})
+		resp, err := queen.ListWorkers(context.Background(), &rbeev1.ListWorkersRequest{HiveId: "load", PageSize: 10000},
+			grpc.MaxCallRecvMsgSize(64<<20))
 		if err != nil {
 			return fmt.Errorf("ListWorkers: %w", err)
 		}
 		ds = append(ds, time.Since(t0))
 		last = resp
+		t0 = time.Now()
+		pages = 0
+		for req := (&rbeev1.ListWorkersRequest{HiveId: "load"}); ; pages++ {
+			resp, err := queen.ListWorkers(context.Background(), req, grpc.MaxCallRecvMsgSize(64<<20))
+			if err != nil {
+				return fmt.Errorf("ListWorkers: %w", err)
+			}
+			if resp.GetNextPageToken() == "" {
+				pages++
+				break
+			}
+			req.PageToken = resp.GetNextPageToken()
+		}
+		paged = append(paged, time.Since(t0))
 	}
 	slices.Sort(ds)
+	slices.Sort(paged)
 	states := map[string]int{}
 	for _, w := range last.GetWorkers() {
 		states[strings.TrimPrefix(w.GetState().String(), "WORKER_STATE_")]++
 	}
 	fmt.Printf("  queen shows       %d of %d workers: %v\n", len(last.GetWorkers()), want, states)
-	fmt.Printf("  ListWorkers       median %v over 11 calls (%d workers each)\n", ds[len(ds)/2], len(last.GetWorkers()))
+	fmt.Printf("  ListWorkers       median %v over 11 calls (page_size 10000: %d workers each); all %d pages of the default size: median %v\n",
+		ds[len(ds)/2], len(last.GetWorkers()), pages, paged[len(paged)/2])
 	return nil
 }
 
