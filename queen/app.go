@@ -64,18 +64,25 @@ var errNotLeader = errors.New("this queen stopped leading; ask the leader")
 // gatedServices are refused on a standby; health and reflection answer on every queen.
 var gatedServices = []string{rbeev1.QueenService_ServiceDesc.ServiceName, rbeev1.HeartbeatService_ServiceDesc.ServiceName}
 
-func newApp(o options, log *zap.Logger) (*app, error) {
-	a := &app{o: o, log: log, hives: fleet.NewHivePool(o.creds.Dial...), ms: metrics.New(), queenID: server.NewQueenID()}
-	var fl *fleet.Fleet
-	a.reg = registry.New(registry.Config{
+// registryConfig is the registry's configuration from the flags. startTimedOut stops the process
+// of a worker that never beat; the registry runs it on a goroutine of its own and Run waits for
+// it, so a shutdown never cuts such a clean-up short and leaves the process behind.
+func registryConfig(o options, startTimedOut func(registry.Worker)) registry.Config {
+	return registry.Config{
 		Interval: o.interval, StaleAfter: o.staleAfter, ExpireAfter: o.expireAfter, StartTimeout: o.startTimeout,
 		WatchBuffer: o.watchBuffer,
 		// STALE may be declared up to a tenth of an interval late; in exchange the clock wakes
 		// at most ten times an interval instead of once per worker.
-		ClockSlack: min(o.interval/10, 100*time.Millisecond),
-		// Runs on the registry's clock, which only runs once fl is set.
-		OnStartTimeout: func(w registry.Worker) { go fl.StartTimedOut(w) },
-	})
+		ClockSlack:     min(o.interval/10, 100*time.Millisecond),
+		OnStartTimeout: startTimedOut,
+	}
+}
+
+func newApp(o options, log *zap.Logger) (*app, error) {
+	a := &app{o: o, log: log, hives: fleet.NewHivePool(o.creds.Dial...), ms: metrics.New(), queenID: server.NewQueenID()}
+	var fl *fleet.Fleet
+	// The callback runs on the registry's clock, which only runs once fl is set.
+	a.reg = registry.New(registryConfig(o, func(w registry.Worker) { fl.StartTimedOut(w) }))
 	for _, h := range o.hives {
 		if err := a.reg.AddStaticHive(h.id, h.address); err != nil {
 			return nil, fmt.Errorf("--hive %s=%s: %w", h.id, h.address, err)

@@ -400,7 +400,8 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Del
 		return Deleted{}, herr
 	}
 	f.metrics.deleted(strings.ToLower(strings.TrimPrefix(resp.GetOutcome().String(), "DELETE_OUTCOME_")), t0)
-	if last, ok := f.reg.Remove(id, errors.New("deleted")); ok {
+	// The hive proved this process gone: forget it, and refuse a beat it sent before it died.
+	if last, ok := f.reg.Exited(w.HiveID, registry.Process{WorkerID: id, PID: w.PID, StartTime: w.ProcessStartTime}, errors.New("deleted")); ok {
 		w = last
 	}
 	narrate.Event(ctx, "queen", "worker_delete_complete", fmt.Sprintf("Worker %s deleted: %s", id, resp.GetOutcome()),

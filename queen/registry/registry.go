@@ -128,6 +128,8 @@ var (
 	ErrStartTimeout = errors.New("registry: worker never beat within the start timeout")
 	ErrExpired      = errors.New("registry: worker stale for longer than the expiry time")
 	ErrStopped      = errors.New("registry: worker stopped and closed its heartbeat stream")
+	// ErrGone refuses a beat from a process the registry was told is gone (see Exited).
+	ErrGone = errors.New("registry: that worker process is gone")
 )
 
 // Registry holds workers and hives. Its zero value is not usable; call New.
@@ -152,7 +154,21 @@ type Registry struct {
 	graveOrder []graveRef
 	// holdUntil: the clock takes no action before it (Hold).
 	holdUntil time.Time
+	// tombs are processes proven gone (deleted through their hive, or seen exiting by it), at most
+	// maxTombs, oldest first out: a beat such a process sent before it died is refused instead of
+	// bringing it back as a live worker with a dead PID.
+	tombs     map[Process]struct{}
+	tombOrder []Process
 }
+
+// Process is one life of a worker: a new process under the same worker id is another Process.
+type Process struct {
+	WorkerID  string
+	PID       int32
+	StartTime uint64
+}
+
+const maxTombs = 4096
 
 type grave struct {
 	w     Worker
@@ -268,6 +284,12 @@ func (r *Registry) Beat(in Worker) (Worker, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.workers[in.ID]
+	if (e == nil || e.w.PID != in.PID || e.w.ProcessStartTime != in.ProcessStartTime) && len(r.tombs) > 0 {
+		// Only beats that do not match the known process pay for this lookup.
+		if _, dead := r.tombs[Process{in.ID, in.PID, in.ProcessStartTime}]; dead {
+			return Worker{}, fmt.Errorf("worker %q, pid %d: %w", in.ID, in.PID, ErrGone)
+		}
+	}
 	if e == nil {
 		w := in
 		w.Reported = StateStarting
@@ -386,6 +408,33 @@ func (r *Registry) Remove(id string, cause error) (Worker, bool) {
 	defer r.mu.Unlock()
 	e := r.workers[id]
 	if e == nil {
+		return Worker{}, false
+	}
+	r.removeLocked(e, cause)
+	return e.w, true
+}
+
+// Exited is told that process p of worker p.WorkerID on hive hiveID is gone: deleted through its
+// hive, or seen exiting by it. The worker is removed with cause if it is still that process (a
+// worker whose PID or start time is not known yet counts as that process: its crash can beat the
+// spawn's answer), and p's beats are refused from now on (ErrGone). It returns the removed worker.
+func (r *Registry) Exited(hiveID string, p Process, cause error) (Worker, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if _, ok := r.tombs[p]; !ok {
+		if r.tombs == nil {
+			r.tombs = map[Process]struct{}{}
+		}
+		if len(r.tombOrder) >= maxTombs {
+			delete(r.tombs, r.tombOrder[0])
+			r.tombOrder = r.tombOrder[1:]
+		}
+		r.tombs[p] = struct{}{}
+		r.tombOrder = append(r.tombOrder, p)
+	}
+	e := r.workers[p.WorkerID]
+	if e == nil || e.w.HiveID != hiveID || (e.w.PID != 0 && e.w.PID != p.PID) ||
+		(e.w.ProcessStartTime != 0 && p.StartTime != 0 && e.w.ProcessStartTime != p.StartTime) {
 		return Worker{}, false
 	}
 	r.removeLocked(e, cause)

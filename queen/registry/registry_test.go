@@ -149,6 +149,53 @@ func TestStaleWorkerExpires(t *testing.T) {
 	})
 }
 
+// Only a process proven gone (Exited) is refused: a worker the operator did not delete that beats
+// again after expiring, or after a stream closed on STOPPING, is taken back, as after a queen restart.
+func TestBeatsOfGoneProcessesAreRefused(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := start(t, Config{})
+		w := mustBeat(t, r.Registry, "w1", StateReady)
+		p := Process{WorkerID: "w1", PID: w.PID, StartTime: w.ProcessStartTime}
+		if _, ok := r.Exited("other-hive", p, errors.New("deleted")); ok {
+			t.Fatal("Exited removed a worker of another hive")
+		}
+		if _, ok := r.Exited("h1", p, errors.New("deleted")); !ok {
+			t.Fatal("Exited did not remove the worker")
+		}
+		if _, err := r.Beat(w); !errors.Is(err, ErrGone) {
+			t.Fatalf("beat of the gone process: %v, want ErrGone", err)
+		}
+		wantGone(t, r.Registry, "w1")
+		// A new spawn under the id: the old process's beats must not take over the new entry.
+		if err := r.Reserve(Worker{ID: "w1", HiveID: "h1"}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := r.Beat(w); !errors.Is(err, ErrGone) {
+			t.Fatalf("beat of the gone process on a new entry: %v, want ErrGone", err)
+		}
+		if got := wantState(t, r.Registry, "w1", StateStarting); got.PID != 0 {
+			t.Fatalf("the new entry took the dead PID %d", got.PID)
+		}
+		fresh := w
+		fresh.PID = w.PID + 1
+		if _, err := r.Beat(fresh); err != nil {
+			t.Fatalf("beat of the new process: %v", err)
+		}
+		wantState(t, r.Registry, "w1", StateReady)
+
+		// Expiry is not proof of death: the same process beating again is re-registered.
+		mustBeat(t, r.Registry, "w2", StateReady)
+		sleep(staleAfter + expireAfter)
+		wantGone(t, r.Registry, "w2")
+		mustBeat(t, r.Registry, "w2", StateReady)
+		wantState(t, r.Registry, "w2", StateReady)
+		// Nor is a removal by the caller without proof.
+		r.Remove("w2", nil)
+		mustBeat(t, r.Registry, "w2", StateReady)
+		wantState(t, r.Registry, "w2", StateReady)
+	})
+}
+
 func TestStreamClosed(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		r := start(t, Config{})

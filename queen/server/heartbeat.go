@@ -387,19 +387,18 @@ func offersFromProto(ms []*rbeev1.ModelOffer) ([]registry.ModelOffer, error) {
 }
 
 // workerExited forgets a worker its hive saw die, if the report is about the process the registry
-// knows (same hive, PID and start time), and fails a pending wait_ready with the reason.
+// knows (same hive, PID and start time), fails a pending wait_ready with the reason, and makes the
+// registry refuse that process's late beats.
 func (q *Queen) workerExited(ctx context.Context, hiveID string, e *rbeev1.WorkerExit) {
-	w, ok := q.reg.Get(e.GetWorkerId())
-	if !ok || w.HiveID != hiveID || (w.PID != 0 && w.PID != e.GetPid()) ||
-		(w.ProcessStartTime != 0 && e.GetProcessStartTime() != 0 && w.ProcessStartTime != e.GetProcessStartTime()) {
-		return
-	}
 	how := fmt.Sprintf("exit status %d", e.GetExitCode())
 	if e.GetSignal() != "" {
 		how = "killed by " + e.GetSignal()
 	}
 	cause := fmt.Errorf("worker process %d exited (%s); last output:\n%s", e.GetPid(), how, e.GetLogTail())
-	q.reg.Remove(w.ID, cause)
+	w, ok := q.reg.Exited(hiveID, registry.Process{WorkerID: e.GetWorkerId(), PID: e.GetPid(), StartTime: e.GetProcessStartTime()}, cause)
+	if !ok {
+		return
+	}
 	narrate.Warn(ctx, "queen", "worker_exited", fmt.Sprintf("Worker %s exited on its own (%s)", w.ID, how),
 		zap.String("worker_id", w.ID), zap.Int32("pid", e.GetPid()), zap.String("log_tail", e.GetLogTail()))
 }

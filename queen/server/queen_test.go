@@ -27,10 +27,11 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
 // fakeHive records the calls the queen makes and answers Spawn with made-up process data.
 type fakeHive struct {
-	mu       sync.Mutex
-	spawnErr error
-	deletes  []*rbeev1.DeleteRequest
-	nextPID  int32
+	rbeev1.HiveServiceClient // methods the queen's tests do not call
+	mu                       sync.Mutex
+	spawnErr                 error
+	deletes                  []*rbeev1.DeleteRequest
+	nextPID                  int32
 }
 
 func (f *fakeHive) Hive(string) (rbeev1.HiveServiceClient, error) { return f, nil }
@@ -349,5 +350,71 @@ func TestDeleteForwardsPIDAndForgets(t *testing.T) {
 	}
 	if _, ok := e.reg.Get("d"); ok {
 		t.Fatal("deleted worker still registered")
+	}
+}
+
+// A beat that was on its way when its worker was deleted, or when its hive reported it dead, must
+// not bring the worker back as a READY worker with a dead PID; a new process under the same id
+// (another PID) is welcome.
+func TestBeatFromAGoneProcessDoesNotResurrectIt(t *testing.T) {
+	for _, how := range []string{"deleted", "exit reported"} {
+		t.Run(how, func(t *testing.T) {
+			e := newEnv(t, Config{})
+			st, err := e.beats.WorkerHeartbeat(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			beat := descriptor("g", rbeev1.WorkerState_WORKER_STATE_READY)
+			if err := st.Send(beat); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := st.Recv(); err != nil {
+				t.Fatal(err)
+			}
+			if how == "deleted" {
+				if _, err := e.queen.DeleteWorker(t.Context(), &rbeev1.DeleteWorkerRequest{WorkerId: "g"}); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				hb, err := e.beats.HiveHeartbeat(t.Context())
+				if err != nil {
+					t.Fatal(err)
+				}
+				_ = hb.Send(&rbeev1.HiveHeartbeatRequest{
+					Hive:  &rbeev1.Hive{HiveId: "h1", Address: "127.0.0.1:1"},
+					Exits: []*rbeev1.WorkerExit{{WorkerId: "g", Pid: 4242, ProcessStartTime: 5, ExitCode: 1}},
+				})
+				if _, err := hb.Recv(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if _, ok := e.reg.Get("g"); ok {
+				t.Fatal("worker still registered after it was gone")
+			}
+			// The beat the dead process sent before it died arrives now.
+			_ = st.Send(beat)
+			if _, err := st.Recv(); status.Code(err) != codes.FailedPrecondition {
+				t.Errorf("late beat of the gone process answered %v, want FAILED_PRECONDITION", err)
+			}
+			if w, ok := e.reg.Get("g"); ok {
+				t.Fatalf("late beat brought the gone worker back: %+v", w)
+			}
+			// A new process under the same id is a new worker.
+			st2, err := e.beats.WorkerHeartbeat(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			fresh := descriptor("g", rbeev1.WorkerState_WORKER_STATE_READY)
+			fresh.Worker.Pid, fresh.Worker.ProcessStartTime = 4343, 6
+			if err := st2.Send(fresh); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := st2.Recv(); err != nil {
+				t.Fatalf("a new process under the id was refused: %v", err)
+			}
+			if w, ok := e.reg.Get("g"); !ok || w.PID != 4343 {
+				t.Fatalf("new process: Get = %+v, %v", w, ok)
+			}
+		})
 	}
 }

@@ -1,0 +1,46 @@
+package main
+
+import (
+	"context"
+	"testing"
+	"testing/synctest"
+	"time"
+
+	"github.com/rbee-dev/rbee/queen/registry"
+)
+
+// A worker that never beat is stopped through its hive after the start timeout. The queen's
+// shutdown waits for the registry's clock, and the clock must wait for that clean-up: cut short, it
+// leaves the process running with nothing left that knows of it.
+func TestShutdownWaitsForStartTimeoutCleanup(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		o := options{interval: time.Second, staleAfter: 3 * time.Second, expireAfter: time.Minute, startTimeout: 5 * time.Second, watchBuffer: 16}
+		cleaning, release, cleaned := make(chan struct{}), make(chan struct{}), make(chan struct{})
+		reg := registry.New(registryConfig(o, func(registry.Worker) {
+			close(cleaning)
+			<-release // the hive's Delete, in flight
+			close(cleaned)
+		}))
+		if err := reg.Reserve(registry.Worker{ID: "w1", HiveID: "h1"}); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(t.Context())
+		runDone := make(chan struct{})
+		go func() { defer close(runDone); reg.Run(ctx) }()
+		<-cleaning
+		cancel() // shutdown begins while the clean-up runs
+		synctest.Wait()
+		select {
+		case <-runDone:
+			t.Fatal("the registry's Run returned while a start-timeout clean-up was still running")
+		default:
+		}
+		close(release)
+		<-runDone
+		select {
+		case <-cleaned:
+		default:
+			t.Fatal("Run returned before the clean-up finished")
+		}
+	})
+}
