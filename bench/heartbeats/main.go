@@ -225,22 +225,39 @@ func restart(c config, qp *queenProc, queen rbeev1.QueenServiceClient, st *stats
 	*qp = *nq
 	deadline := t0.Add(60 * time.Second)
 	for time.Now().Before(deadline) {
-		resp, err := queen.ListWorkers(context.Background(), &rbeev1.ListWorkersRequest{HiveId: "load"}, grpc.WaitForReady(true))
+		ws, err := listAll(queen)
 		if err == nil {
 			ids := map[string]bool{}
-			for _, w := range resp.GetWorkers() {
+			for _, w := range ws {
 				ids[w.GetWorkerId()] = true
 			}
-			if len(resp.GetWorkers()) >= c.workers {
+			if len(ws) >= c.workers {
 				took := time.Since(t0)
 				fmt.Printf("  restart           all %d workers known again %v after SIGKILL (%.1f intervals); %d duplicates\n",
-					c.workers, took.Round(time.Millisecond), took.Seconds()/c.interval.Seconds(), len(resp.GetWorkers())-len(ids))
+					c.workers, took.Round(time.Millisecond), took.Seconds()/c.interval.Seconds(), len(ws)-len(ids))
 				return listReport(queen, c.workers)
 			}
 		}
 		time.Sleep(20 * time.Millisecond) // polling the queen's view is the measurement itself
 	}
 	return errors.New("the restarted queen did not relearn every worker within 60s")
+}
+
+// listAll pages through the load's workers at the maximum page size, waiting for the queen to be up.
+func listAll(queen rbeev1.QueenServiceClient) ([]*rbeev1.Worker, error) {
+	var ws []*rbeev1.Worker
+	req := &rbeev1.ListWorkersRequest{HiveId: "load", PageSize: 10000}
+	for {
+		resp, err := queen.ListWorkers(context.Background(), req, grpc.WaitForReady(true), grpc.MaxCallRecvMsgSize(64<<20))
+		if err != nil {
+			return nil, err
+		}
+		ws = append(ws, resp.GetWorkers()...)
+		if resp.GetNextPageToken() == "" {
+			return ws, nil
+		}
+		req.PageToken = resp.GetNextPageToken()
+	}
 }
 
 // beat runs one simulated worker: a heartbeat stream that reconnects with capped, jittered backoff

@@ -401,6 +401,48 @@ func (r *Registry) listLocked(hiveID string) []Worker {
 	return out
 }
 
+// Filter selects workers by hive, model and state; a zero field matches every worker.
+type Filter struct {
+	HiveID, Model string
+	State         State
+}
+
+func (f Filter) match(w *Worker) bool {
+	return (f.HiveID == "" || w.HiveID == f.HiveID) && (f.Model == "" || w.Model == f.Model) &&
+		(f.State == StateUnspecified || w.State == f.State)
+}
+
+// Page returns, in ID order, at most limit workers that match f and whose IDs sort after after
+// ("" starts at the first), and whether more such workers follow. Paging by the last ID seen
+// stays correct while workers come and go: each worker present for the whole walk is returned
+// exactly once, in order.
+func (r *Registry) Page(f Filter, after string, limit int) (ws []Worker, more bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	i := 0
+	if after != "" {
+		i, _ = slices.BinarySearchFunc(r.order, after, cmpEntryID)
+		if i < len(r.order) && r.order[i].w.ID == after {
+			i++
+		}
+	}
+	n := len(r.order) - i
+	if f.HiveID != "" {
+		n = min(n, r.perHive[f.HiveID])
+	}
+	ws = make([]Worker, 0, max(0, min(limit, n)))
+	for _, e := range r.order[i:] {
+		if !f.match(&e.w) {
+			continue
+		}
+		if len(ws) == limit {
+			return ws, true
+		}
+		ws = append(ws, e.w)
+	}
+	return ws, false
+}
+
 // Remove deletes a worker and returns it as last known. cause (may be nil) is what Await
 // calls on this worker return, wrapped beside ErrNotFound.
 func (r *Registry) Remove(id string, cause error) (Worker, bool) {

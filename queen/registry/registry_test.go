@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -495,6 +496,83 @@ func TestListFiltersByHive(t *testing.T) {
 	}
 	if got := r.List("nope"); len(got) != 0 {
 		t.Fatalf("List(nope) = %+v", got)
+	}
+}
+
+func TestPageFiltersAndWalks(t *testing.T) {
+	r := New(Config{})
+	for i := range 30 {
+		w := Worker{ID: fmt.Sprintf("w%02d", i), HiveID: []string{"a", "b"}[i%2], Model: []string{"m1", "m2", "m3"}[i%3],
+			PID: int32(100 + i), State: StateReady}
+		if i%5 == 0 {
+			w.State = StateBusy
+		}
+		if _, err := r.Beat(w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	walk := func(f Filter, size int) (ids []string, pages int) {
+		after := ""
+		for {
+			ws, more := r.Page(f, after, size)
+			pages++
+			for _, w := range ws {
+				if !f.match(&w) {
+					t.Fatalf("Page(%+v) returned %+v", f, w)
+				}
+				ids = append(ids, w.ID)
+			}
+			if !more {
+				return ids, pages
+			}
+			if len(ws) == 0 {
+				t.Fatalf("Page(%+v, %q) is empty but says more follow", f, after)
+			}
+			after = ws[len(ws)-1].ID
+		}
+	}
+	for _, tt := range []struct {
+		f          Filter
+		size, want int
+	}{
+		{Filter{}, 7, 30},
+		{Filter{}, 30, 30},
+		{Filter{}, 100, 30},
+		{Filter{HiveID: "a"}, 4, 15},
+		{Filter{Model: "m2"}, 3, 10},
+		{Filter{HiveID: "a", Model: "m1"}, 2, 5},
+		{Filter{State: StateBusy}, 2, 6},
+		{Filter{HiveID: "a", State: StateBusy}, 1, 3},
+		{Filter{HiveID: "none"}, 10, 0},
+		{Filter{State: StateStale}, 10, 0},
+	} {
+		ids, pages := walk(tt.f, tt.size)
+		if len(ids) != tt.want || !slices.IsSorted(ids) || len(slices.Compact(slices.Clone(ids))) != len(ids) {
+			t.Errorf("walk %+v by %d: %d workers %v, want %d sorted, distinct", tt.f, tt.size, len(ids), ids, tt.want)
+		}
+		if wantPages := max(1, (tt.want+tt.size-1)/tt.size); pages != wantPages {
+			t.Errorf("walk %+v by %d took %d pages, want %d (no empty last page)", tt.f, tt.size, pages, wantPages)
+		}
+	}
+	// Changes between pages: workers there all along are each seen once; removed ones behind
+	// the cursor and added ones ahead of it change nothing for the others.
+	first, more := r.Page(Filter{}, "", 10)
+	if !more || len(first) != 10 {
+		t.Fatalf("first page: %d workers, more %v", len(first), more)
+	}
+	r.Remove("w05", nil)
+	r.Remove("w09", nil) // the cursor itself
+	r.Remove("w20", nil)
+	if _, err := r.Beat(Worker{ID: "w15a", HiveID: "a", PID: 99}); err != nil {
+		t.Fatal(err)
+	}
+	rest, _ := r.Page(Filter{}, first[len(first)-1].ID, 100)
+	var ids []string
+	for _, w := range append(first, rest...) {
+		ids = append(ids, w.ID)
+	}
+	if len(ids) != 30 || ids[10] != "w10" || !slices.Contains(ids, "w15a") || slices.Contains(ids[10:], "w20") {
+		t.Fatalf("walk across changes: %v", ids)
 	}
 }
 

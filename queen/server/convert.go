@@ -48,19 +48,6 @@ func fillWorker(p *rbeev1.Worker, w registry.Worker, beat, created *timestamppb.
 	}
 }
 
-// workersToProto converts a list with three allocations instead of three per worker: ListWorkers
-// on a 10,000-worker fleet otherwise spends as long collecting garbage as encoding.
-func workersToProto(ws []registry.Worker) []*rbeev1.Worker {
-	out := make([]*rbeev1.Worker, len(ws))
-	msgs := make([]rbeev1.Worker, len(ws))
-	stamps := make([]timestamppb.Timestamp, 2*len(ws))
-	for i, w := range ws {
-		fillWorker(&msgs[i], w, &stamps[2*i], &stamps[2*i+1])
-		out[i] = &msgs[i]
-	}
-	return out
-}
-
 var hiveStateToProto = map[registry.HiveState]rbeev1.HiveState{
 	registry.HiveReady: rbeev1.HiveState_HIVE_STATE_READY,
 	registry.HiveStale: rbeev1.HiveState_HIVE_STATE_STALE,

@@ -51,6 +51,8 @@ type Queen struct {
 	fleet   *fleet.Fleet
 	started time.Time
 	metrics *metrics
+	// listCache holds workers' encodings for ListWorkers.
+	listCache encodingCache
 	beats
 }
 
@@ -98,16 +100,6 @@ func (q *Queen) SpawnWorker(ctx context.Context, req *rbeev1.SpawnWorkerRequest)
 		return nil, toStatus(err)
 	}
 	return &rbeev1.SpawnWorkerResponse{Worker: workerToProto(w)}, nil
-}
-
-// ListWorkers lists the registry, optionally one hive's workers.
-func (q *Queen) ListWorkers(_ context.Context, req *rbeev1.ListWorkersRequest) (*rbeev1.ListWorkersResponse, error) {
-	if h := req.GetHiveId(); h != "" {
-		if err := validate.ID("hive_id", h); err != nil {
-			return nil, invalid(err)
-		}
-	}
-	return &rbeev1.ListWorkersResponse{Workers: workersToProto(q.reg.List(req.GetHiveId()))}, nil
 }
 
 // GetWorker returns one worker.

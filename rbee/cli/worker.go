@@ -28,23 +28,54 @@ func (a *app) workerCommand() *cobra.Command {
 }
 
 func (a *app) lsCommand() *cobra.Command {
-	var hive string
+	var hive, model, state string
 	c := &cobra.Command{
 		Use:     "ls",
 		Aliases: []string{"list"},
 		Short:   "List the workers the queen knows",
+		Long: `List the workers the queen knows, sorted by id. The queen answers in pages (1000 workers each);
+rbee asks for every page and prints them as one list (--timeout bounds each page's call).`,
 		Example: `  rbee worker ls
   rbee worker ls --hive gpu-node-1
+  rbee worker ls --model llama-3-8b --state ready
   rbee worker ls -o json | jq -r '.workers[].workerId'`,
 		Args: cobra.NoArgs,
 	}
 	c.Flags().StringVar(&hive, "hive", "", "only the workers of this hive")
+	c.Flags().StringVar(&model, "model", "", "only the workers of this model")
+	c.Flags().StringVar(&state, "state", "", "only the workers in this state (starting, ready, busy, stopping, stale)")
 	c.RunE = a.run(func(cmd *cobra.Command, _ []string) error {
-		return unary(a, cmd, func(ctx context.Context, cl *client) (*rbeev1.ListWorkersResponse, error) {
-			return cl.ListWorkers(ctx, &rbeev1.ListWorkersRequest{HiveId: hive})
-		}, func(resp *rbeev1.ListWorkersResponse) error {
-			return writeWorkers(a.out, resp.GetWorkers(), time.Now())
-		})
+		req := &rbeev1.ListWorkersRequest{HiveId: hive, Model: model}
+		if state != "" {
+			v, ok := rbeev1.WorkerState_value["WORKER_STATE_"+strings.ToUpper(state)]
+			if !ok || v == 0 {
+				return usagef("--state %q: want starting, ready, busy, stopping or stale", state)
+			}
+			req.State = rbeev1.WorkerState(v)
+		}
+		cl, err := a.connect()
+		if err != nil {
+			return err
+		}
+		defer cl.Close()
+		all := &rbeev1.ListWorkersResponse{}
+		for {
+			ctx, cancel := callContext(cmd.Context(), timeout(cmd))
+			resp, err := cl.ListWorkers(ctx, req)
+			cancel()
+			if err != nil {
+				return err
+			}
+			all.Workers = append(all.Workers, resp.GetWorkers()...)
+			if resp.GetNextPageToken() == "" {
+				break
+			}
+			req.PageToken = resp.GetNextPageToken()
+		}
+		if a.json() {
+			return writeJSON(a.out, all)
+		}
+		return writeWorkers(a.out, all.GetWorkers(), time.Now())
 	})
 	return c
 }
