@@ -115,6 +115,7 @@ func newApp(o options, log *zap.Logger) (*app, error) {
 	a.q = server.New(server.Config{
 		Registerer: a.ms.Registry, Registry: a.reg, Fleet: fl, Token: o.creds.Token, QueenID: a.queenID,
 		Interval: o.interval, MaxBeatsPerSecond: o.maxBeats, Logger: log,
+		MaxWatchers: o.maxWatchers, MaxWatchersPerConn: o.maxWatchersPerConn, WatchSendTimeout: o.watchSendTimeout,
 	})
 	// Heartbeat streams end at their next beat once draining starts, so the graceful stop needs
 	// a little more than one interval.

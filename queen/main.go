@@ -21,6 +21,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/metrics"
 	"github.com/rbee-dev/rbee/internal/validate"
+	"github.com/rbee-dev/rbee/queen/server"
 )
 
 func main() { os.Exit(run(os.Args[1:])) }
@@ -63,6 +64,8 @@ type options struct {
 	hives                                           hiveFlags
 	interval, staleAfter, expireAfter, startTimeout time.Duration
 	maxBeats, watchBuffer                           int
+	maxWatchers, maxWatchersPerConn                 int
+	watchSendTimeout                                time.Duration
 	authFlags                                       auth.Flags
 	creds                                           *auth.Material
 	// Several queens (app.go): --etcd endpoints, the election lease TTL, the takeover grace.
@@ -82,6 +85,9 @@ func run(args []string) int {
 	fs.DurationVar(&o.startTimeout, "start-timeout", 30*time.Second, "a spawned worker that never beats in this time is stopped and forgotten; also wait_ready's bound")
 	fs.IntVar(&o.maxBeats, "max-beats-per-second", 20, "end a heartbeat stream that beats faster (0: no limit)")
 	fs.IntVar(&o.watchBuffer, "watch-buffer", 1024, "changes buffered per watcher; a watcher that falls further behind is sent RESET and a fresh snapshot")
+	fs.IntVar(&o.maxWatchers, "max-watchers", server.DefaultMaxWatchers, "WatchWorkers streams open at once; more are RESOURCE_EXHAUSTED")
+	fs.IntVar(&o.maxWatchersPerConn, "max-watchers-per-conn", server.DefaultMaxWatchersPerConn, "WatchWorkers streams open at once on one client connection")
+	fs.DurationVar(&o.watchSendTimeout, "watch-send-timeout", server.DefaultWatchSendTimeout, "end a watch whose client takes no message for this long (RESOURCE_EXHAUSTED)")
 	fs.StringVar(&o.advertise, "advertise", "", "HOST:PORT workers should report to (default: the listen address; each hive's --queen when that is 0.0.0.0 or [::])")
 	fs.StringVar(&o.metricsListen, "metrics-listen", "", "[HOST]:PORT to serve Prometheus /metrics and /debug/pprof on (off by default; loopback when no host)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -137,6 +143,12 @@ func (o *options) check() error {
 	}
 	if o.watchBuffer < 1 {
 		return fmt.Errorf("--watch-buffer %d: want at least 1", o.watchBuffer)
+	}
+	if o.maxWatchers < 1 || o.maxWatchersPerConn < 1 {
+		return fmt.Errorf("--max-watchers %d, --max-watchers-per-conn %d: want at least 1", o.maxWatchers, o.maxWatchersPerConn)
+	}
+	if o.watchSendTimeout <= 0 {
+		return fmt.Errorf("--watch-send-timeout %v: want a positive duration", o.watchSendTimeout)
 	}
 	if o.maxBeats < 0 {
 		return fmt.Errorf("--max-beats-per-second %d: want 0 (no limit) or more", o.maxBeats)

@@ -36,7 +36,9 @@ func FromContext(ctx context.Context) string {
 // With returns ctx carrying job id id and a logger (from base) that names it.
 func With(ctx context.Context, base *zap.Logger, id string) context.Context {
 	ctx = context.WithValue(ctx, key{}, id)
-	return narrate.WithLogger(ctx, base.With(zap.String("job_id", id)))
+	// WithLazy: most calls never log beyond their last line, and a heartbeat stream is open for
+	// every worker; an eager With encodes the field into a pooled buffer each stream would pin.
+	return narrate.WithLogger(ctx, base.WithLazy(zap.String("job_id", id)))
 }
 
 // valid accepts caller-chosen ids that are safe to log and forward: 1 to 64 characters of

@@ -276,11 +276,13 @@ func (r *Registry) Started(id string, pid int32, port uint32, startTime uint64, 
 // A beat costs a map lookup and, only when the worker's deadline must move earlier (its first
 // beat, or leaving STALE), an O(log n) heap fix. Watchers hear of it only when something other
 // than LastHeartbeat changed.
-func (r *Registry) Beat(in Worker) (Worker, error) {
+func (r *Registry) Beat(in Worker) (Worker, error) { return r.BeatAt(in, time.Now()) }
+
+// BeatAt is Beat for a beat received at now (the caller may have read the clock already).
+func (r *Registry) BeatAt(in Worker, now time.Time) (Worker, error) {
 	if in.ID == "" {
 		return Worker{}, fmt.Errorf("%w: empty worker id", ErrInvalid)
 	}
-	now := time.Now()
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.workers[in.ID]
@@ -325,8 +327,10 @@ func (r *Registry) Beat(in Worker) (Worker, error) {
 	return e.w, nil
 }
 
+// setString keeps the string the registry holds when v is equal: each beat decodes fresh copies,
+// and keeping the old ones lets the new ones die young.
 func setString(dst *string, v string) {
-	if v != "" {
+	if v != "" && v != *dst {
 		*dst = v
 	}
 }
@@ -419,6 +423,10 @@ func (f Filter) match(w *Worker) bool {
 func (r *Registry) Page(f Filter, after string, limit int) (ws []Worker, more bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.pageLocked(f, after, limit)
+}
+
+func (r *Registry) pageLocked(f Filter, after string, limit int) (ws []Worker, more bool) {
 	i := 0
 	if after != "" {
 		i, _ = slices.BinarySearchFunc(r.order, after, cmpEntryID)

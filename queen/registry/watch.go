@@ -59,6 +59,12 @@ type Event struct {
 // goroutine per watcher hands them to Events. When the queue would overflow, the registry
 // drops it and flags a reset instead, so a consumer that stalls costs the registry nothing and
 // still never misses a removal without knowing: it gets EventReset and a fresh snapshot.
+//
+// What one watcher holds is bounded whatever its consumer does: the queue holds pointers to
+// events shared by every watcher (at most Config.WatchBuffer of them), and the snapshot is read
+// from the registry a page at a time as the consumer takes it, never copied whole. While the
+// snapshot is in progress, changes to workers it has not reached yet are not queued: it reaches
+// them later and shows them as they are then.
 type Watcher struct {
 	r      *Registry
 	hive   string
@@ -68,32 +74,40 @@ type Watcher struct {
 	exited chan struct{} // closed when the pump has returned
 	once   sync.Once
 
+	// Guarded by r.mu: while snapshotting, the snapshot has delivered the workers up to cursor.
+	snapshotting bool
+	cursor       string
+
 	mu       sync.Mutex
-	buf      []Event // ring, grown on demand up to max
+	buf      []*Event // ring, grown on demand up to max
 	head, n  int
 	max      int
 	reset    bool
 	resetRev uint64
 }
 
+// snapshotPage is how many workers a watcher's snapshot reads from the registry at a time.
+const snapshotPage = 64
+
 // Watch starts a watcher of hive hiveID's workers, or of all workers if hiveID is empty. It
-// first delivers the current workers as EventAdded in ID order, then EventSynced, then every
-// change in order. The caller must Close it.
+// delivers the current workers as EventAdded in ID order, then EventSynced, and every change in
+// order. Changes to workers the snapshot has delivered already may come before EventSynced;
+// revisions never go backwards. The caller must Close it.
 func (r *Registry) Watch(hiveID string) *Watcher {
 	wt := &Watcher{
-		r:      r,
-		hive:   hiveID,
-		events: make(chan Event),
-		signal: make(chan struct{}, 1),
-		done:   make(chan struct{}),
-		exited: make(chan struct{}),
-		max:    r.cfg.WatchBuffer,
+		r:            r,
+		hive:         hiveID,
+		events:       make(chan Event),
+		signal:       make(chan struct{}, 1),
+		done:         make(chan struct{}),
+		exited:       make(chan struct{}),
+		max:          r.cfg.WatchBuffer,
+		snapshotting: true,
 	}
 	r.mu.Lock()
-	snap, rev := r.listLocked(hiveID), r.rev
-	r.watchers = append(r.watchers, wt) // in the same critical section: no change falls between
+	r.watchers = append(r.watchers, wt)
 	r.mu.Unlock()
-	go wt.pump(snap, rev)
+	go wt.pump()
 	return wt
 }
 
@@ -120,9 +134,14 @@ func (r *Registry) unwatch(wt *Watcher) {
 
 // emitLocked fans a change out to the watchers it concerns. old is the worker before an update
 // (for Added and Removed, the worker itself): a worker that moves between hives leaves one
-// filtered stream as Removed and enters the other as Added.
+// filtered stream as Removed and enters the other as Added. Watchers that see the change as it
+// is share one Event.
 func (r *Registry) emitLocked(t EventType, old, w Worker, reason string) {
+	var shared *Event
 	for _, wt := range r.watchers {
+		if wt.snapshotting && w.ID > wt.cursor {
+			continue // the snapshot has yet to reach this worker
+		}
 		typ := t
 		if wt.hive != "" {
 			was, is := old.HiveID == wt.hive, w.HiveID == wt.hive
@@ -136,12 +155,19 @@ func (r *Registry) emitLocked(t EventType, old, w Worker, reason string) {
 				continue
 			}
 		}
-		wt.push(Event{Type: typ, Worker: w, Revision: r.rev, Reason: reason})
+		if typ != t {
+			wt.push(&Event{Type: typ, Worker: w, Revision: r.rev, Reason: reason})
+			continue
+		}
+		if shared == nil {
+			shared = &Event{Type: t, Worker: w, Revision: r.rev, Reason: reason}
+		}
+		wt.push(shared)
 	}
 }
 
 // push queues e without ever blocking: on overflow the queue is dropped and a reset is due.
-func (wt *Watcher) push(e Event) {
+func (wt *Watcher) push(e *Event) {
 	wt.mu.Lock()
 	switch {
 	case wt.reset:
@@ -166,73 +192,135 @@ func (wt *Watcher) push(e Event) {
 
 func (wt *Watcher) grow() {
 	size := min(max(2*len(wt.buf), 16), wt.max)
-	buf := make([]Event, size)
+	buf := make([]*Event, size)
 	for i := range wt.n {
 		buf[i] = wt.buf[(wt.head+i)%len(wt.buf)]
 	}
 	wt.buf, wt.head = buf, 0
 }
 
-// pump delivers the snapshot and then the queue to Events until Close.
-func (wt *Watcher) pump(snap []Worker, rev uint64) {
+// takeLocked empties the queue into a slice; wt.mu is held.
+func (wt *Watcher) takeLocked() []*Event {
+	out := make([]*Event, wt.n)
+	for i := range wt.n {
+		j := (wt.head + i) % len(wt.buf)
+		out[i], wt.buf[j] = wt.buf[j], nil
+	}
+	wt.head, wt.n = 0, 0
+	return out
+}
+
+// pump delivers the snapshot and then the queue to Events until Close, starting over with
+// EventReset and a fresh snapshot whenever the queue overflowed.
+func (wt *Watcher) pump() {
 	defer close(wt.exited)
 	defer close(wt.events)
-	if !wt.sendSnapshot(snap, rev) {
-		return
+	for {
+		from, ok := wt.snapshot()
+		if !ok {
+			return
+		}
+		if from == 0 {
+			from, ok = wt.changes()
+			if !ok {
+				return
+			}
+		}
+		if !wt.send(Event{Type: EventReset, Revision: from}) {
+			return
+		}
+		wt.r.restartSnapshot(wt)
 	}
+}
+
+// snapshot delivers the snapshot page by page, each page after the changes queued before it was
+// read, and then EventSynced. It returns early with the first dropped revision when the queue
+// overflowed meanwhile; ok is false when the watcher was closed.
+func (wt *Watcher) snapshot() (resetFrom uint64, ok bool) {
+	for {
+		queued, page, rev, last, resetFrom := wt.r.snapshotPage(wt)
+		if resetFrom != 0 {
+			return resetFrom, true
+		}
+		for _, e := range queued {
+			if !wt.send(*e) {
+				return 0, false
+			}
+		}
+		for _, w := range page {
+			if !wt.send(Event{Type: EventAdded, Worker: w, Revision: rev}) {
+				return 0, false
+			}
+		}
+		if last {
+			return 0, wt.send(Event{Type: EventSynced, Revision: rev})
+		}
+	}
+}
+
+// changes delivers the queue until it overflows (returning the first dropped revision) or the
+// watcher is closed (ok false).
+func (wt *Watcher) changes() (resetFrom uint64, ok bool) {
 	for {
 		wt.mu.Lock()
 		switch {
 		case wt.reset:
 			from := wt.resetRev
 			wt.mu.Unlock()
-			if !wt.send(Event{Type: EventReset, Revision: from}) {
-				return
-			}
-			// The snapshot is taken only now that the consumer is reading again, so it is as
-			// fresh as can be; the reset flag is cleared in the same critical section.
-			snap, rev := wt.r.resync(wt)
-			if !wt.sendSnapshot(snap, rev) {
-				return
-			}
+			return from, true
 		case wt.n > 0:
 			e := wt.buf[wt.head]
-			wt.buf[wt.head] = Event{}
+			wt.buf[wt.head] = nil
 			wt.head = (wt.head + 1) % len(wt.buf)
 			wt.n--
 			wt.mu.Unlock()
-			if !wt.send(e) {
-				return
+			if !wt.send(*e) {
+				return 0, false
 			}
 		default:
 			wt.mu.Unlock()
 			select {
 			case <-wt.signal:
 			case <-wt.done:
-				return
+				return 0, false
 			}
 		}
 	}
 }
 
-// resync takes a fresh snapshot for wt and re-arms its queue, atomically with respect to
-// changes.
-func (r *Registry) resync(wt *Watcher) ([]Worker, uint64) {
+// snapshotPage reads wt's next snapshot page and, in the same critical section, takes the changes
+// queued since the last one, so that they are delivered first and revisions never go backwards.
+// resetFrom is not 0 when the queue overflowed: the snapshot must start over.
+func (r *Registry) snapshotPage(wt *Watcher) (queued []*Event, page []Worker, rev uint64, last bool, resetFrom uint64) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	wt.mu.Lock()
-	wt.reset = false
+	if wt.reset {
+		from := wt.resetRev
+		wt.mu.Unlock()
+		return nil, nil, 0, false, from
+	}
+	queued = wt.takeLocked()
 	wt.mu.Unlock()
-	return r.listLocked(wt.hive), r.rev
+	page, more := r.pageLocked(Filter{HiveID: wt.hive}, wt.cursor, snapshotPage)
+	if len(page) > 0 {
+		wt.cursor = page[len(page)-1].ID
+	}
+	if !more {
+		wt.snapshotting, wt.cursor = false, ""
+	}
+	return queued, page, r.rev, !more, 0
 }
 
-func (wt *Watcher) sendSnapshot(snap []Worker, rev uint64) bool {
-	for _, w := range snap {
-		if !wt.send(Event{Type: EventAdded, Worker: w, Revision: rev}) {
-			return false
-		}
-	}
-	return wt.send(Event{Type: EventSynced, Revision: rev})
+// restartSnapshot re-arms wt after a reset: an empty queue and a snapshot from the first worker.
+func (r *Registry) restartSnapshot(wt *Watcher) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	wt.mu.Lock()
+	clear(wt.buf)
+	wt.buf, wt.head, wt.n, wt.reset = nil, 0, 0, false
+	wt.mu.Unlock()
+	wt.snapshotting, wt.cursor = true, ""
 }
 
 func (wt *Watcher) send(e Event) bool {

@@ -154,6 +154,8 @@ func TestSlowWatcherIsResetNotBlocking(t *testing.T) {
 			}
 		}()
 
+		synctest.Wait() // both have read their snapshot (a snapshot is read as it is delivered)
+
 		// Far more changes than the slow watcher can buffer. Were any of these calls to block
 		// on the slow watcher, synctest would report a deadlock. The fast watcher's reader
 		// gets to run between changes (synctest.Wait), as a reader that keeps up would.
@@ -300,4 +302,73 @@ func TestAwaitAfterRemovalKnowsWhy(t *testing.T) {
 	if len(r.graves) > maxGraves || len(r.graveOrder) > maxGraves {
 		t.Fatalf("%d graves, %d in order; want at most %d", len(r.graves), len(r.graveOrder), maxGraves)
 	}
+}
+
+// A snapshot larger than a page is read as it is delivered: changes to workers it has delivered
+// come as events (before SYNCED), workers it has yet to reach are shown as they are when it gets
+// there, and the watcher's view ends equal to the registry's, revisions never going backwards.
+func TestSnapshotIsReadAsDelivered(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := start(t, Config{})
+		const n = 5 * snapshotPage
+		for i := range n {
+			if _, err := r.Beat(Worker{ID: fmt.Sprintf("w%04d", i), HiveID: "h1", PID: int32(100 + i), State: StateReady}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		wt := r.Watch("")
+		defer wt.Close()
+		var got []Event
+		for range 2 * snapshotPage {
+			got = append(got, next(t, wt))
+		}
+		delivered, ahead := got[10].Worker.ID, fmt.Sprintf("w%04d", n-10)
+		mustBeatAs := func(id string, s State) {
+			if _, err := r.Beat(Worker{ID: id, HiveID: "h1", PID: 1, State: s}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		mustBeatAs(delivered, StateBusy)
+		mustBeatAs(ahead, StateBusy)
+		r.Remove(fmt.Sprintf("w%04d", n-5), nil)
+		mustBeatAs("w9999", StateStarting)
+		var busyEvents, synced int
+		for synced == 0 {
+			e := next(t, wt)
+			got = append(got, e)
+			switch {
+			case e.Type == EventSynced:
+				synced = len(got)
+			case e.Type == EventUpdated && e.Worker.ID == delivered:
+				busyEvents++
+			case e.Type == EventUpdated:
+				t.Fatalf("an update for %s, which the snapshot had not reached", e.Worker.ID)
+			}
+		}
+		if busyEvents != 1 {
+			t.Fatalf("%d updates for the delivered worker, want 1", busyEvents)
+		}
+		wantNone(t, wt)
+		view := map[string]Worker{}
+		for i, e := range got {
+			if i > 0 && e.Revision < got[i-1].Revision {
+				t.Fatalf("revision went back at %d: %d after %d", i, e.Revision, got[i-1].Revision)
+			}
+			switch e.Type {
+			case EventAdded, EventUpdated:
+				view[e.Worker.ID] = e.Worker
+			case EventRemoved:
+				delete(view, e.Worker.ID)
+			}
+		}
+		want := r.List("")
+		if len(view) != len(want) {
+			t.Fatalf("the watcher sees %d workers, the registry has %d", len(view), len(want))
+		}
+		for _, w := range want {
+			if view[w.ID] != w {
+				t.Fatalf("watcher has %+v, registry %+v", view[w.ID], w)
+			}
+		}
+	})
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -134,21 +135,39 @@ func (l *limiter) allow(now time.Time) bool {
 }
 
 // workerFromProto checks a heartbeat descriptor and converts it.
-func workerFromProto(p *rbeev1.Worker) (registry.Worker, error) {
+func workerFromProto(p *rbeev1.Worker) (registry.Worker, error) { return workerFromProtoSince(p, nil) }
+
+// workerFromProtoSince is workerFromProto for a beat after prev, the stream's last accepted
+// descriptor, if any: a worker sends the same strings beat after beat, and those equal to prev's
+// were checked already.
+func workerFromProtoSince(p *rbeev1.Worker, prev *registry.Worker) (registry.Worker, error) {
 	if p == nil {
 		return registry.Worker{}, &validate.Error{Field: "worker", Rule: "required: every heartbeat carries the full descriptor"}
 	}
-	if err := validate.ID("worker.worker_id", p.GetWorkerId()); err != nil {
-		return registry.Worker{}, err
+	var pv registry.Worker
+	if prev != nil {
+		pv = *prev
 	}
-	if err := validate.ID("worker.hive_id", p.GetHiveId()); err != nil {
-		return registry.Worker{}, err
+	checked := func(v, old string) bool { return prev != nil && v == old }
+	if !checked(p.GetWorkerId(), pv.ID) {
+		if err := validate.ID("worker.worker_id", p.GetWorkerId()); err != nil {
+			return registry.Worker{}, err
+		}
 	}
-	if err := validate.Model("worker.model", p.GetModel()); err != nil {
-		return registry.Worker{}, err
+	if !checked(p.GetHiveId(), pv.HiveID) {
+		if err := validate.ID("worker.hive_id", p.GetHiveId()); err != nil {
+			return registry.Worker{}, err
+		}
 	}
-	if err := validate.Device("worker.device", p.GetDevice()); err != nil {
-		return registry.Worker{}, err
+	if !checked(p.GetModel(), pv.Model) {
+		if err := validate.Model("worker.model", p.GetModel()); err != nil {
+			return registry.Worker{}, err
+		}
+	}
+	if !checked(p.GetDevice(), pv.Device) {
+		if err := validate.Device("worker.device", p.GetDevice()); err != nil {
+			return registry.Worker{}, err
+		}
 	}
 	if err := validate.PID("worker.pid", p.GetPid()); err != nil {
 		return registry.Worker{}, err
@@ -196,19 +215,24 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 			zap.String("claimed_worker_id", id), zap.String("token_worker_id", who.WorkerID))
 		return status.Errorf(codes.PermissionDenied, "this stream's token is for worker %q, not %q", who.WorkerID, id)
 	}
-	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).With(zap.String("worker_id", id)))
-	resp := &rbeev1.WorkerHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}
-	return serveBeats(q, ctx, "worker", id, first, stream.Recv, func() error { return stream.Send(resp) },
-		func(req *rbeev1.WorkerHeartbeatRequest) error {
+	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).WithLazy(zap.String("worker_id", id)))
+	// Every answer is the same: encode it once for the stream's life.
+	var resp grpc.PreparedMsg
+	if err := resp.Encode(stream, &rbeev1.WorkerHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}); err != nil {
+		return status.Errorf(codes.Internal, "encoding the heartbeat answer: %v", err)
+	}
+	return serveBeats(q, ctx, "worker", id, first, stream.Recv, func() error { return stream.SendMsg(&resp) },
+		func(req *rbeev1.WorkerHeartbeatRequest, now time.Time) error {
 			if req != first {
-				if w, err = workerFromProto(req.GetWorker()); err != nil {
+				// A worker sends the same descriptor beat after beat: check only what changed.
+				if w, err = workerFromProtoSince(req.GetWorker(), &w); err != nil {
 					return invalid(err)
 				}
 				if w.ID != id {
 					return invalid(&validate.Error{Field: "worker.worker_id", Rule: fmt.Sprintf("%q on a stream opened by worker %q", w.ID, id)})
 				}
 			}
-			if _, err := q.reg.Beat(w); err != nil {
+			if _, err := q.reg.BeatAt(w, now); err != nil {
 				return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
 			}
 			q.metrics.workerBeats.Inc()
@@ -233,7 +257,7 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 	narrate.Event(ctx, "queen", "hive_registered", fmt.Sprintf("Hive %s registered at %s", id, h.Address), zap.String("address", h.Address))
 	resp := &rbeev1.HiveHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}
 	return serveBeats(q, ctx, "hive", id, first, stream.Recv, func() error { return stream.Send(resp) },
-		func(req *rbeev1.HiveHeartbeatRequest) error {
+		func(req *rbeev1.HiveHeartbeatRequest, _ time.Time) error {
 			if req != first {
 				if h, err = hiveFromProto(req.GetHive()); err != nil {
 					return invalid(err)
@@ -260,7 +284,7 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 // newer one replaced it, the queen shuts down, or it floods. closed runs when the stream ends while
 // it still spoke for id.
 func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *Req,
-	recv func() (*Req, error), answer func() error, beat func(*Req) error, closed func()) error {
+	recv func() (*Req, error), answer func() error, beat func(*Req, time.Time) error, closed func()) error {
 	key := kind + "/" + id
 	stop := q.draining()
 	s := q.attach(key)
@@ -274,12 +298,13 @@ func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *
 		if err := q.endStatus(s, stop, kind+" "+id); err != nil {
 			return err
 		}
-		if !lim.allow(time.Now()) {
+		now := time.Now()
+		if !lim.allow(now) {
 			narrate.Warn(ctx, "queen", kind+"_heartbeat_flood", "Heartbeat stream over its rate limit; ending it",
 				zap.Int("max_beats_per_second", q.cfg.MaxBeatsPerSecond))
 			return status.Errorf(codes.ResourceExhausted, "more than %d heartbeats a second on this stream", q.cfg.MaxBeatsPerSecond)
 		}
-		if err := beat(req); err != nil {
+		if err := beat(req, now); err != nil {
 			return err
 		}
 		if err := answer(); err != nil {

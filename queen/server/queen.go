@@ -18,6 +18,7 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/errinfo"
+	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/validate"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/queen/fleet"
@@ -35,6 +36,12 @@ type Config struct {
 	Interval time.Duration
 	// MaxBeatsPerSecond ends a heartbeat stream that sends faster (0: no limit).
 	MaxBeatsPerSecond int
+	// MaxWatchers and MaxWatchersPerConn bound the WatchWorkers streams open at once, in all and
+	// on one connection (0: DefaultMaxWatchers, DefaultMaxWatchersPerConn).
+	MaxWatchers, MaxWatchersPerConn int
+	// WatchSendTimeout ends a watch whose client takes no message for this long
+	// (0: DefaultWatchSendTimeout).
+	WatchSendTimeout time.Duration
 	// Token is the cluster token; workers' own tokens are derived from it. "" runs without.
 	Token string
 	// Registerer receives the queen's metrics; nil keeps them unexported.
@@ -53,6 +60,7 @@ type Queen struct {
 	metrics *metrics
 	// listCache holds workers' encodings for ListWorkers.
 	listCache encodingCache
+	watchers  watchCount
 	beats
 }
 
@@ -60,6 +68,15 @@ type Queen struct {
 func New(cfg Config) *Queen {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
+	}
+	if cfg.MaxWatchers <= 0 {
+		cfg.MaxWatchers = DefaultMaxWatchers
+	}
+	if cfg.MaxWatchersPerConn <= 0 {
+		cfg.MaxWatchersPerConn = DefaultMaxWatchersPerConn
+	}
+	if cfg.WatchSendTimeout <= 0 {
+		cfg.WatchSendTimeout = DefaultWatchSendTimeout
 	}
 	q := &Queen{cfg: cfg, reg: cfg.Registry, fleet: cfg.Fleet, started: time.Now(), metrics: newMetrics(cfg.Registerer, cfg.Registry)}
 	q.beats.init()
@@ -173,34 +190,78 @@ func (q *Queen) ListHives(context.Context, *rbeev1.ListHivesRequest) (*rbeev1.Li
 
 // WatchWorkers sends the current set, a SYNCED marker, then every change. A watcher that falls
 // behind is sent RESET and a fresh snapshot by the registry, never a silent gap.
+//
+// Watchers are bounded in number (per connection and in all, RESOURCE_EXHAUSTED beyond), and so
+// is what one holds: the registry's part is bounded by design; the stream's own part is bounded
+// because a watch whose client has not taken a message for WatchSendTimeout is ended
+// (RESOURCE_EXHAUSTED) rather than left to hold its buffers.
 func (q *Queen) WatchWorkers(req *rbeev1.WatchWorkersRequest, stream rbeev1.QueenService_WatchWorkersServer) error {
 	if h := req.GetHiveId(); h != "" {
 		if err := validate.ID("hive_id", h); err != nil {
 			return invalid(err)
 		}
 	}
+	ctx := stream.Context()
+	release, err := q.watchers.admit(ctx, q.cfg.MaxWatchers, q.cfg.MaxWatchersPerConn)
+	if err != nil {
+		return err
+	}
+	defer release()
 	stop := q.draining()
 	w := q.reg.Watch(req.GetHiveId())
 	defer w.Close()
-	ctx := stream.Context()
+
+	// Sends happen on a goroutine of their own, handed one message at a time, so that a send the
+	// client's flow control holds up cannot hold this handler: when it is stuck for too long,
+	// the handler returns, gRPC ends the stream, and the stuck send returns with it.
+	out := make(chan *rbeev1.WatchWorkersResponse)
+	sendErr := make(chan error, 1)
+	go func() {
+		for resp := range out {
+			if err := stream.Send(resp); err != nil {
+				sendErr <- err
+				return
+			}
+		}
+	}()
+	defer close(out)
+	stalled := time.NewTimer(time.Hour)
+	stalled.Stop()
+	defer stalled.Stop()
 	for {
+		var ev registry.Event
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-stop:
 			return status.Error(codes.Unavailable, "queen shutting down")
-		case ev, ok := <-w.Events():
+		case err := <-sendErr:
+			return err
+		case e, ok := <-w.Events():
 			if !ok {
 				return status.Error(codes.Unavailable, "watch closed by the queen")
 			}
-			resp := &rbeev1.WatchWorkersResponse{Type: eventToProto[ev.Type], Revision: ev.Revision, Reason: ev.Reason}
-			if ev.Type == registry.EventAdded || ev.Type == registry.EventUpdated || ev.Type == registry.EventRemoved {
-				resp.Worker = workerToProto(ev.Worker)
-			}
-			if err := stream.Send(resp); err != nil {
-				return err
-			}
+			ev = e
 		}
+		resp := &rbeev1.WatchWorkersResponse{Type: eventToProto[ev.Type], Revision: ev.Revision, Reason: ev.Reason}
+		if ev.Type == registry.EventAdded || ev.Type == registry.EventUpdated || ev.Type == registry.EventRemoved {
+			resp.Worker = workerToProto(ev.Worker)
+		}
+		stalled.Reset(q.cfg.WatchSendTimeout)
+		select {
+		case out <- resp:
+		case <-stalled.C:
+			narrate.Warn(ctx, "queen", "watch_stalled", "A watch's client stopped reading; ended it",
+				zap.Duration("watch_send_timeout", q.cfg.WatchSendTimeout))
+			return status.Errorf(codes.ResourceExhausted, "this watch's client has not read for %v; the watch was ended (watch again to resume)", q.cfg.WatchSendTimeout)
+		case err := <-sendErr:
+			return err
+		case <-ctx.Done():
+			return nil
+		case <-stop:
+			return status.Error(codes.Unavailable, "queen shutting down")
+		}
+		stalled.Stop()
 	}
 }
 
