@@ -79,10 +79,19 @@ func UnaryServerInterceptor(base *zap.Logger) grpc.UnaryServerInterceptor {
 // StreamServerInterceptor is UnaryServerInterceptor for streams.
 func StreamServerInterceptor(base *zap.Logger) grpc.StreamServerInterceptor {
 	return func(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-		id := incoming(ss.Context())
-		_ = ss.SetHeader(metadata.Pairs(MetadataKey, id))
-		return handler(srv, &stream{ServerStream: ss, ctx: With(ss.Context(), base, id)})
+		return handler(srv, ServerStream(ss, base, true))
 	}
+}
+
+// ServerStream is what StreamServerInterceptor does to a stream, for interceptors that compose
+// it themselves: ss with the caller's job id (or a new one) on its context and, if header, in its
+// response header.
+func ServerStream(ss grpc.ServerStream, base *zap.Logger, header bool) grpc.ServerStream {
+	id := incoming(ss.Context())
+	if header {
+		_ = ss.SetHeader(metadata.Pairs(MetadataKey, id))
+	}
+	return &stream{ServerStream: ss, ctx: With(ss.Context(), base, id)}
 }
 
 type stream struct {

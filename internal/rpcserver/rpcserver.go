@@ -47,7 +47,8 @@ type Options struct {
 	ShutdownTimeout time.Duration
 	// Metrics, if set, counts and times every call (Prometheus), except the streams named in
 	// Unmetered: per-message counters on a stream carrying 100,000 heartbeats a second cost the
-	// queen 7% of its CPU, and the queen counts heartbeats itself.
+	// queen 7% of its CPU, and the queen counts heartbeats itself. Unmetered streams also get the
+	// light interceptor chain (see lightStream).
 	Metrics   *grpcprom.ServerMetrics
 	Unmetered []string
 	// Auth checks every call's credentials but health checks; nil lets every call through.
@@ -89,12 +90,32 @@ const (
 	connWriteBuffer = 16 << 10
 )
 
-// finishLogger logs a stream's end the way the logging middleware does (level by code), without
-// wrapping its messages.
-func finishLogger(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
-	t0 := time.Now()
-	err := handler(srv, ss)
-	code := status.Code(err)
+// lightStream is the interceptor chain of the Unmetered streams (the heartbeats: one per worker,
+// open for its whole life): job id (logged, not echoed), auth, panic recovery and one log line at
+// the end, composed in one function. The middleware chain wraps every message (the logging middleware cost 8% of the
+// queen's CPU) and its frames stay on each stream's stack while it waits for the next beat:
+// 10,000 such stacks are most of the queen's memory.
+type lightStream struct {
+	log  *zap.Logger
+	auth grpc.StreamServerInterceptor
+}
+
+func (l *lightStream) intercept(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+	// The job id is in the logs but not echoed in a response header: gRPC keeps a stream's header
+	// for its whole life, about 600 bytes a stream, and no heartbeat client reads it.
+	ss = jobid.ServerStream(ss, l.log, false)
+	defer l.finish(ss.Context(), info.FullMethod, time.Now(), &err)
+	return l.auth(srv, ss, info, handler)
+}
+
+// finish recovers a panic (INTERNAL "internal error" to the caller, the details in the log) and
+// logs the call's end the way the logging middleware does (level by code).
+func (l *lightStream) finish(ctx context.Context, method string, t0 time.Time, err *error) {
+	if p := recover(); p != nil {
+		narrate.Logger(ctx).Error("panic in handler", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
+		*err = status.Error(codes.Internal, "internal error")
+	}
+	code := status.Code(*err)
 	lvl := zapcore.InfoLevel
 	switch logging.DefaultServerCodeToLevel(code) {
 	case logging.LevelDebug:
@@ -104,16 +125,33 @@ func finishLogger(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, ha
 	case logging.LevelError:
 		lvl = zapcore.ErrorLevel
 	}
-	l := narrate.Logger(ss.Context())
-	if ce := l.Check(lvl, "finished call"); ce != nil {
-		fields := []zap.Field{zap.String("grpc.method", info.FullMethod), zap.String("grpc.code", code.String()),
+	if ce := narrate.Logger(ctx).Check(lvl, "finished call"); ce != nil {
+		fields := []zap.Field{zap.String("grpc.method", method), zap.String("grpc.code", code.String()),
 			zap.Float64("grpc.time_ms", float64(time.Since(t0).Microseconds())/1000)}
-		if err != nil {
-			fields = append(fields, zap.Error(err))
+		if *err != nil {
+			fields = append(fields, zap.Error(*err))
 		}
 		ce.Write(fields...)
 	}
-	return err
+}
+
+// chainStream composes interceptors into one, the first outermost, as grpc.ChainStreamInterceptor.
+func chainStream(ints []grpc.StreamServerInterceptor) grpc.StreamServerInterceptor {
+	if len(ints) == 1 {
+		return ints[0]
+	}
+	return func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		return ints[0](srv, ss, info, chainHandler(ints[1:], info, handler))
+	}
+}
+
+func chainHandler(ints []grpc.StreamServerInterceptor, info *grpc.StreamServerInfo, final grpc.StreamHandler) grpc.StreamHandler {
+	if len(ints) == 0 {
+		return final
+	}
+	return func(srv any, ss grpc.ServerStream) error {
+		return ints[0](srv, ss, info, chainHandler(ints[1:], info, final))
+	}
 }
 
 // New builds the server. Register services on s.GRPC, then call Serve.
@@ -151,14 +189,6 @@ func New(o Options) *Server {
 		unary = append(unary, o.Metrics.UnaryServerInterceptor())
 		stream = append(stream, selector.StreamServerInterceptor(o.Metrics.StreamServerInterceptor(), metered))
 	}
-	// The logging middleware wraps every message of a stream; on the heartbeat streams (the
-	// Unmetered ones) that cost 8% of the queen's CPU, so they get a log line at their end only.
-	unmetered := selector.MatchFunc(func(_ context.Context, c interceptors.CallMeta) bool {
-		return slices.Contains(o.Unmetered, c.FullMethod())
-	})
-	loggedPerMessage := selector.MatchFunc(func(ctx context.Context, c interceptors.CallMeta) bool {
-		return notHealth.Match(ctx, c) && !unmetered.Match(ctx, c)
-	})
 	unary = append(append(unary,
 		jobid.UnaryServerInterceptor(log),
 		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(interceptorLogger(log), logOpts...), notHealth),
@@ -167,14 +197,25 @@ func New(o Options) *Server {
 	), o.Unary...)
 	stream = append(append(stream,
 		jobid.StreamServerInterceptor(log),
-		selector.StreamServerInterceptor(logging.StreamServerInterceptor(interceptorLogger(log), logOpts...), loggedPerMessage),
-		selector.StreamServerInterceptor(finishLogger, unmetered),
+		selector.StreamServerInterceptor(logging.StreamServerInterceptor(interceptorLogger(log), logOpts...), notHealth),
 		recovery.StreamServerInterceptor(recoverOpt),
 		o.Auth.StreamInterceptor(),
 	), o.Stream...)
+	full := chainStream(stream)
+	light := &lightStream{log: log, auth: chainStream(append([]grpc.StreamServerInterceptor{o.Auth.StreamInterceptor()}, o.Stream...))}
+	unmetered := map[string]bool{}
+	for _, m := range o.Unmetered {
+		unmetered[m] = true
+	}
+	dispatch := func(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+		if unmetered[info.FullMethod] {
+			return light.intercept(srv, ss, info, handler)
+		}
+		return full(srv, ss, info, handler)
+	}
 	opts := append([]grpc.ServerOption{
 		grpc.ChainUnaryInterceptor(unary...),
-		grpc.ChainStreamInterceptor(stream...),
+		grpc.StreamInterceptor(dispatch),
 		grpc.MaxRecvMsgSize(MaxMessageBytes),
 		grpc.MaxConcurrentStreams(MaxStreamsPerConn),
 		// Every worker holds a connection to the queen that carries a few hundred bytes a second.

@@ -2,9 +2,11 @@ package rpcserver
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,6 +22,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 	"google.golang.org/protobuf/types/known/emptypb"
 
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/jobid"
 )
 
@@ -209,5 +212,77 @@ func TestShutdownCutsHeldConnections(t *testing.T) {
 				t.Errorf("Serve returned %v after shutdown began, want within %v", took, tc.within)
 			}
 		})
+	}
+}
+
+// The Unmetered streams (the heartbeats) skip the per-message middleware but keep what every call
+// gets: credentials checked, a panic answered INTERNAL and logged with its job id, and a log line
+// at the end with the code and the job id.
+func TestUnmeteredStreamsKeepAuthRecoveryAndLogging(t *testing.T) {
+	core, logs := observer.New(zap.DebugLevel)
+	const token = "cluster-token-for-test"
+	s := New(Options{Logger: zap.New(core), Auth: auth.NewVerifier(token), Unmetered: []string{"/test.Svc/Beat"}})
+	var panicNext atomic.Bool
+	s.GRPC.RegisterService(&grpc.ServiceDesc{
+		ServiceName: "test.Svc",
+		HandlerType: (*any)(nil),
+		Streams: []grpc.StreamDesc{{StreamName: "Beat", ClientStreams: true, ServerStreams: true,
+			Handler: func(_ any, ss grpc.ServerStream) error {
+				if jobid.FromContext(ss.Context()) == "" {
+					return status.Error(codes.FailedPrecondition, "no job id on the stream's context")
+				}
+				if panicNext.Load() {
+					panic("boom")
+				}
+				in := new(emptypb.Empty)
+				if err := ss.RecvMsg(in); err != nil {
+					return err
+				}
+				return ss.SendMsg(in)
+			}}},
+	}, struct{}{})
+	lis := bufconn.Listen(1 << 16)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = s.Serve(ctx, lis, nil) }()
+	conn, err := grpc.NewClient("passthrough:///buf",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(); cancel(); <-done })
+	desc := &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}
+	call := func(ctx context.Context) error {
+		st, err := conn.NewStream(ctx, desc, "/test.Svc/Beat")
+		if err != nil {
+			return err
+		}
+		if err := st.SendMsg(&emptypb.Empty{}); err != nil && !errors.Is(err, io.EOF) {
+			return err
+		}
+		return st.RecvMsg(&emptypb.Empty{}) // io.EOF from SendMsg: the status comes here
+	}
+	if err := call(t.Context()); status.Code(err) != codes.Unauthenticated {
+		t.Fatalf("without the token: %v, want UNAUTHENTICATED", err)
+	}
+	authed := metadata.AppendToOutgoingContext(t.Context(), "authorization", "Bearer "+token)
+	if err := call(authed); err != nil {
+		t.Fatalf("with the token: %v", err)
+	}
+	panicNext.Store(true)
+	if st := status.Convert(call(authed)); st.Code() != codes.Internal || st.Message() != "internal error" {
+		t.Fatalf("a panic answered %v, want INTERNAL \"internal error\"", st)
+	}
+	if n := len(logs.FilterMessage("panic in handler").FilterFieldKey("job_id").All()); n != 1 {
+		t.Errorf("%d panic log lines with a job id, want 1", n)
+	}
+	ends := logs.FilterMessage("finished call").FilterField(zap.String("grpc.method", "/test.Svc/Beat")).FilterFieldKey("job_id").All()
+	codesSeen := map[string]bool{}
+	for _, e := range ends {
+		codesSeen[e.ContextMap()["grpc.code"].(string)] = true
+	}
+	if !codesSeen["Unauthenticated"] || !codesSeen["OK"] || !codesSeen["Internal"] {
+		t.Errorf("finished-call lines with job ids for codes %v, want Unauthenticated, OK and Internal", codesSeen)
 	}
 }

@@ -215,7 +215,8 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 			zap.String("claimed_worker_id", id), zap.String("token_worker_id", who.WorkerID))
 		return status.Errorf(codes.PermissionDenied, "this stream's token is for worker %q, not %q", who.WorkerID, id)
 	}
-	ctx = narrate.WithLogger(ctx, narrate.Logger(ctx).WithLazy(zap.String("worker_id", id)))
+	// No per-stream logger with the worker id: a stream is open for every worker, and its few log
+	// lines name the worker themselves.
 	// Every answer is the same: encode it once for the stream's life.
 	var resp grpc.PreparedMsg
 	if err := resp.Encode(stream, &rbeev1.WorkerHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}); err != nil {
@@ -301,7 +302,7 @@ func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *
 		now := time.Now()
 		if !lim.allow(now) {
 			narrate.Warn(ctx, "queen", kind+"_heartbeat_flood", "Heartbeat stream over its rate limit; ending it",
-				zap.Int("max_beats_per_second", q.cfg.MaxBeatsPerSecond))
+				zap.String(kind+"_id", id), zap.Int("max_beats_per_second", q.cfg.MaxBeatsPerSecond))
 			return status.Errorf(codes.ResourceExhausted, "more than %d heartbeats a second on this stream", q.cfg.MaxBeatsPerSecond)
 		}
 		if err := beat(req, now); err != nil {
@@ -312,7 +313,7 @@ func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *
 		}
 		var err error
 		if req, err = recv(); err != nil {
-			return q.recvEnd(ctx, err)
+			return q.recvEnd(ctx, err, zap.String(kind+"_id", id))
 		}
 	}
 }
@@ -321,7 +322,7 @@ func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *
 // cancelled client, a dropped connection or the queen's own shutdown are routine (debug: a fleet
 // reconnecting would otherwise write thousands of warnings, and the registry already marks the
 // worker STALE); anything else is worth a warning.
-func (q *Queen) recvEnd(ctx context.Context, err error) error {
+func (q *Queen) recvEnd(ctx context.Context, err error, fields ...zap.Field) error {
 	if errors.Is(err, io.EOF) {
 		return nil
 	}
@@ -332,10 +333,10 @@ func (q *Queen) recvEnd(ctx context.Context, err error) error {
 	default:
 	}
 	if code == codes.Canceled || code == codes.Unavailable || ctx.Err() != nil {
-		narrate.Logger(ctx).Debug("heartbeat stream ended by the peer or the connection", zap.Error(err))
+		narrate.Logger(ctx).Debug("heartbeat stream ended by the peer or the connection", append(fields, zap.Error(err))...)
 		return nil
 	}
-	narrate.Logger(ctx).Warn("heartbeat stream failed", zap.Error(err))
+	narrate.Logger(ctx).Warn("heartbeat stream failed", append(fields, zap.Error(err))...)
 	return err
 }
 
