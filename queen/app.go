@@ -120,7 +120,7 @@ func newApp(o options, log *zap.Logger) (*app, error) {
 	// Heartbeat streams end at their next beat once draining starts, so the graceful stop needs
 	// a little more than one interval.
 	a.srv = rpcserver.New(rpcserver.Options{Logger: log, ShutdownTimeout: 2*o.interval + 3*time.Second, Metrics: a.ms.GRPC,
-		Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions(),
+		Auth: o.creds.Verifier, ServerOptions: append(o.creds.ServerOptions(), server.ServerCodec()),
 		Unary: []grpc.UnaryServerInterceptor{a.gateUnary}, Stream: []grpc.StreamServerInterceptor{a.gateStream},
 		Unmetered: []string{auth.WorkerHeartbeatMethod}})
 	rbeev1.RegisterQueenServiceServer(a.srv.GRPC, a.q)

@@ -222,9 +222,18 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 	if err := resp.Encode(stream, &rbeev1.WorkerHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}); err != nil {
 		return status.Errorf(codes.Internal, "encoding the heartbeat answer: %v", err)
 	}
-	return serveBeats(q, ctx, "worker", id, first, stream.Recv, func() error { return stream.SendMsg(&resp) },
-		func(req *rbeev1.WorkerHeartbeatRequest, now time.Time) error {
-			if req != first {
+	// Each beat is decoded into the previous one's message (see ServerCodec): hold no other
+	// reference to it across beats.
+	reuse := first
+	recv := func() (*rbeev1.WorkerHeartbeatRequest, error) {
+		if err := stream.RecvMsg(reuse); err != nil {
+			return nil, err
+		}
+		return reuse, nil
+	}
+	return serveBeats(q, ctx, "worker", id, first, recv, func() error { return stream.SendMsg(&resp) },
+		func(req *rbeev1.WorkerHeartbeatRequest, isFirst bool, now time.Time) error {
+			if !isFirst {
 				// A worker sends the same descriptor beat after beat: check only what changed.
 				if w, err = workerFromProtoSince(req.GetWorker(), &w); err != nil {
 					return invalid(err)
@@ -258,8 +267,8 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 	narrate.Event(ctx, "queen", "hive_registered", fmt.Sprintf("Hive %s registered at %s", id, h.Address), zap.String("address", h.Address))
 	resp := &rbeev1.HiveHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}
 	return serveBeats(q, ctx, "hive", id, first, stream.Recv, func() error { return stream.Send(resp) },
-		func(req *rbeev1.HiveHeartbeatRequest, _ time.Time) error {
-			if req != first {
+		func(req *rbeev1.HiveHeartbeatRequest, isFirst bool, _ time.Time) error {
+			if !isFirst {
 				if h, err = hiveFromProto(req.GetHive()); err != nil {
 					return invalid(err)
 				}
@@ -285,7 +294,7 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 // newer one replaced it, the queen shuts down, or it floods. closed runs when the stream ends while
 // it still spoke for id.
 func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *Req,
-	recv func() (*Req, error), answer func() error, beat func(*Req, time.Time) error, closed func()) error {
+	recv func() (*Req, error), answer func() error, beat func(req *Req, isFirst bool, now time.Time) error, closed func()) error {
 	key := kind + "/" + id
 	stop := q.draining()
 	s := q.attach(key)
@@ -295,7 +304,9 @@ func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *
 		}
 	}()
 	lim := limiter{rate: float64(q.cfg.MaxBeatsPerSecond)}
-	for req := first; ; {
+	req, isFirst := first, true
+	first = nil
+	for {
 		if err := q.endStatus(s, stop, kind+" "+id); err != nil {
 			return err
 		}
@@ -305,12 +316,14 @@ func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *
 				zap.String(kind+"_id", id), zap.Int("max_beats_per_second", q.cfg.MaxBeatsPerSecond))
 			return status.Errorf(codes.ResourceExhausted, "more than %d heartbeats a second on this stream", q.cfg.MaxBeatsPerSecond)
 		}
-		if err := beat(req, now); err != nil {
+		if err := beat(req, isFirst, now); err != nil {
 			return err
 		}
 		if err := answer(); err != nil {
 			return err
 		}
+		// Hold no request while waiting for the next: a stream waits for every worker.
+		req, isFirst = nil, false
 		var err error
 		if req, err = recv(); err != nil {
 			return q.recvEnd(ctx, err, zap.String(kind+"_id", id))

@@ -94,7 +94,8 @@ func newEnvStart(t *testing.T, cfg Config, startTimeout time.Duration) *env {
 		cfg.Interval = time.Second
 	}
 	q := New(cfg)
-	srv := rpcserver.New(rpcserver.Options{Logger: zap.NewNop(), ShutdownTimeout: time.Second})
+	srv := rpcserver.New(rpcserver.Options{Logger: zap.NewNop(), ShutdownTimeout: time.Second,
+		ServerOptions: []grpc.ServerOption{ServerCodec()}, Unmetered: []string{"/rbee.v1.HeartbeatService/WorkerHeartbeat"}})
 	rbeev1.RegisterQueenServiceServer(srv.GRPC, q)
 	rbeev1.RegisterHeartbeatServiceServer(srv.GRPC, q)
 	lis := bufconn.Listen(1 << 20)

@@ -1,0 +1,56 @@
+package server
+
+import (
+	"testing"
+
+	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/protobuf/encoding/protowire"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/timestamppb"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+)
+
+// Decoding beat after beat into the same message gives exactly what a fresh decode gives: no field
+// of an earlier beat survives into a later one, whatever is present or absent.
+func TestCodecReuseDecodesLikeAFreshMessage(t *testing.T) {
+	full := &rbeev1.WorkerHeartbeatRequest{Worker: &rbeev1.Worker{
+		WorkerId: "w1", HiveId: "h1", Model: "m", Device: "cuda:0", Pid: 42, Port: 9100, State: rbeev1.WorkerState_WORKER_STATE_BUSY,
+		ProcessStartTime: 7, LastHeartbeatTime: timestamppb.Now(), CreateTime: timestamppb.Now(), Address: "10.0.0.1",
+		InFlight: 3, Concurrency: 4, StatusMessage: "loading",
+	}}
+	sparse := &rbeev1.WorkerHeartbeatRequest{Worker: &rbeev1.Worker{WorkerId: "w1", State: rbeev1.WorkerState_WORKER_STATE_READY}}
+	withUnknown, _ := proto.Marshal(sparse)
+	withUnknown = protowire.AppendTag(withUnknown, 99, protowire.VarintType)
+	withUnknown = protowire.AppendVarint(withUnknown, 5)
+	var emptyWorker []byte
+	emptyWorker = protowire.AppendTag(emptyWorker, 1, protowire.BytesType)
+	emptyWorker = protowire.AppendBytes(emptyWorker, nil)
+	enc := func(m proto.Message) []byte {
+		b, err := proto.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	seq := [][]byte{enc(full), enc(sparse), enc(full), withUnknown, enc(&rbeev1.WorkerHeartbeatRequest{}), enc(full), emptyWorker, enc(sparse)}
+	c := codec{encoding.GetCodecV2("proto")}
+	reused := new(rbeev1.WorkerHeartbeatRequest)
+	for i, b := range seq {
+		if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer(b)}, reused); err != nil {
+			t.Fatalf("beat %d: %v", i, err)
+		}
+		fresh := new(rbeev1.WorkerHeartbeatRequest)
+		if err := proto.Unmarshal(b, fresh); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(reused, fresh) || (reused.Worker == nil) != (fresh.Worker == nil) {
+			t.Fatalf("beat %d decodes to %v, a fresh decode to %v", i, reused, fresh)
+		}
+	}
+	// Bad input is refused as by the plain codec.
+	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte{0x0a, 0x05, 0x0a})}, reused); err == nil {
+		t.Fatal("a truncated message was accepted")
+	}
+}
