@@ -32,6 +32,9 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/rbee-dev/rbee/bench/internal/loopback"
 	"github.com/rbee-dev/rbee/bench/internal/measure"
@@ -47,6 +50,8 @@ type config struct {
 	restart        bool
 	interval       time.Duration
 	queenPID       int
+	watchers       int
+	flip           bool
 }
 
 func main() {
@@ -61,6 +66,8 @@ func main() {
 	flag.BoolVar(&c.restart, "restart", false, "with -bin: SIGKILL the queen after warm-up, restart it, and time the relearning")
 	flag.DurationVar(&c.interval, "interval", time.Second, "with -bin: the queen's --heartbeat-interval")
 	flag.IntVar(&c.queenPID, "queen-pid", 0, "with -queen: the queen's PID, to read its CPU and RSS")
+	flag.IntVar(&c.watchers, "watchers", 0, "also open this many WatchWorkers streams (100 per connection) and never read them")
+	flag.BoolVar(&c.flip, "flip", false, "workers alternate READY and BUSY, so every beat is a change watchers are sent")
 	flag.Parse()
 	if c.workers < 1 || c.workers > 50000 || c.conns < 1 || c.conns > c.workers || c.duration <= 0 || c.duration > 10*time.Minute ||
 		c.rate < 0 || (c.bin == "") == (c.queen == "") || (c.restart && c.bin == "") {
@@ -141,6 +148,7 @@ func run(c config) error {
 
 	fmt.Printf("queen %s: %d streams over %d connections, rate %s, warm-up %v, measuring %v (%d CPUs here)\n",
 		addr, c.workers, c.conns, rateName(c.rate), c.warm, c.duration, numCPU())
+	watches := openWatches(ctx, addr, c.watchers)
 	time.Sleep(c.warm) // the load's own schedule, not synchronisation
 	if got := st.connected.Load(); got < int64(c.workers) {
 		fmt.Printf("  warning: only %d of %d streams connected after warm-up\n", got, c.workers)
@@ -167,7 +175,73 @@ func run(c config) error {
 		fmt.Printf("  queen CPU         %.0f%% of one core, %.2f µs per beat (%.2f s / %d beats); RSS %.1f MB (%.1f KB per worker)\n",
 			100*cpu/elapsed.Seconds(), perBeat, cpu, n, float64(rss)/1024, float64(rss)/float64(c.workers))
 	}
+	if c.watchers > 0 {
+		watches.report(c.queenPID)
+	}
 	return listReport(queen, c.workers)
+}
+
+// unreadWatches are WatchWorkers streams the tool opens and never reads, as a stuck dashboard.
+type unreadWatches struct {
+	streams []rbeev1.QueenService_WatchWorkersClient
+	refused map[string]int
+}
+
+func openWatches(ctx context.Context, addr string, n int) *unreadWatches {
+	u := &unreadWatches{refused: map[string]int{}}
+	var cc *grpc.ClientConn
+	for i := range n {
+		if i%100 == 0 {
+			var err error
+			if cc, err = grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
+				u.refused[err.Error()]++
+				continue
+			}
+			go func() { <-ctx.Done(); cc.Close() }()
+		}
+		st, err := rbeev1.NewQueenServiceClient(cc).WatchWorkers(ctx, &rbeev1.WatchWorkersRequest{})
+		if err == nil {
+			// An accepted watch sends headers with its first event; a refused one ends without.
+			var md metadata.MD
+			if md, err = st.Header(); err == nil && md != nil {
+				u.streams = append(u.streams, st)
+				continue
+			}
+			if err == nil {
+				_, err = st.Recv()
+			}
+		}
+		u.refused[status.Code(err).String()]++
+	}
+	return u
+}
+
+// report prints the queen's peak RSS and how the unread watches ended: drained now, each ends
+// with the status the queen gave it (or is still open after 5 s).
+func (u *unreadWatches) report(pid int) {
+	if hwm, err := statusKB(pid, "VmHWM:"); err == nil {
+		fmt.Printf("  unread watches    %d open, refused %v; queen peak RSS %.1f MB\n", len(u.streams), u.refused, float64(hwm)/1024)
+	}
+	ends := map[string]int{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	deadline := time.Now().Add(5 * time.Second)
+	for _, st := range u.streams {
+		wg.Go(func() {
+			code := "still open"
+			for time.Now().Before(deadline) {
+				if _, err := st.Recv(); err != nil {
+					code = status.Code(err).String()
+					break
+				}
+			}
+			mu.Lock()
+			ends[code]++
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	fmt.Printf("  unread watches    read at last: %v\n", ends)
 }
 
 // listReport prints how many of the load's workers the queen shows, by state, and times
@@ -284,10 +358,19 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, st *stats) 
 			}
 			// The request is the same every beat: encode it once per stream, and reuse one
 			// response and one timer, so the tool spends its CPU on the wire, not on itself.
-			var msg grpc.PreparedMsg
-			if err = msg.Encode(stream, req); err != nil {
+			var msgs [2]grpc.PreparedMsg
+			if err = msgs[0].Encode(stream, req); err != nil {
 				break
 			}
+			msgs[1] = msgs[0]
+			if c.flip {
+				busy := proto.Clone(req).(*rbeev1.WorkerHeartbeatRequest)
+				busy.Worker.State = rbeev1.WorkerState_WORKER_STATE_BUSY
+				if err = msgs[1].Encode(stream, busy); err != nil {
+					break
+				}
+			}
+			n := 0
 			resp := new(rbeev1.WorkerHeartbeatResponse)
 			var next time.Time
 			if period > 0 {
@@ -307,7 +390,8 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, st *stats) 
 					next = next.Add(period)
 				}
 				t0 := time.Now()
-				if err = stream.SendMsg(&msg); err != nil {
+				n++
+				if err = stream.SendMsg(&msgs[n%2]); err != nil {
 					break
 				}
 				if err = stream.RecvMsg(resp); err != nil {
@@ -346,3 +430,17 @@ func rateName(r float64) string {
 }
 
 func numCPU() int { return runtime.NumCPU() }
+
+// statusKB reads a kB field of /proc/PID/status, such as "VmHWM:".
+func statusKB(pid int, field string) (int64, error) {
+	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, field); ok {
+			return strconv.ParseInt(strings.Fields(v)[0], 10, 64)
+		}
+	}
+	return 0, errors.New("no " + field + " in /proc/PID/status")
+}

@@ -10,12 +10,13 @@ import (
 	"google.golang.org/grpc/status"
 )
 
-// Watch limits: a watch holds a few goroutines and up to about 100 KB while its client lags
-// (gRPC's send window and one message, a registry page, a queue of event pointers); these keep
-// the worst case near 100 MB.
+// Watch limits. A watch whose client stops reading holds up to about 300 KB until
+// WatchSendTimeout ends it: gRPC queues 64 KiB of payload per stream, some 700 small messages of
+// 250 bytes each with their frames, besides a registry page of 64 workers, a queue of event
+// pointers and three goroutines. The defaults keep that worst case near 150 MB.
 const (
-	DefaultMaxWatchers        = 1000
-	DefaultMaxWatchersPerConn = 100
+	DefaultMaxWatchers        = 512
+	DefaultMaxWatchersPerConn = 64
 	DefaultWatchSendTimeout   = 10 * time.Second
 )
 

@@ -70,3 +70,34 @@ func TestWorkerLsPagesThroughAll(t *testing.T) {
 		t.Fatalf("--state sleepy: exit %d, want %d (%s)", code, ExitUsage, errOut)
 	}
 }
+
+// Before SYNCED a watch may carry changes to workers it has sent already; the table folds them in.
+func TestApplyEventFoldsChangesBeforeSynced(t *testing.T) {
+	ev := func(typ rbeev1.WatchEventType, id string, st rbeev1.WorkerState) *rbeev1.WatchWorkersResponse {
+		return &rbeev1.WatchWorkersResponse{Type: typ, Worker: &rbeev1.Worker{WorkerId: id, State: st}}
+	}
+	const (
+		added   = rbeev1.WatchEventType_WATCH_EVENT_TYPE_ADDED
+		updated = rbeev1.WatchEventType_WATCH_EVENT_TYPE_UPDATED
+		removed = rbeev1.WatchEventType_WATCH_EVENT_TYPE_REMOVED
+		ready   = rbeev1.WorkerState_WORKER_STATE_READY
+		busy    = rbeev1.WorkerState_WORKER_STATE_BUSY
+	)
+	var ws []*rbeev1.Worker
+	for _, e := range []*rbeev1.WatchWorkersResponse{
+		ev(added, "a", ready), ev(added, "c", ready), ev(updated, "a", busy), ev(removed, "c", ready),
+		ev(added, "d", ready), ev(added, "b", ready), ev(removed, "zz", ready),
+	} {
+		ws = applyEvent(ws, e)
+	}
+	var got []string
+	for _, w := range ws {
+		got = append(got, w.GetWorkerId()+"="+strings.TrimPrefix(w.GetState().String(), "WORKER_STATE_"))
+	}
+	if strings.Join(got, " ") != "a=BUSY b=READY d=READY" {
+		t.Fatalf("table = %v", got)
+	}
+	if ws = applyEvent(ws, &rbeev1.WatchWorkersResponse{Type: rbeev1.WatchEventType_WATCH_EVENT_TYPE_RESET}); len(ws) != 0 {
+		t.Fatalf("after RESET: %v", ws)
+	}
+}

@@ -3,6 +3,7 @@ package cli
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -200,9 +201,11 @@ snapshot and SYNCED follow.`,
 				continue
 			}
 			switch {
-			case !synced && ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_ADDED:
-				snapshot = append(snapshot, ev.GetWorker())
-			case !synced && ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_SYNCED:
+			case !synced && ev.GetType() != rbeev1.WatchEventType_WATCH_EVENT_TYPE_SYNCED:
+				// The queen reads its snapshot as it sends it, so changes to workers already sent
+				// can come before SYNCED: fold them into the table.
+				snapshot = applyEvent(snapshot, ev)
+			case !synced:
 				synced = true
 				if err := writeWorkers(a.out, snapshot, time.Now()); err != nil {
 					return err
@@ -261,4 +264,26 @@ func removeWorker(cl *client, id string) error {
 		}
 		backoff = min(2*backoff, time.Second)
 	}
+}
+
+// applyEvent folds a watch event into a list of workers kept in id order.
+func applyEvent(ws []*rbeev1.Worker, ev *rbeev1.WatchWorkersResponse) []*rbeev1.Worker {
+	if ev.GetType() == rbeev1.WatchEventType_WATCH_EVENT_TYPE_RESET {
+		return ws[:0]
+	}
+	id := ev.GetWorker().GetWorkerId()
+	i, found := slices.BinarySearchFunc(ws, id, func(w *rbeev1.Worker, id string) int { return strings.Compare(w.GetWorkerId(), id) })
+	switch ev.GetType() {
+	case rbeev1.WatchEventType_WATCH_EVENT_TYPE_ADDED, rbeev1.WatchEventType_WATCH_EVENT_TYPE_UPDATED:
+		if found {
+			ws[i] = ev.GetWorker()
+		} else {
+			ws = slices.Insert(ws, i, ev.GetWorker())
+		}
+	case rbeev1.WatchEventType_WATCH_EVENT_TYPE_REMOVED:
+		if found {
+			ws = slices.Delete(ws, i, i+1)
+		}
+	}
+	return ws
 }
