@@ -31,8 +31,8 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
-	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
@@ -66,7 +66,7 @@ func main() {
 	flag.BoolVar(&c.restart, "restart", false, "with -bin: SIGKILL the queen after warm-up, restart it, and time the relearning")
 	flag.DurationVar(&c.interval, "interval", time.Second, "with -bin: the queen's --heartbeat-interval")
 	flag.IntVar(&c.queenPID, "queen-pid", 0, "with -queen: the queen's PID, to read its CPU and RSS")
-	flag.IntVar(&c.watchers, "watchers", 0, "also open this many WatchWorkers streams (100 per connection) and never read them")
+	flag.IntVar(&c.watchers, "watchers", 0, "also open this many WatchWorkers streams (64 per connection) and never read them")
 	flag.BoolVar(&c.flip, "flip", false, "workers alternate READY and BUSY, so every beat is a change watchers are sent")
 	flag.Parse()
 	if c.workers < 1 || c.workers > 50000 || c.conns < 1 || c.conns > c.workers || c.duration <= 0 || c.duration > 10*time.Minute ||
@@ -185,13 +185,15 @@ func run(c config) error {
 type unreadWatches struct {
 	streams []rbeev1.QueenService_WatchWorkersClient
 	refused map[string]int
+	cancel  context.CancelFunc // ends the streams still open
 }
 
 func openWatches(ctx context.Context, addr string, n int) *unreadWatches {
-	u := &unreadWatches{refused: map[string]int{}}
+	ctx, cancel := context.WithCancel(ctx)
+	u := &unreadWatches{refused: map[string]int{}, cancel: cancel}
 	var cc *grpc.ClientConn
 	for i := range n {
-		if i%100 == 0 {
+		if i%64 == 0 { // the queen's default --max-watchers-per-conn
 			var err error
 			if cc, err = grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials())); err != nil {
 				u.refused[err.Error()]++
@@ -201,14 +203,10 @@ func openWatches(ctx context.Context, addr string, n int) *unreadWatches {
 		}
 		st, err := rbeev1.NewQueenServiceClient(cc).WatchWorkers(ctx, &rbeev1.WatchWorkersRequest{})
 		if err == nil {
-			// An accepted watch sends headers with its first event; a refused one ends without.
-			var md metadata.MD
-			if md, err = st.Header(); err == nil && md != nil {
+			// An accepted watch sends an event at once (the snapshot, or SYNCED); a refused one ends.
+			if _, err = st.Recv(); err == nil {
 				u.streams = append(u.streams, st)
 				continue
-			}
-			if err == nil {
-				_, err = st.Recv()
 			}
 		}
 		u.refused[status.Code(err).String()]++
@@ -225,15 +223,17 @@ func (u *unreadWatches) report(pid int) {
 	ends := map[string]int{}
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	deadline := time.Now().Add(5 * time.Second)
+	stop := time.AfterFunc(5*time.Second, u.cancel) // those the queen has not ended by then
+	defer stop.Stop()
 	for _, st := range u.streams {
 		wg.Go(func() {
-			code := "still open"
-			for time.Now().Before(deadline) {
-				if _, err := st.Recv(); err != nil {
-					code = status.Code(err).String()
-					break
-				}
+			var err error
+			for err == nil {
+				_, err = st.Recv()
+			}
+			code := status.Code(err).String()
+			if code == codes.Canceled.String() {
+				code = "still open"
 			}
 			mu.Lock()
 			ends[code]++
