@@ -66,6 +66,8 @@ type Worker struct {
 	// limited) and why it is in its state (e.g. a supervisor's failed health check).
 	Concurrency   uint32
 	StatusMessage string
+	// InFlight is the requests the queen's router has on the worker (SetLoad). Beats never set it.
+	InFlight uint32
 }
 
 // sameButBeat reports whether a and b differ at most in LastHeartbeat, that is whether a beat
@@ -196,7 +198,10 @@ func (r *Registry) notFoundLocked(id string) (Worker, error) {
 }
 
 type workerEntry struct {
-	w          Worker
+	w Worker
+	// full is the router's verdict (SetLoad) that the worker is at its concurrency: a READY it
+	// reports is shown as BUSY. Kept apart from the beat, so the next beat cannot overwrite it.
+	full       bool
 	staleSince time.Time
 	deadline   item
 	waiters    []*waiter
@@ -294,6 +299,7 @@ func (r *Registry) BeatAt(in Worker, now time.Time) (Worker, error) {
 	}
 	if e == nil {
 		w := in
+		w.InFlight = 0
 		w.Reported = StateStarting
 		if in.State.reportable() {
 			w.Reported = in.State
@@ -306,7 +312,7 @@ func (r *Registry) BeatAt(in Worker, now time.Time) (Worker, error) {
 	if in.State.reportable() {
 		w.Reported = in.State
 	}
-	w.State = w.Reported
+	w.State = e.effective()
 	setString(&w.HiveID, in.HiveID)
 	setString(&w.Model, in.Model)
 	setString(&w.Device, in.Device)
@@ -325,6 +331,37 @@ func (r *Registry) BeatAt(in Worker, now time.Time) (Worker, error) {
 	w.LastHeartbeat = now
 	r.changedLocked(e, old)
 	return e.w, nil
+}
+
+// effective is the state to show for what the worker last reported, with the router's load overlay.
+func (e *workerEntry) effective() State {
+	if e.full && e.w.Reported == StateReady {
+		return StateBusy
+	}
+	return e.w.Reported
+}
+
+// SetLoad records the router's load on a worker: inFlight requests, and whether that is all the
+// worker takes at once (full). A full worker that reports READY is shown BUSY until it is not full;
+// a STALE one stays STALE. Watchers hear of it as an UPDATED event when something shows a change.
+// ErrNotFound means the worker is gone.
+func (r *Registry) SetLoad(id string, inFlight uint32, full bool) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e := r.workers[id]
+	if e == nil {
+		return fmt.Errorf("worker %q: %w", id, ErrNotFound)
+	}
+	if e.w.InFlight == inFlight && e.full == full {
+		return nil
+	}
+	old := e.w
+	e.full, e.w.InFlight = full, inFlight
+	if e.w.State != StateStale {
+		e.w.State = e.effective()
+	}
+	r.changedLocked(e, old)
+	return nil
 }
 
 // setString keeps the string the registry holds when v is equal: each beat decodes fresh copies,

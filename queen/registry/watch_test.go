@@ -372,3 +372,48 @@ func TestSnapshotIsReadAsDelivered(t *testing.T) {
 		}
 	})
 }
+
+// The router's load overlay is what users see between beats and across them: a full worker is
+// BUSY although it keeps reporting READY, its in-flight count survives beats, and watchers hear
+// each change once.
+func TestSetLoadOverlaysBeats(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		r := start(t, Config{})
+		mustBeat(t, r.Registry, "a", StateReady)
+		wt := r.Watch("")
+		defer wt.Close()
+		wantEvent(t, wt, EventAdded, "a", StateReady)
+		wantEvent(t, wt, EventSynced, "", StateUnspecified)
+
+		if err := r.SetLoad("a", 2, true); err != nil {
+			t.Fatal(err)
+		}
+		if e := wantEvent(t, wt, EventUpdated, "a", StateBusy); e.Worker.InFlight != 2 {
+			t.Fatalf("in flight = %d, want 2", e.Worker.InFlight)
+		}
+		mustBeat(t, r.Registry, "a", StateReady) // the worker's own view must not undo the overlay
+		if w, _ := r.Get("a"); w.State != StateBusy || w.InFlight != 2 {
+			t.Fatalf("after a READY beat: %v in flight %d, want BUSY 2", w.State, w.InFlight)
+		}
+		wantNone(t, wt)
+		if err := r.SetLoad("a", 2, true); err != nil { // no change, no event
+			t.Fatal(err)
+		}
+		wantNone(t, wt)
+
+		if err := r.SetLoad("a", 1, false); err != nil {
+			t.Fatal(err)
+		}
+		wantEvent(t, wt, EventUpdated, "a", StateReady)
+		mustBeat(t, r.Registry, "a", StateStopping) // a worker's STOPPING is never hidden
+		if err := r.SetLoad("a", 1, true); err != nil {
+			t.Fatal(err)
+		}
+		if w, _ := r.Get("a"); w.State != StateStopping {
+			t.Fatalf("full and STOPPING shows %v, want STOPPING", w.State)
+		}
+		if err := r.SetLoad("gone", 0, false); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("SetLoad of an unknown worker: %v, want ErrNotFound", err)
+		}
+	})
+}

@@ -38,6 +38,7 @@ func fillWorker(p *rbeev1.Worker, w registry.Worker, beat, created *timestamppb.
 	p.WorkerId, p.HiveId, p.Model, p.Device = w.ID, w.HiveID, w.Model, w.Device
 	p.Pid, p.Port, p.State, p.ProcessStartTime = w.PID, w.Port, stateToProto[w.State], w.ProcessStartTime
 	p.Address, p.Concurrency, p.StatusMessage = w.Address, w.Concurrency, w.StatusMessage
+	p.InFlight = w.InFlight
 	if !w.LastHeartbeat.IsZero() {
 		beat.Seconds, beat.Nanos = w.LastHeartbeat.Unix(), int32(w.LastHeartbeat.Nanosecond())
 		p.LastHeartbeatTime = beat
