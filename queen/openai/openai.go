@@ -1,0 +1,324 @@
+// Package openai is the queen's OpenAI-compatible HTTP edge: it authenticates a request, checks
+// the little of its body the router needs (model, stream), asks queen/router for a worker and
+// relays the request and the response unchanged, server-sent events flushed as they arrive. It
+// turns router errors into OpenAI's error JSON and status codes; routing decisions live in the
+// router.
+package openai
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"go.uber.org/zap"
+
+	"github.com/rbee-dev/rbee/internal/jobid"
+	"github.com/rbee-dev/rbee/internal/narrate"
+	"github.com/rbee-dev/rbee/queen/router"
+)
+
+// Router is what the edge needs of queen/router.
+type Router interface {
+	Acquire(ctx context.Context, model, exclude string) (*router.Lease, error)
+	Models() []string
+}
+
+// Config configures the edge. Zero fields take the defaults named beside them.
+type Config struct {
+	// Keys, if set, holds the API keys a request must present as Authorization: Bearer.
+	Keys *Keys
+	// MaxBody caps a request body in bytes (16 MiB).
+	MaxBody int64
+	// BodyTimeout bounds reading a request's body (30s).
+	BodyTimeout time.Duration
+	// MaxConcurrent caps the requests handled at once, queued ones included (1024).
+	MaxConcurrent int
+	// FirstByteTimeout bounds the wait for a worker's response headers (5m): a worker that
+	// accepts the connection and never answers is given up on, and the request retried once.
+	FirstByteTimeout time.Duration
+	// Transport reaches the workers (a keep-alive transport sized for many workers).
+	Transport http.RoundTripper
+	Metrics   *Metrics
+	Logger    *zap.Logger
+}
+
+func (c Config) withDefaults() Config {
+	if c.MaxBody <= 0 {
+		c.MaxBody = 16 << 20
+	}
+	if c.BodyTimeout <= 0 {
+		c.BodyTimeout = 30 * time.Second
+	}
+	if c.MaxConcurrent <= 0 {
+		c.MaxConcurrent = 1024
+	}
+	if c.FirstByteTimeout <= 0 {
+		c.FirstByteTimeout = 5 * time.Minute
+	}
+	if c.Transport == nil {
+		c.Transport = NewTransport()
+	}
+	if c.Metrics == nil {
+		c.Metrics = NewMetrics(nil)
+	}
+	if c.Logger == nil {
+		c.Logger = zap.NewNop()
+	}
+	return c
+}
+
+// NewTransport returns the transport the edge uses to reach workers: keep-alive connections
+// enough for hundreds of concurrent streams, no compression (bodies pass through unchanged), no
+// proxy from the environment (workers are reached directly).
+func NewTransport() *http.Transport {
+	return &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:        4096,
+		MaxIdleConnsPerHost: 1024,
+		IdleConnTimeout:     90 * time.Second,
+		DisableCompression:  true,
+		ForceAttemptHTTP2:   false,
+	}
+}
+
+// Server is the HTTP API.
+type Server struct {
+	cfg  Config
+	r    Router
+	sem  chan struct{}
+	mux  *http.ServeMux
+	base time.Time
+}
+
+// New returns the HTTP API over r.
+func New(cfg Config, r Router) *Server {
+	s := &Server{cfg: cfg.withDefaults(), r: r, base: time.Now()}
+	s.sem = make(chan struct{}, s.cfg.MaxConcurrent)
+	s.mux = http.NewServeMux()
+	s.mux.HandleFunc("GET /v1/models", s.models)
+	for _, p := range []string{"/v1/chat/completions", "/v1/completions", "/v1/embeddings"} {
+		s.mux.HandleFunc("POST "+p, s.infer)
+	}
+	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, http.StatusNotFound, "invalid_request_error", "", "unknown_url",
+			fmt.Sprintf("%s %s is not part of this API (GET /v1/models, POST /v1/chat/completions, /v1/completions, /v1/embeddings)", r.Method, r.URL.Path))
+	})
+	return s
+}
+
+// ServeHTTP authenticates, gives the request a job id and hands it to its handler.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	id := r.Header.Get(jobid.MetadataKey)
+	if !validJobID(id) {
+		id = jobid.New()
+	}
+	w.Header().Set(jobid.MetadataKey, id)
+	if s.cfg.Keys != nil && !s.cfg.Keys.Check(r.Header.Get("Authorization")) {
+		s.cfg.Metrics.requests.WithLabelValues("", "401").Inc()
+		w.Header().Set("WWW-Authenticate", `Bearer realm="rbee"`)
+		writeError(w, http.StatusUnauthorized, "invalid_request_error", "", "invalid_api_key",
+			"missing or wrong API key: send Authorization: Bearer <key>, a key from the queen's --api-keys-file")
+		return
+	}
+	ctx := jobid.With(r.Context(), s.cfg.Logger, id)
+	s.mux.ServeHTTP(w, r.WithContext(ctx))
+}
+
+func validJobID(id string) bool {
+	if len(id) == 0 || len(id) > 64 {
+		return false
+	}
+	for _, c := range []byte(id) {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == ':' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
+	names := s.r.Models()
+	sort.Strings(names)
+	type entry struct {
+		ID      string `json:"id"`
+		Object  string `json:"object"`
+		Created int64  `json:"created"`
+		OwnedBy string `json:"owned_by"`
+	}
+	out := struct {
+		Object string  `json:"object"`
+		Data   []entry `json:"data"`
+	}{Object: "list", Data: []entry{}}
+	for _, n := range names {
+		out.Data = append(out.Data, entry{ID: n, Object: "model", Created: s.base.Unix(), OwnedBy: "rbee"})
+	}
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(out)
+}
+
+// request is what the edge reads of a body: the rest passes through untouched.
+type request struct {
+	Model  json.RawMessage `json:"model"`
+	Stream json.RawMessage `json:"stream"`
+}
+
+// parse checks the body and returns the model, or an error message for a 400.
+func parse(body []byte) (model string, stream bool, param, msg string) {
+	var req request
+	if err := json.Unmarshal(body, &req); err != nil {
+		var se *json.SyntaxError
+		if errors.As(err, &se) {
+			return "", false, "", fmt.Sprintf("the body is not valid JSON (offset %d: %v)", se.Offset, err)
+		}
+		return "", false, "", "the body must be a JSON object: " + err.Error()
+	}
+	if len(req.Model) == 0 || string(req.Model) == "null" {
+		return "", false, "model", "you must provide a model parameter"
+	}
+	if err := json.Unmarshal(req.Model, &model); err != nil {
+		return "", false, "model", "model must be a string"
+	}
+	if model == "" {
+		return "", false, "model", "you must provide a model parameter"
+	}
+	if !utf8.ValidString(model) || utf8.RuneCountInString(model) > 256 {
+		return "", false, "model", "model must be valid UTF-8 of at most 256 characters"
+	}
+	for _, r := range model {
+		if !unicode.IsPrint(r) {
+			return "", false, "model", fmt.Sprintf("model contains the non-printable character %U", r)
+		}
+	}
+	switch s := string(bytes.TrimSpace(req.Stream)); s {
+	case "", "null", "false":
+	case "true":
+		stream = true
+	default:
+		return "", false, "stream", "stream must be a boolean"
+	}
+	return model, stream, "", ""
+}
+
+func (s *Server) infer(w http.ResponseWriter, r *http.Request) {
+	t0 := time.Now()
+	ctx := r.Context()
+	select {
+	case s.sem <- struct{}{}:
+		defer func() { <-s.sem }()
+	default:
+		s.cfg.Metrics.requests.WithLabelValues("", "429").Inc()
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusTooManyRequests, "rate_limit_exceeded", "", "too_many_requests",
+			fmt.Sprintf("the queen is handling %d requests, its limit (--http-max-concurrent); retry shortly", s.cfg.MaxConcurrent))
+		return
+	}
+	rc := http.NewResponseController(w)
+	_ = rc.SetReadDeadline(time.Now().Add(s.cfg.BodyTimeout))
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.cfg.MaxBody))
+	_ = rc.SetReadDeadline(time.Time{})
+	if err != nil {
+		var mb *http.MaxBytesError
+		if errors.As(err, &mb) {
+			s.cfg.Metrics.requests.WithLabelValues("", "413").Inc()
+			writeError(w, http.StatusRequestEntityTooLarge, "invalid_request_error", "", "request_too_large",
+				fmt.Sprintf("the body is larger than %d bytes (--http-max-body)", s.cfg.MaxBody))
+			return
+		}
+		s.cfg.Metrics.requests.WithLabelValues("", "400").Inc()
+		writeError(w, http.StatusBadRequest, "invalid_request_error", "", "", "could not read the body: "+err.Error())
+		return
+	}
+	model, stream, param, msg := parse(body)
+	if msg != "" {
+		s.cfg.Metrics.requests.WithLabelValues("", "400").Inc()
+		writeError(w, http.StatusBadRequest, "invalid_request_error", param, "", msg)
+		return
+	}
+	log := narrate.Logger(ctx).With(zap.String("model", model))
+	ctx = narrate.WithLogger(ctx, log)
+	p := &proxy{s: s, w: w, r: r, ctx: ctx, body: body, model: model, stream: stream, t0: t0, log: log}
+	code := p.run()
+	m := s.cfg.Metrics
+	m.requests.WithLabelValues(model, strconv.Itoa(code)).Inc()
+	m.duration.WithLabelValues(model).Observe(time.Since(t0).Seconds())
+	if p.tokens > 0 {
+		m.tokens.WithLabelValues(model).Add(float64(p.tokens))
+	}
+}
+
+// writeError writes OpenAI's error shape.
+func writeError(w http.ResponseWriter, code int, typ, param, errCode, msg string) {
+	type body struct {
+		Message string  `json:"message"`
+		Type    string  `json:"type"`
+		Param   *string `json:"param"`
+		Code    *string `json:"code"`
+	}
+	b := body{Message: msg, Type: typ}
+	if param != "" {
+		b.Param = &param
+	}
+	if errCode != "" {
+		b.Code = &errCode
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Del("Content-Length")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(struct {
+		Error body `json:"error"`
+	}{b})
+}
+
+// routeError answers a request the router could not place.
+func routeError(w http.ResponseWriter, err error) int {
+	switch {
+	case errors.Is(err, router.ErrUnknownModel):
+		writeError(w, http.StatusNotFound, "invalid_request_error", "model", "model_not_found",
+			err.Error()+" (GET /v1/models lists the models)")
+		return http.StatusNotFound
+	case errors.Is(err, router.ErrQueueFull):
+		w.Header().Set("Retry-After", "1")
+		writeError(w, http.StatusTooManyRequests, "rate_limit_exceeded", "", "queue_full", err.Error())
+		return http.StatusTooManyRequests
+	case errors.Is(err, router.ErrQueueTimeout), errors.Is(err, router.ErrClosed), errors.Is(err, router.ErrNoWorker):
+		w.Header().Set("Retry-After", "5")
+		writeError(w, http.StatusServiceUnavailable, "server_error", "", "no_capacity", err.Error())
+		return http.StatusServiceUnavailable
+	case errors.Is(err, router.ErrStartFailed):
+		w.Header().Set("Retry-After", "30")
+		writeError(w, http.StatusServiceUnavailable, "server_error", "", "worker_start_failed", err.Error())
+		return http.StatusServiceUnavailable
+	default:
+		writeError(w, http.StatusInternalServerError, "server_error", "", "", err.Error())
+		return http.StatusInternalServerError
+	}
+}
+
+// hopHeaders are connection-level headers a proxy must not forward (RFC 9110 §7.6.1).
+var hopHeaders = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
+
+func copyHeader(dst, src http.Header) {
+	for k, vs := range src {
+		dst[k] = append(dst[k][:0:0], vs...)
+	}
+	for _, c := range src.Values("Connection") {
+		for _, f := range strings.Split(c, ",") {
+			dst.Del(strings.TrimSpace(f))
+		}
+	}
+	for _, h := range hopHeaders {
+		dst.Del(h)
+	}
+}

@@ -1,0 +1,229 @@
+package openai
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/rbee-dev/rbee/internal/jobid"
+	"github.com/rbee-dev/rbee/internal/narrate"
+	"github.com/rbee-dev/rbee/queen/router"
+)
+
+// statusClientGone is logged and counted for requests whose client left first (nginx's 499).
+const statusClientGone = 499
+
+// proxy relays one request to a worker and its response back.
+type proxy struct {
+	s      *Server
+	w      http.ResponseWriter
+	r      *http.Request
+	ctx    context.Context
+	log    *zap.Logger
+	body   []byte
+	model  string
+	stream bool
+	t0     time.Time
+	tokens int
+	// abort: the response broke off after it started and is not an event stream, so the client
+	// must see a cut connection rather than a body that looks complete.
+	abort bool
+}
+
+var errFirstByteTimeout = errors.New("the worker accepted the request but sent no response headers in time")
+
+// run places the request and relays it, retrying once on another worker (or a new one) when the
+// first could not be reached or did not answer before the response started. It returns the
+// status code it answered with.
+func (p *proxy) run() int {
+	var exclude string
+	var lastErr error
+	for attempt := 0; attempt < 2; attempt++ {
+		lease, err := p.s.r.Acquire(p.ctx, p.model, exclude)
+		if err != nil {
+			if p.ctx.Err() != nil {
+				return statusClientGone
+			}
+			if lastErr != nil {
+				return p.upstreamError(lastErr)
+			}
+			code := routeError(p.w, err)
+			p.log.Info("request not placed", zap.Int("status", code), zap.Error(err))
+			return code
+		}
+		wk := lease.Worker()
+		resp, cancel, err := p.roundTrip(wk)
+		if err != nil {
+			cancel()
+			if p.ctx.Err() != nil {
+				lease.Release()
+				return statusClientGone
+			}
+			lease.Fail(err)
+			narrate.Warn(p.ctx, "queen", "router_retry", fmt.Sprintf("Worker %s failed before answering; retrying on another", wk.ID),
+				zap.String("worker_id", wk.ID), zap.Int("attempt", attempt+1), zap.Error(err))
+			exclude, lastErr = wk.ID, err
+			continue
+		}
+		code := p.relay(resp, lease, wk)
+		cancel()
+		return code
+	}
+	return p.upstreamError(lastErr)
+}
+
+func (p *proxy) upstreamError(err error) int {
+	if errors.Is(err, errFirstByteTimeout) {
+		writeError(p.w, http.StatusGatewayTimeout, "server_error", "", "worker_timeout",
+			fmt.Sprintf("no worker answered within %v (--first-byte-timeout), after one retry", p.s.cfg.FirstByteTimeout))
+		return http.StatusGatewayTimeout
+	}
+	writeError(p.w, http.StatusBadGateway, "server_error", "", "worker_unreachable",
+		"the worker could not be reached, nor another on retry: "+err.Error())
+	return http.StatusBadGateway
+}
+
+// roundTrip sends the request to wk and returns its response once the headers are in. cancel
+// ends the upstream request; call it when done with the response.
+func (p *proxy) roundTrip(wk router.Worker) (*http.Response, context.CancelFunc, error) {
+	actx, cancel := context.WithCancel(p.ctx)
+	req, err := http.NewRequestWithContext(actx, http.MethodPost, wk.URL+p.r.URL.RequestURI(), bytes.NewReader(p.body))
+	if err != nil {
+		return nil, cancel, err
+	}
+	copyHeader(req.Header, p.r.Header)
+	req.Header.Del("Authorization") // the client's API key is the queen's business, not the worker's
+	req.Header.Set(jobid.MetadataKey, p.w.Header().Get(jobid.MetadataKey))
+	req.ContentLength = int64(len(p.body))
+	var timedOut atomic.Bool
+	timer := time.AfterFunc(p.s.cfg.FirstByteTimeout, func() { timedOut.Store(true); cancel() })
+	resp, err := p.s.cfg.Transport.RoundTrip(req)
+	stopped := timer.Stop()
+	if timedOut.Load() || !stopped {
+		if resp != nil {
+			_ = resp.Body.Close()
+		}
+		return nil, cancel, fmt.Errorf("worker %s: %w", wk.ID, errFirstByteTimeout)
+	}
+	if err != nil {
+		return nil, cancel, fmt.Errorf("worker %s at %s: %w", wk.ID, wk.URL, err)
+	}
+	return resp, cancel, nil
+}
+
+var bufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// relay copies the worker's response to the client, each chunk flushed the moment it arrives.
+func (p *proxy) relay(resp *http.Response, lease *router.Lease, wk router.Worker) int {
+	defer resp.Body.Close()
+	copyHeader(p.w.Header(), resp.Header)
+	sse := strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream")
+	p.w.WriteHeader(resp.StatusCode)
+	rc := http.NewResponseController(p.w)
+	_ = rc.Flush()
+	bp := bufs.Get().(*[]byte)
+	defer bufs.Put(bp)
+	buf := *bp
+	var ev eventCounter
+	first := true
+	for {
+		n, err := resp.Body.Read(buf)
+		if n > 0 {
+			if first {
+				first = false
+				p.s.cfg.Metrics.ttfb.WithLabelValues(p.model).Observe(time.Since(p.t0).Seconds())
+			}
+			if sse {
+				ev.feed(buf[:n])
+			}
+			if _, werr := p.w.Write(buf[:n]); werr != nil {
+				p.tokens = ev.events
+				lease.Release()
+				p.log.Debug("client went away; the worker's request is cancelled", zap.String("worker_id", wk.ID))
+				return statusClientGone
+			}
+			_ = rc.Flush()
+		}
+		if err == io.EOF {
+			p.tokens = ev.events
+			lease.Release()
+			return resp.StatusCode
+		}
+		if err != nil {
+			p.tokens = ev.events
+			if p.ctx.Err() != nil {
+				lease.Release()
+				p.log.Debug("client went away; the worker's request is cancelled", zap.String("worker_id", wk.ID))
+				return statusClientGone
+			}
+			lease.Fail(err)
+			narrate.Warn(p.ctx, "queen", "router_worker_failed", fmt.Sprintf("Worker %s broke off its response", wk.ID),
+				zap.String("worker_id", wk.ID), zap.Error(err))
+			if !sse {
+				p.abort = true
+				return http.StatusBadGateway
+			}
+			_, _ = p.w.Write(errorEvent(fmt.Sprintf("worker %s failed in the middle of the response: %v", wk.ID, err)))
+			_ = rc.Flush()
+			return http.StatusBadGateway
+		}
+	}
+}
+
+func errorEvent(msg string) []byte {
+	b, _ := json.Marshal(map[string]any{"error": map[string]any{
+		"message": msg, "type": "server_error", "param": nil, "code": "worker_failed",
+	}})
+	return append(append([]byte("data: "), b...), '\n', '\n')
+}
+
+// eventCounter counts server-sent "data:" lines other than "data: [DONE]" across chunk
+// boundaries: with OpenAI-style streams, one per token (or per few tokens).
+type eventCounter struct {
+	events  int
+	col     int  // bytes of the current line seen, up to len("data: [DONE]")
+	isData  bool // the current line starts with "data:"
+	maybeDN bool // ... and may still be "data: [DONE]"
+}
+
+const donePrefix = "data: [DONE]"
+
+func (c *eventCounter) feed(b []byte) {
+	for _, x := range b {
+		if x == '\n' {
+			if c.isData && !(c.maybeDN && c.col >= len(donePrefix)) {
+				c.events++
+			}
+			c.col, c.isData, c.maybeDN = 0, false, false
+			continue
+		}
+		if c.col < len(donePrefix) {
+			match := x == donePrefix[c.col]
+			switch {
+			case c.col < 5:
+				if !match {
+					c.col = len(donePrefix) + 1 // not a data line: ignore the rest of it
+					continue
+				}
+				if c.col == 4 {
+					c.isData, c.maybeDN = true, true
+				}
+			case !match:
+				c.maybeDN = false
+			}
+		}
+		if c.col <= len(donePrefix) {
+			c.col++
+		}
+	}
+}
