@@ -145,6 +145,12 @@ func (a *app) Run(ctx context.Context) error {
 	if auth.TokenInClear(a.o.listen, a.o.creds.Token, a.o.creds.TLS.Enabled()) {
 		a.log.Warn(auth.TokenInClearWarning("--listen", a.o.listen), zap.String("actor", "queen"), zap.String("action", "token_in_clear"))
 	}
+	httpDone, err := serveHTTP(ctx, a.o.http, a.reg, queenFleet{a.q}, a.ms.Registry, a.log)
+	if err != nil {
+		_ = lis.Close()
+		_ = metricsDone()
+		return err
+	}
 	a.log.Info("queen serving", zap.String("listen", lis.Addr().String()), zap.String("queen_id", a.queenID),
 		zap.Int("static_hives", len(a.o.hives)), zap.Duration("heartbeat_interval", a.o.interval),
 		zap.Strings("etcd", a.o.etcd), zap.String("actor", "queen"), zap.String("action", "queen_start"))
@@ -158,6 +164,7 @@ func (a *app) Run(ctx context.Context) error {
 		leadDone <- a.elector.Run(ctx, a.lead)
 	}()
 	err = a.srv.Serve(ctx, lis, a.q.Drain)
+	httpDone()
 	var lerr error
 	if a.elector == nil {
 		lerr = <-leadDone

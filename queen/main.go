@@ -61,6 +61,7 @@ func (h *hiveFlags) Set(v string) error {
 
 type options struct {
 	listen, advertise, logLevel, metricsListen      string
+	http                                            httpOptions
 	hives                                           hiveFlags
 	interval, staleAfter, expireAfter, startTimeout time.Duration
 	maxBeats, watchBuffer                           int
@@ -93,6 +94,7 @@ func run(args []string) int {
 	fs.StringVar(&o.logLevel, "log-level", "info", "debug, info, warn or error")
 	registerHAFlags(fs, &o)
 	o.authFlags.Register(fs)
+	o.http.register(fs)
 	if code, done := cmdline.Parse(fs, "queen", "Runs the rbee queen: the registry of workers and hives, and the API operators use.", args); done {
 		return code
 	}
@@ -158,7 +160,11 @@ func (o *options) check() error {
 			return err
 		}
 	}
-	return o.checkHA()
+	if err := o.checkHA(); err != nil {
+		return err
+	}
+	o.http.startTimeout = o.startTimeout
+	return o.http.check(o.creds.Token, o.authFlags.Insecure)
 }
 
 func serve(o options, log *zap.Logger) error {

@@ -336,14 +336,16 @@ func (r *Router) Acquire(ctx context.Context, model, exclude string) (*Lease, er
 	r.cfg.Metrics.queued.WithLabelValues(model).Set(float64(len(m.queue)))
 	wait := r.cfg.QueueWait
 	if !m.anyServing(now) {
-		// Waiting for a worker to load, not for a slot: the model's load time bounds it.
-		load := offer.LoadTimeout
-		if load <= 0 {
-			load = r.cfg.StartTimeout
-		}
-		wait = max(wait, load)
 		if offered && m.starting() == 0 {
 			r.spawnLocked(ctx, m, "on_demand")
+		}
+		if m.starting() > 0 {
+			// Waiting for a worker to load, not for a slot: the model's load time bounds it.
+			load := offer.LoadTimeout
+			if load <= 0 {
+				load = r.cfg.StartTimeout
+			}
+			wait = max(wait, load)
 		}
 	}
 	r.mu.Unlock()
@@ -409,6 +411,16 @@ func (r *Router) Models() []string {
 		}
 	}
 	return out
+}
+
+// Queued returns how many requests for model wait for a worker.
+func (r *Router) Queued(model string) int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if m := r.models[model]; m != nil {
+		return len(m.queue)
+	}
+	return 0
 }
 
 func (r *Router) modelLocked(name string) *model {

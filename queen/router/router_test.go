@@ -21,14 +21,14 @@ type fleet struct {
 	events chan Event
 	load   time.Duration // a spawned worker is READY after this; <0: it dies while loading
 
-	mu      sync.Mutex
-	offers  []Offer
-	spawns  []string
-	deletes []string
-	loads   map[string][2]int // id -> in flight, full
-	n       int
-	conc    int
-	ttl     time.Duration
+	mu       sync.Mutex
+	offers   []Offer
+	spawns   []string
+	deletes  []string
+	loads    map[string][2]int // id -> in flight, full
+	n        int
+	conc     int
+	ttl      time.Duration
 	spawnErr error
 }
 
