@@ -145,7 +145,7 @@ func (a *app) Run(ctx context.Context) error {
 	if auth.TokenInClear(a.o.listen, a.o.creds.Token, a.o.creds.TLS.Enabled()) {
 		a.log.Warn(auth.TokenInClearWarning("--listen", a.o.listen), zap.String("actor", "queen"), zap.String("action", "token_in_clear"))
 	}
-	httpDone, err := serveHTTP(ctx, a.o.http, a.reg, queenFleet{a.q}, a.ms.Registry, a.log)
+	httpDone, err := serveHTTP(ctx, a.o.http, a.reg, queenFleet{a.fl, a.reg}, a.ms.Registry, a.log)
 	if err != nil {
 		_ = lis.Close()
 		_ = metricsDone()

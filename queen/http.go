@@ -14,15 +14,13 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
-	"google.golang.org/protobuf/types/known/durationpb"
 
-	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/validate"
+	"github.com/rbee-dev/rbee/queen/fleet"
 	"github.com/rbee-dev/rbee/queen/openai"
 	"github.com/rbee-dev/rbee/queen/registry"
 	"github.com/rbee-dev/rbee/queen/router"
-	"github.com/rbee-dev/rbee/queen/server"
 )
 
 // httpOptions are the flags of the OpenAI HTTP API and its router.
@@ -159,23 +157,39 @@ func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl qu
 	return func() { <-done }, nil
 }
 
-// queenFleet starts and stops workers for the router through the queen's own SpawnWorker and
-// DeleteWorker, in process.
-type queenFleet struct{ q *server.Queen }
+// queenFleet starts and stops workers for the router through the queen's own fleet operations,
+// the ones SpawnWorker and DeleteWorker serve.
+type queenFleet struct {
+	fl  *fleet.Fleet
+	reg *registry.Registry
+}
 
+// Spawn starts a worker of model on the least-loaded live hive whose catalog offers it, on the
+// first device the catalog names for it (none: the fleet's default).
 func (f queenFleet) Spawn(ctx context.Context, model string) (string, error) {
-	resp, err := f.q.SpawnWorker(ctx, &rbeev1.SpawnWorkerRequest{Model: model})
+	spec := fleet.SpawnSpec{Model: model}
+	best := -1
+	for _, h := range f.reg.ListHives() {
+		o, ok := h.Offer(model)
+		if !ok || h.State != registry.HiveReady || (best >= 0 && h.Workers >= best) {
+			continue
+		}
+		best, spec.HiveID, spec.Device = h.Workers, h.ID, ""
+		if len(o.Devices) > 0 {
+			spec.Device = o.Devices[0]
+		}
+	}
+	w, err := f.fl.Spawn(ctx, spec)
 	if err != nil {
 		return "", err
 	}
-	return resp.GetWorker().GetWorkerId(), nil
+	return w.ID, nil
 }
 
 func (f queenFleet) Delete(ctx context.Context, id string, grace time.Duration) error {
-	req := &rbeev1.DeleteWorkerRequest{WorkerId: id}
-	if grace > 0 {
-		req.GracePeriod = durationpb.New(grace)
+	if grace <= 0 {
+		grace = -1 // the hive's default
 	}
-	_, err := f.q.DeleteWorker(ctx, req)
+	_, err := f.fl.Delete(ctx, id, grace)
 	return err
 }
