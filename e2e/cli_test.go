@@ -170,12 +170,12 @@ func TestCLIWorkerLifecycle(t *testing.T) {
 			t.Fatalf("want a header and one row: %v", r)
 		}
 		header := strings.Fields(lines[0])
-		if strings.Join(header, " ") != "ID HIVE MODEL DEVICE STATE PID PORT LAST BEAT" {
+		if strings.Join(header, " ") != "ID HIVE MODEL DEVICE STATE IN-FLIGHT PID PORT LAST BEAT" {
 			t.Errorf("header %q", lines[0])
 		}
 		row := strings.Fields(lines[1])
-		want := []string{id, hive, "llama-3-8b", "cpu", "READY", fmt.Sprint(w.PID), fmt.Sprint(w.Port)}
-		if len(row) != 9 || strings.Join(row[:7], " ") != strings.Join(want, " ") || row[8] != "ago" {
+		want := []string{id, hive, "llama-3-8b", "cpu", "READY", "0", fmt.Sprint(w.PID), fmt.Sprint(w.Port)}
+		if len(row) != 10 || strings.Join(row[:8], " ") != strings.Join(want, " ") || row[9] != "ago" {
 			t.Errorf("row %q, want %q then an age", lines[1], want)
 		}
 		// Aligned: every column starts at the same offset in header and row.

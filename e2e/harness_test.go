@@ -176,7 +176,8 @@ func (p *proc) exitCode(timeout time.Duration) int {
 // startQueen starts a queen on an ephemeral loopback port and returns it with its address.
 func startQueen(t *testing.T, args ...string) (*proc, string) {
 	t.Helper()
-	q := start(t, "queen", append([]string{"--listen", "127.0.0.1:0"}, args...)...)
+	// No HTTP API unless a test asks (startQueenHTTP): its fixed default port would collide.
+	q := start(t, "queen", append([]string{"--listen", "127.0.0.1:0", "--http-listen", "off"}, args...)...)
 	line := q.awaitAction("queen_start")
 	return q, line["listen"].(string)
 }

@@ -108,7 +108,7 @@ func beatFor(t *testing.T, queen, id string, s *stubServer, model string, concur
 	return stop
 }
 
-// awaitWorkers waits until the queen's /v1/models lists model and n workers of it are READY.
+// awaitReady waits until n workers are READY (or BUSY: serving, at their concurrency).
 func awaitReady(t *testing.T, queen string, n int) {
 	t.Helper()
 	c, _ := dial(t, queen)
@@ -120,7 +120,7 @@ func awaitReady(t *testing.T, queen string, n int) {
 		}
 		ready := 0
 		for _, w := range resp.GetWorkers() {
-			if w.GetState() == rbeev1.WorkerState_WORKER_STATE_READY {
+			if st := w.GetState(); st == rbeev1.WorkerState_WORKER_STATE_READY || st == rbeev1.WorkerState_WORKER_STATE_BUSY {
 				ready++
 			}
 		}
@@ -154,8 +154,8 @@ func postJSON(t *testing.T, ctx context.Context, url, body string, hdr ...string
 // token by token, embeddings, and an unknown model as its typed 404.
 func TestOpenAIClientThroughQueen(t *testing.T) {
 	_, queen, api := startQueenHTTP(t)
-	a := startStub(t, "demo", "--tokens-per-second", "50")
-	b := startStub(t, "demo", "--tokens-per-second", "50")
+	a := startStub(t, "demo", "--tokens-per-second", "20")
+	b := startStub(t, "demo", "--tokens-per-second", "20")
 	beatFor(t, queen, "w-a", a, "demo", 4)
 	beatFor(t, queen, "w-b", b, "demo", 4)
 	awaitReady(t, queen, 2)
@@ -173,9 +173,10 @@ func TestOpenAIClientThroughQueen(t *testing.T) {
 		t.Fatalf("completion: %+v, %v", cc, err)
 	}
 
-	// 10 tokens at 50/s: the last comes ~200ms after the first. The first must reach the client
+	// 20 tokens at 20/s: the last comes ~1s after the first. The first must reach the client
 	// well before the last is generated.
 	t0 := time.Now()
+	params.MaxTokens = openai.Int(20)
 	stream := client.Chat.Completions.NewStreaming(ctx, params)
 	var first time.Duration
 	var text strings.Builder
@@ -194,8 +195,8 @@ func TestOpenAIClientThroughQueen(t *testing.T) {
 	if err := stream.Err(); err != nil {
 		t.Fatalf("stream: %v", err)
 	}
-	if chunks != 10 || first > total-100*time.Millisecond {
-		t.Fatalf("stream: %d content chunks, first after %v of %v; want 10, the first long before the end", chunks, first, total)
+	if chunks != 20 || first > total-500*time.Millisecond {
+		t.Fatalf("stream: %d content chunks, first after %v of %v; want 20, the first long before the end", chunks, first, total)
 	}
 
 	emb, err := client.Embeddings.New(ctx, openai.EmbeddingNewParams{Model: "demo", Input: openai.EmbeddingNewParamsInputUnion{OfString: openai.String("hi")}})
@@ -250,12 +251,11 @@ func TestInferenceFaults(t *testing.T) {
 	_, queen, api := startQueenHTTP(t)
 	dying := startStub(t, "demo", "--tokens-per-second", "100", "--die-mid-stream-after", "3")
 	good := startStub(t, "demo", "--tokens-per-second", "20")
-	beatFor(t, queen, "w-dying", dying, "demo", 1)
 	stopGood := beatFor(t, queen, "w-good", good, "demo", 1)
-	awaitReady(t, queen, 2)
+	awaitReady(t, queen, 1)
 	url := api + "/v1/chat/completions"
 
-	// Both have concurrency 1: hold the good one with a slow stream so the next goes to the dying one.
+	// Concurrency 1 each: hold the good one with a slow stream, so the next goes to the dying one.
 	hold, cancelHold := context.WithCancel(t.Context())
 	defer cancelHold()
 	req, _ := http.NewRequestWithContext(hold, "POST", url, strings.NewReader(`{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":1000}`))
@@ -267,6 +267,8 @@ func TestInferenceFaults(t *testing.T) {
 	if !strings.HasPrefix(line, "data: ") {
 		t.Fatalf("held stream: %q", line)
 	}
+	beatFor(t, queen, "w-dying", dying, "demo", 1)
+	awaitReady(t, queen, 2)
 	resp, body := postJSON(t, ctxT(t, 10*time.Second), url, `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":10}`)
 	if resp.StatusCode != 200 || !strings.Contains(body, `data: {"error":`) || strings.Contains(body, "[DONE]") {
 		t.Fatalf("stream from a worker that died: %d %q, want events then an error event", resp.StatusCode, body)
@@ -479,5 +481,46 @@ func TestInferenceShutdownDrains(t *testing.T) {
 	}
 	if _, err := http.Post(api+"/v1/models", "application/json", nil); err == nil {
 		t.Fatal("the API still answers after the queen stopped")
+	}
+}
+
+// rbee chat streams an answer through the queen; its failures are one sentence and an exit status.
+func TestRbeeChat(t *testing.T) {
+	_, queen, api := startQueenHTTP(t)
+	s := startStub(t, "demo", "--tokens-per-second", "200")
+	beatFor(t, queen, "w-a", s, "demo", 2)
+	awaitReady(t, queen, 1)
+	r := rbeeOK(t, queen, "chat", "--http", api, "--model", "demo", "--max-tokens", "5", "Say", "hello")
+	if words := strings.Fields(r.stdout); len(words) == 0 || !strings.HasSuffix(r.stdout, "\n") {
+		t.Fatalf("no answer: %v", r)
+	}
+	if got := stubCounter(t, s.url, "rbee_stub_requests_finished_total"); got != 1 {
+		t.Fatalf("the worker finished %v requests, want 1", got)
+	}
+	r = rbee(t, queen, "chat", "--http", api, "--model", "nope", "hi")
+	if r.code != 3 || !strings.Contains(r.stderr, `model "nope"`) {
+		t.Fatalf("unknown model: %v, want exit 3 naming it", r)
+	}
+	r = rbee(t, queen, "chat", "--http", "http://127.0.0.1:1", "--model", "demo", "hi")
+	if r.code != 4 || !strings.Contains(r.stderr, "cannot reach the queen's HTTP API") {
+		t.Fatalf("no API: %v, want exit 4", r)
+	}
+	c, _ := dial(t, queen)
+	for deadline := time.Now().Add(2 * time.Second); ; { // the router publishes its load coalesced
+		w, err := c.GetWorker(ctxT(t, 5*time.Second), &rbeev1.GetWorkerRequest{WorkerId: "w-a"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if w.GetWorker().GetInFlight() == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("in flight still %d 2s after the last request", w.GetWorker().GetInFlight())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	r = rbeeOK(t, queen, "worker", "ls")
+	if !strings.Contains(r.stdout, "IN-FLIGHT") || !strings.Contains(r.stdout, " 0/2 ") {
+		t.Fatalf("worker ls lacks the in-flight column: %v", r)
 	}
 }

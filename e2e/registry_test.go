@@ -49,7 +49,7 @@ func TestQueenRestartRelearnsFleet(t *testing.T) {
 	}
 	q1.stop(syscall.SIGKILL, 10*time.Second)
 
-	q2 := start(t, "queen", "--listen", addr, "--heartbeat-interval", "200ms")
+	q2 := start(t, "queen", "--listen", addr, "--http-listen", "off", "--heartbeat-interval", "200ms")
 	newID := q2.awaitAction("queen_start")["queen_id"]
 	w, err := q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{})
 	if err != nil {

@@ -95,6 +95,13 @@ func describe(err error, queen string) (string, int) {
 	if errors.Is(err, context.Canceled) {
 		return "interrupted", ExitError
 	}
+	var he httpError
+	if errors.As(err, &he) {
+		if code, ok := httpExits[he.status]; ok {
+			return he.msg, code
+		}
+		return he.msg, ExitError
+	}
 	// errors.As, not status.FromError: a wrapped status must yield the queen's own message.
 	var se interface{ GRPCStatus() *status.Status }
 	if !errors.As(err, &se) {

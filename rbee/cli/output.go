@@ -114,12 +114,21 @@ func newTable(w io.Writer) *tabwriter.Writer { return tabwriter.NewWriter(w, 0, 
 // writeWorkers prints workers as an aligned table.
 func writeWorkers(w io.Writer, ws []*rbeev1.Worker, now time.Time) error {
 	tw := newTable(w)
-	fmt.Fprintln(tw, "ID\tHIVE\tMODEL\tDEVICE\tSTATE\tPID\tPORT\tLAST BEAT")
+	fmt.Fprintln(tw, "ID\tHIVE\tMODEL\tDEVICE\tSTATE\tIN-FLIGHT\tPID\tPORT\tLAST BEAT")
 	for _, wk := range ws {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", wk.GetWorkerId(), wk.GetHiveId(), wk.GetModel(), wk.GetDevice(),
-			stateName(wk.GetState()), orDash(wk.GetPid()), orDash(wk.GetPort()), ago(wk.GetLastHeartbeatTime(), now))
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", wk.GetWorkerId(), wk.GetHiveId(), wk.GetModel(), wk.GetDevice(),
+			stateName(wk.GetState()), inFlight(wk), orDash(wk.GetPid()), orDash(wk.GetPort()), ago(wk.GetLastHeartbeatTime(), now))
 	}
 	return tw.Flush()
+}
+
+// inFlight is the requests the queen's router has on a worker, out of its concurrency when that
+// is limited ("2/4").
+func inFlight(wk *rbeev1.Worker) string {
+	if c := wk.GetConcurrency(); c > 0 {
+		return fmt.Sprintf("%d/%d", wk.GetInFlight(), c)
+	}
+	return fmt.Sprint(wk.GetInFlight())
 }
 
 // writeWorker prints one worker as aligned "FIELD  value" lines.
@@ -137,6 +146,7 @@ func writeWorker(w io.Writer, wk *rbeev1.Worker, now time.Time) error {
 		{"STATE", stateName(wk.GetState())},
 		{"STATUS", orDash(wk.GetStatusMessage())}, // why, e.g. the failed health check of an UNHEALTHY worker
 		{"CONCURRENCY", orDash(wk.GetConcurrency())},
+		{"IN-FLIGHT", inFlight(wk)},
 		{"PID", orDash(wk.GetPid())},
 		{"PORT", orDash(wk.GetPort())},
 		{"ADDRESS", orDash(wk.GetAddress())},

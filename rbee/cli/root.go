@@ -119,6 +119,10 @@ line. Errors are one sentence on stderr and a distinct exit status.
 		c.GroupID = "fleet"
 		root.AddCommand(c)
 	}
+	root.AddGroup(&cobra.Group{ID: "inference", Title: "Inference:"})
+	chat := a.chatCommand()
+	chat.GroupID = "inference"
+	root.AddCommand(chat)
 	refuseUnknownSubcommands(root)
 	return root
 }
