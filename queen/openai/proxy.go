@@ -130,7 +130,9 @@ func (p *proxy) relay(resp *http.Response, lease *router.Lease, wk router.Worker
 	sse := strings.HasPrefix(resp.Header.Get("Content-Type"), "text/event-stream")
 	p.w.WriteHeader(resp.StatusCode)
 	rc := http.NewResponseController(p.w)
-	_ = rc.Flush()
+	if sse {
+		_ = rc.Flush() // the client learns at once that the stream has started
+	}
 	bp := bufs.Get().(*[]byte)
 	defer bufs.Put(bp)
 	buf := *bp
@@ -152,7 +154,9 @@ func (p *proxy) relay(resp *http.Response, lease *router.Lease, wk router.Worker
 				p.log.Debug("client went away; the worker's request is cancelled", zap.String("worker_id", wk.ID))
 				return statusClientGone
 			}
-			_ = rc.Flush()
+			if sse {
+				_ = rc.Flush() // each event the moment it arrives; a whole answer goes out at the end
+			}
 		}
 		if err == io.EOF {
 			p.tokens = ev.events
