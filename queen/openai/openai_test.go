@@ -52,22 +52,27 @@ func (registry) Spawn(context.Context, string) (string, error) {
 func (registry) Delete(context.Context, string, time.Duration) error { return nil }
 
 type fixture struct {
-	url string
-	api *Server
-	rt  *router.Router
+	url       string
+	workerURL string // the first worker's
+	api       *Server
+	rt        *router.Router
 }
 
 // start serves the API over a router that knows workers (id -> handler), each with concurrency conc.
-func start(t *testing.T, cfg Config, rcfg router.Config, conc int, workers ...http.Handler) fixture {
+func start(t testing.TB, cfg Config, rcfg router.Config, conc int, workers ...http.Handler) fixture {
 	t.Helper()
 	reg := registry{events: make(chan router.Event, 64)}
 	rt := router.New(rcfg, reg, reg, reg)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { rt.Run(ctx); close(done) }()
+	var first string
 	for i, h := range workers {
 		ws := httptest.NewServer(h)
 		t.Cleanup(ws.Close)
+		if i == 0 {
+			first = ws.URL
+		}
 		reg.events <- router.Event{Type: router.EventAdded, Worker: router.Worker{
 			ID: fmt.Sprintf("w%d", i), Model: "m", State: router.StateReady, URL: ws.URL, Concurrency: conc}}
 	}
@@ -78,7 +83,7 @@ func start(t *testing.T, cfg Config, rcfg router.Config, conc int, workers ...ht
 	api := New(cfg, rt)
 	s := httptest.NewServer(api)
 	t.Cleanup(func() { s.Close(); tr.CloseIdleConnections(); cancel(); <-done })
-	return fixture{url: s.URL, api: api, rt: rt}
+	return fixture{url: s.URL, workerURL: first, api: api, rt: rt}
 }
 
 // completion answers a non-streaming request, or n SSE events then [DONE] for a streaming one.
