@@ -121,7 +121,8 @@ func (p *proxy) roundTrip(wk router.Worker) (*http.Response, context.CancelFunc,
 	return resp, cancel, nil
 }
 
-var bufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+// 8 KiB: an event is a few hundred bytes, and 200 open streams should not hold 32 KiB each.
+var bufs = sync.Pool{New: func() any { b := make([]byte, 8<<10); return &b }}
 
 // relay copies the worker's response to the client, each chunk flushed the moment it arrives.
 func (p *proxy) relay(resp *http.Response, lease *router.Lease, wk router.Worker) int {
