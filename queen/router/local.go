@@ -4,32 +4,82 @@ import (
 	"context"
 	"net"
 	"strconv"
+	"time"
 
 	"github.com/rbee-dev/rbee/queen/registry"
 )
 
 // Local is the router's view of a registry in the same process: the registry's own watch (the
 // one WatchWorkers serves), its hives' catalogs, and its SetLoad.
-type Local struct{ Reg *registry.Registry }
+type Local struct {
+	Reg *registry.Registry
+	// Resolve is how often workers whose address is not known yet are looked at again (1s).
+	Resolve time.Duration
+}
 
 var _ Registry = Local{}
 
-// Watch follows every worker until ctx ends.
+// Watch follows every worker until ctx ends. A worker that serves on its hive's host, beating
+// before its hive has registered (a restarted queen hears workers first), cannot be routed to
+// yet; it is looked at again every Resolve interval and sent as UPDATED once its hive is known.
 func (l Local) Watch(ctx context.Context) <-chan Event {
 	out := make(chan Event, 64)
 	wt := l.Reg.Watch("")
+	every := l.Resolve
+	if every <= 0 {
+		every = time.Second
+	}
 	go func() {
 		defer close(out)
 		defer wt.Close()
+		t := time.NewTicker(every)
+		defer t.Stop()
+		unresolved := map[string]bool{}
+		send := func(ev Event) bool {
+			select {
+			case out <- ev:
+				return true
+			case <-ctx.Done():
+				return false
+			}
+		}
 		for {
 			select {
 			case <-ctx.Done():
 				return
+			case <-t.C:
+				for id := range unresolved {
+					w, ok := l.Reg.Get(id)
+					if !ok {
+						delete(unresolved, id)
+						continue
+					}
+					if ev := l.event(registry.Event{Type: registry.EventUpdated, Worker: w}); ev.Worker.URL != "" {
+						delete(unresolved, id)
+						if !send(ev) {
+							return
+						}
+					}
+				}
 			case ev, ok := <-wt.Events():
 				if !ok {
 					return
 				}
-				out <- l.event(ev)
+				rev := l.event(ev)
+				switch {
+				case ev.Type == registry.EventRemoved || ev.Type == registry.EventReset:
+					if ev.Type == registry.EventReset {
+						clear(unresolved)
+					}
+					delete(unresolved, ev.Worker.ID)
+				case ev.Type != registry.EventSynced && rev.Worker.URL == "":
+					unresolved[ev.Worker.ID] = true
+				case ev.Type != registry.EventSynced:
+					delete(unresolved, ev.Worker.ID)
+				}
+				if !send(rev) {
+					return
+				}
 			}
 		}
 	}()

@@ -231,8 +231,9 @@ type waiter struct {
 }
 
 type grant struct {
-	w   *worker
-	err error
+	w    *worker
+	snap Worker
+	err  error
 }
 
 // New returns a router over reg that starts workers with sp and stops them with del.
@@ -284,11 +285,12 @@ func (r *Router) Close() {
 type Lease struct {
 	r    *Router
 	w    *worker
+	snap Worker // w.Worker when leased: the watch may change w meanwhile, under the router's lock
 	once sync.Once
 }
 
-// Worker is the worker to send the request to.
-func (l *Lease) Worker() Worker { return l.w.Worker }
+// Worker is the worker to send the request to, as it was when leased.
+func (l *Lease) Worker() Worker { return l.snap }
 
 // Release ends the request: its slot goes to the next queued request of the model.
 func (l *Lease) Release() { l.once.Do(func() { l.r.release(l.w, nil) }) }
@@ -311,8 +313,9 @@ func (r *Router) Acquire(ctx context.Context, model, exclude string) (*Lease, er
 	if m != nil {
 		if w := r.pickLocked(m, exclude, now); w != nil {
 			r.takeLocked(w)
+			l := &Lease{r: r, w: w, snap: w.Worker}
 			r.mu.Unlock()
-			return &Lease{r: r, w: w}, nil
+			return l, nil
 		}
 	}
 	offer, offered := r.offer(model)
@@ -327,9 +330,9 @@ func (r *Router) Acquire(ctx context.Context, model, exclude string) (*Lease, er
 	if m == nil {
 		m = r.modelLocked(model)
 	}
-	if len(m.queue) >= r.cfg.QueueSize {
+	if n := len(m.queue); n >= r.cfg.QueueSize {
 		r.mu.Unlock()
-		return nil, fmt.Errorf("model %q (%d waiting): %w", model, len(m.queue), ErrQueueFull)
+		return nil, fmt.Errorf("model %q (%d waiting): %w", model, n, ErrQueueFull)
 	}
 	wt := &waiter{ctx: ctx, exclude: exclude, since: now, ch: make(chan grant, 1)}
 	m.queue = append(m.queue, wt)
@@ -378,7 +381,7 @@ func (r *Router) granted(g grant) (*Lease, error) {
 	if g.err != nil {
 		return nil, g.err
 	}
-	return &Lease{r: r, w: g.w}, nil
+	return &Lease{r: r, w: g.w, snap: g.snap}, nil
 }
 
 // offer says whether a live hive offers model. Called with r.mu held; the registry never calls
@@ -494,7 +497,7 @@ func (r *Router) dispatchLocked(m *model, now time.Time) {
 		m.queue = m.queue[1:]
 		wt.done = true
 		r.takeLocked(w)
-		wt.ch <- grant{w: w}
+		wt.ch <- grant{w: w, snap: w.Worker}
 		r.cfg.Metrics.queued.WithLabelValues(m.name).Set(float64(len(m.queue)))
 	}
 }
