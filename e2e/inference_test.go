@@ -302,7 +302,7 @@ func TestInferenceFaults(t *testing.T) {
 	stopGood()
 }
 
-// stubCounter reads one counter of a stub's /metrics.
+// stubCounter reads one sample of a /metrics page (a stub's, or the queen's).
 func stubCounter(t *testing.T, url, name string) float64 {
 	t.Helper()
 	resp, err := http.Get(url + "/metrics")
@@ -360,7 +360,8 @@ func startStubNoReady(t *testing.T, model string, args ...string) *stubServer {
 
 // Every worker at its concurrency and the queue full: 429 with Retry-After; nothing lost.
 func TestInferenceQueueFull(t *testing.T) {
-	_, queen, api := startQueenHTTP(t, "--queue-size", "2", "--queue-wait", "30s")
+	q, queen, api := startQueenHTTP(t, "--queue-size", "2", "--queue-wait", "30s", "--metrics-listen", "127.0.0.1:0")
+	metricsURL := "http://" + q.awaitAction("metrics_start")["metrics_listen"].(string) + "/metrics"
 	s := startStub(t, "demo", "--tokens-per-second", "20")
 	beatFor(t, queen, "w-a", s, "demo", 1)
 	awaitReady(t, queen, 1)
@@ -383,15 +384,10 @@ func TestInferenceQueueFull(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	var resp *http.Response
-	var body string
-	for i := 0; ; i++ { // the two others may still be on their way into the queue
-		resp, body = postJSON(t, ctxT(t, 10*time.Second), url, `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":1}`)
-		if resp.StatusCode == 429 || i == 50 {
-			break
-		}
-		codes <- resp.StatusCode
+	for stubCounter(t, strings.TrimSuffix(metricsURL, "/metrics"), `rbee_router_queued{model="demo"}`) < 2 {
+		time.Sleep(10 * time.Millisecond)
 	}
+	resp, body := postJSON(t, ctxT(t, 10*time.Second), url, `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":1}`)
 	if resp.StatusCode != 429 || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("over a full queue: %d %s, want 429 with Retry-After", resp.StatusCode, body)
 	}
@@ -400,8 +396,8 @@ func TestInferenceQueueFull(t *testing.T) {
 			t.Fatalf("a request in flight or queued ended %d", c)
 		}
 	}
-	if n := stubCounter(t, s.url, "rbee_stub_requests_finished_total"); n < 3 {
-		t.Fatalf("the worker served %v requests, want at least the 3 admitted", n)
+	if n := stubCounter(t, s.url, "rbee_stub_requests_finished_total"); n != 3 {
+		t.Fatalf("the worker finished %v requests, want the 3 admitted", n)
 	}
 }
 
