@@ -449,7 +449,7 @@ func TestShimQueenRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	q1.stop(syscall.SIGKILL, 10*time.Second)
-	newID := start(t, "queen", "--listen", addr, "--heartbeat-interval", "200ms").awaitAction("queen_start")["queen_id"]
+	newID := start(t, "queen", "--http-listen", "off", "--listen", addr, "--heartbeat-interval", "200ms").awaitAction("queen_start")["queen_id"]
 	w, err := q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{})
 	if err != nil {
 		t.Fatal(err)

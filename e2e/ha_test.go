@@ -92,7 +92,7 @@ type haQueen struct {
 func startHAQueen(t *testing.T, etcd string, extra ...string) haQueen {
 	t.Helper()
 	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	q := start(t, "queen", append([]string{"--listen", addr, "--etcd", etcd, "--election-ttl", haTTL.String(),
+	q := start(t, "queen", append([]string{"--http-listen", "off", "--listen", addr, "--etcd", etcd, "--election-ttl", haTTL.String(),
 		"--heartbeat-interval", haInterval.String()}, extra...)...)
 	q.awaitAction("queen_start")
 	return haQueen{q, addr}

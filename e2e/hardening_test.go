@@ -305,7 +305,7 @@ func inNetns(t *testing.T, argv ...string) []string {
 // clear text (the README's security model says so too); on loopback they say nothing.
 func TestTokenInClearIsWarnedAbout(t *testing.T) {
 	tok := tokenFile(t)
-	argv := inNetns(t, filepath.Join(binDir, "queen"), "--listen", "10.1.2.3:7833", "--token-file", tok)
+	argv := inNetns(t, filepath.Join(binDir, "queen"), "--http-listen", "off", "--listen", "10.1.2.3:7833", "--token-file", tok)
 	q := &proc{t: t, name: "queen", done: make(chan struct{})}
 	q.cond = sync.NewCond(&q.mu)
 	q.cmd = exec.Command(argv[0], argv[1:]...)
@@ -442,7 +442,7 @@ func TestLogFormatFollowsStderr(t *testing.T) {
 				t.Fatal(err)
 			}
 			piped := collect(r)
-			cmd := exec.Command(filepath.Join(binDir, "queen"), "--listen", "127.0.0.1:0")
+			cmd := exec.Command(filepath.Join(binDir, "queen"), "--http-listen", "off", "--listen", "127.0.0.1:0")
 			cmd.Stdout, cmd.Stderr = slave, w
 			logs := piped
 			if tc.stderrTTY {

@@ -267,7 +267,7 @@ func TestPartitionedHive(t *testing.T) {
 	qh, hh := f.addHost("q"), f.addHost("h")
 	const interval, staleAfter = 500 * time.Millisecond, 1500 * time.Millisecond
 	queenAddr := qh.addr + ":7833"
-	qh.start("queen", "--listen", queenAddr, "--insecure", "--heartbeat-interval", interval.String(),
+	qh.start("queen", "--http-listen", "off", "--listen", queenAddr, "--insecure", "--heartbeat-interval", interval.String(),
 		"--stale-after", staleAfter.String(), "--expire-after", "5m").awaitAction("queen_start")
 	hiveID := uniqueID("part")
 	cleanupWorkers(t, hiveID)
@@ -397,7 +397,7 @@ func TestLeaderCutOffFromEtcdOnly(t *testing.T) {
 	_, etcd := startEtcd(t, eh)
 	startQ := func(h *host) (*proc, string) {
 		addr := h.addr + ":7833"
-		p := h.start("queen", "--listen", addr, "--insecure", "--etcd", etcd, "--election-ttl", haTTL.String(),
+		p := h.start("queen", "--http-listen", "off", "--listen", addr, "--insecure", "--etcd", etcd, "--election-ttl", haTTL.String(),
 			"--heartbeat-interval", haInterval.String())
 		p.awaitAction("queen_start")
 		return p, addr
@@ -468,7 +468,7 @@ func newPartitionFleet(t *testing.T, n int, queenArgs ...string) *partitionFleet
 	f := newFabric(t)
 	qh, hh := f.addHost("q"), f.addHost("h")
 	queenAddr := qh.addr + ":7833"
-	qh.start("queen", append([]string{"--listen", queenAddr, "--insecure"}, queenArgs...)...).awaitAction("queen_start")
+	qh.start("queen", append([]string{"--http-listen", "off", "--listen", queenAddr, "--insecure"}, queenArgs...)...).awaitAction("queen_start")
 	pf := &partitionFleet{hiveHost: hh, queen: qh.dialFrom(queenAddr), hiveID: uniqueID("flap"), logDir: t.TempDir(), pids: map[string]int32{}}
 	cleanupWorkers(t, pf.hiveID)
 	hh.start("hive", "--listen", hh.addr+":7835", "--insecure", "--hive-id", pf.hiveID, "--queen", queenAddr,
@@ -611,7 +611,7 @@ func TestPartitionedWorkerOfAReachableHive(t *testing.T) {
 	f := newFabric(t)
 	qh, hh, wh := f.addHost("q"), f.addHost("h"), f.addHost("w")
 	queenAddr := qh.addr + ":7833"
-	qh.start("queen", "--listen", queenAddr, "--insecure", "--heartbeat-interval", "500ms", "--stale-after", "1500ms").awaitAction("queen_start")
+	qh.start("queen", "--http-listen", "off", "--listen", queenAddr, "--insecure", "--heartbeat-interval", "500ms", "--stale-after", "1500ms").awaitAction("queen_start")
 	hiveID := uniqueID("wcut")
 	hh.start("hive", "--listen", hh.addr+":7835", "--insecure", "--hive-id", hiveID, "--queen", queenAddr,
 		"--log-dir", t.TempDir()).awaitAction("hive_registered")

@@ -171,7 +171,7 @@ func (f queenFleet) Spawn(ctx context.Context, model string) (string, error) {
 	best := -1
 	for _, h := range f.reg.ListHives() {
 		o, ok := h.Offer(model)
-		if !ok || h.State != registry.HiveReady || (best >= 0 && h.Workers >= best) {
+		if !ok || len(h.Models) == 0 || h.State != registry.HiveReady || (best >= 0 && h.Workers >= best) {
 			continue
 		}
 		best, spec.HiveID, spec.Device = h.Workers, h.ID, ""

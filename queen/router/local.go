@@ -93,7 +93,7 @@ var eventTypes = map[registry.EventType]EventType{
 
 var states = map[registry.State]State{
 	registry.StateStarting: StateStarting, registry.StateReady: StateReady, registry.StateBusy: StateBusy,
-	registry.StateStopping: StateStopping, registry.StateStale: StateStale,
+	registry.StateStopping: StateStopping, registry.StateStale: StateStale, registry.StateUnhealthy: StateUnhealthy,
 }
 
 func (l Local) event(ev registry.Event) Event {
@@ -108,7 +108,7 @@ func (l Local) event(ev registry.Event) Event {
 		if host == "" {
 			host, _, _ = net.SplitHostPort(h.Address)
 		}
-		if o, ok := h.Offer(w.Model); ok {
+		if o, ok := h.Offer(w.Model); ok && len(h.Models) > 0 {
 			if out.Worker.Concurrency == 0 {
 				out.Worker.Concurrency = int(o.Concurrency)
 			}
