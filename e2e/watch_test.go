@@ -142,13 +142,18 @@ func TestUnreadWatchesAreBounded(t *testing.T) {
 	if peak > unreadWatchBound {
 		t.Errorf("queen RSS peaked at %.1f MB, over the %d MB bound", float64(peak)/(1<<20), unreadWatchBound>>20)
 	}
-	// Read at last, each says why it was ended.
+	// The queen ended every one of them (that is what frees what they held)...
+	q.awaitCount("watch_stalled", len(unread))
+	// ...and a client that reads at last is told why. Reading one means reading the whole backlog
+	// gRPC queued for it before the status, so a sample stands for the rest (all 999 would be
+	// 300 MB of messages to decode, minutes on a busy 2-core machine under -race).
 	codesSeen := map[codes.Code]int{}
 	var mu sync.Mutex
 	var readers sync.WaitGroup
-	rctx, rcancel := context.WithTimeout(ctx, 30*time.Second)
+	rctx, rcancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer rcancel()
-	for _, st := range unread {
+	sample := unread[:10]
+	for _, st := range sample {
 		readers.Go(func() {
 			for rctx.Err() == nil {
 				if _, err := st.Recv(); err != nil {
@@ -161,11 +166,8 @@ func TestUnreadWatchesAreBounded(t *testing.T) {
 		})
 	}
 	readers.Wait()
-	if codesSeen[codes.ResourceExhausted] != len(unread) {
-		t.Errorf("unread watches ended with %v, want all %d RESOURCE_EXHAUSTED", codesSeen, len(unread))
-	}
-	if got := q.await("watch_stalled warnings", func(m map[string]any) bool { return m["action"] == "watch_stalled" }); got == nil {
-		t.Error("no watch_stalled warning logged")
+	if codesSeen[codes.ResourceExhausted] != len(sample) {
+		t.Errorf("unread watches read at last ended with %v, want all %d RESOURCE_EXHAUSTED", codesSeen, len(sample))
 	}
 }
 
