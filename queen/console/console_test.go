@@ -115,7 +115,9 @@ func (c *chatRecorder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 func newEnv(t *testing.T, token string) *env {
 	t.Helper()
-	reg := registry.New(registry.Config{Interval: time.Second, WatchBuffer: 1024})
+	// Workers turn STALE only when a test says so: a stale-marking clock would add changes the
+	// tests do not expect.
+	reg := registry.New(registry.Config{Interval: time.Second, StaleAfter: time.Hour, WatchBuffer: 1024})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); reg.Run(ctx) }()

@@ -20,10 +20,11 @@ type op struct {
 }
 
 // Batching of the worker stream: changes are gathered for at most batchDelay (or batchMax of
-// them) and sent as one event, so 10,000 changes a second are a few dozen writes, not 10,000.
+// them) and sent as one event, so 10,000 changes a second are a few dozen writes, not 10,000. The
+// cap keeps each event a short task for the page (one big JSON parse would hold up a frame).
 const (
 	batchDelay = 20 * time.Millisecond
-	batchMax   = 2000
+	batchMax   = 500
 	keepalive  = 15 * time.Second
 )
 

@@ -21,7 +21,7 @@ const st = {
 };
 
 // Test and measurement hooks: window.rbee.trace = [] makes every frame record [id, state, ms].
-window.rbee = { trace: null, frames: 0, maxFrameWork: 0, st };
+window.rbee = { trace: null, frames: 0, maxFrameWork: 0, resets: 0, minSize: null, st };
 
 // ---------- session and login ----------
 
@@ -145,6 +145,7 @@ function applyOp(o) {
   switch (o.t) {
     case 'x': // RESET: the queen dropped changes for us; a fresh snapshot follows
       st.staging = new Map();
+      window.rbee.resets++;
       return;
     case 's': // the snapshot is complete: swap it in, in one frame
       if (st.staging) {
@@ -209,6 +210,7 @@ function frame() {
     renderCounts();
   }
   if (st.viewDirty) { renderRows(); st.viewDirty = false; }
+  if (window.rbee.minSize !== null) window.rbee.minSize = Math.min(window.rbee.minSize, st.workers.size);
   const work = performance.now() - t0;
   window.rbee.frames++;
   if (work > window.rbee.maxFrameWork) window.rbee.maxFrameWork = work;
@@ -330,8 +332,9 @@ function setOptions(sel, values, keepFirst) {
   if (sel.dataset.v === want) return;
   sel.dataset.v = want;
   const cur = sel.value;
-  while (sel.options.length > (keepFirst ? 1 : 0)) sel.remove(sel.options.length - 1);
-  for (const v of values) sel.add(new Option(v, v));
+  // A <select> and a <datalist> alike: children are the options.
+  while (sel.children.length > (keepFirst ? 1 : 0)) sel.lastElementChild.remove();
+  for (const v of values) sel.appendChild(new Option(v, v));
   sel.value = cur;
 }
 
