@@ -233,7 +233,7 @@ func (c *Console) logs(w http.ResponseWriter, r *http.Request, _ session) {
 	}
 	follow := r.URL.Query().Get("follow") == "1"
 	sse := startSSE(w)
-	err := c.cfg.Logs.WorkerLogs(r.Context(), id, follow, uint32(tail), func(b []byte) error {
+	err := c.cfg.Logs.Logs(r.Context(), id, uint32(tail), follow, func(b []byte) error {
 		return sse.send("", string(b))
 	})
 	switch {

@@ -37,11 +37,11 @@ type Fleet interface {
 	Delete(ctx context.Context, id string, grace time.Duration) (fleet.Deleted, error)
 }
 
-// Logs reads a worker's captured output from its hive: the last tail lines (0: the hive's
-// default), then, with follow, what the worker writes next until ctx ends or the log closes.
-// Each chunk is handed to send; an error from send ends the call with that error.
+// Logs reads a worker's captured output from its hive (queen/fleet's Logs): the last tailLines
+// lines (0: the hive's default), then, with follow, what the worker writes next until ctx ends or
+// the log closes. Each chunk is handed to send; an error from send ends the call with it.
 type Logs interface {
-	WorkerLogs(ctx context.Context, workerID string, follow bool, tail uint32, send func([]byte) error) error
+	Logs(ctx context.Context, workerID string, tailLines uint32, follow bool, send func([]byte) error) error
 }
 
 // KeyChecker checks an API key presented as an Authorization header value ("Bearer KEY").

@@ -65,7 +65,7 @@ func (f *fakeFleet) Delete(_ context.Context, id string, grace time.Duration) (f
 
 type fakeLogs struct{ lines []string }
 
-func (l fakeLogs) WorkerLogs(ctx context.Context, id string, follow bool, tail uint32, send func([]byte) error) error {
+func (l fakeLogs) Logs(ctx context.Context, id string, tail uint32, follow bool, send func([]byte) error) error {
 	if id == "w-unknown" {
 		return errors.New("worker w-unknown is not known")
 	}
