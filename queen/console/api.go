@@ -2,9 +2,7 @@ package console
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -232,14 +230,18 @@ func (c *Console) logs(w http.ResponseWriter, r *http.Request, _ session) {
 		}
 	}
 	follow := r.URL.Query().Get("follow") == "1"
+	ctx, cancel := c.streamContext(r)
+	defer cancel()
 	sse := startSSE(w)
-	err := c.cfg.Logs.Logs(r.Context(), id, uint32(tail), follow, func(b []byte) error {
+	err := c.cfg.Logs.Logs(ctx, id, uint32(tail), follow, func(b []byte) error {
 		return sse.send("", string(b))
 	})
 	switch {
 	case err == nil:
 		_ = sse.send("end", "the log ended")
-	case errors.Is(err, context.Canceled) && r.Context().Err() != nil:
+	case r.Context().Err() != nil: // the page went away: nobody to tell
+	case ctx.Err() != nil:
+		_ = sse.send("end", "the queen is shutting down")
 	default:
 		_ = sse.send("end", err.Error())
 	}

@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"path"
 	"strings"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -77,6 +78,8 @@ type Console struct {
 	mux      *http.ServeMux
 	sessions *sessions
 	assets   map[string]asset
+	closing  chan struct{} // closed by Close: streams end
+	once     sync.Once
 }
 
 type asset struct {
@@ -96,7 +99,7 @@ func New(cfg Config) *Console {
 	if cfg.HivePoll <= 0 {
 		cfg.HivePoll = time.Second
 	}
-	c := &Console{cfg: cfg, mux: http.NewServeMux(), sessions: newSessions(cfg.SessionTTL), assets: loadAssets()}
+	c := &Console{cfg: cfg, mux: http.NewServeMux(), sessions: newSessions(cfg.SessionTTL), assets: loadAssets(), closing: make(chan struct{})}
 	c.mux.HandleFunc("GET /{$}", c.serveAsset)
 	c.mux.HandleFunc("GET /assets/{file}", c.serveAsset)
 	c.mux.HandleFunc("GET /api/session", c.session)
@@ -113,6 +116,24 @@ func New(cfg Config) *Console {
 		writeError(w, http.StatusNotFound, r.Method+" "+r.URL.Path+" is not part of the console's API")
 	})
 	return c
+}
+
+// Close ends every open stream (the pages' event streams, log follows) so that a graceful stop of
+// the HTTP server is not held up by them; a page reconnects to the next queen by itself. Requests
+// that are not streams are left to finish.
+func (c *Console) Close() { c.once.Do(func() { close(c.closing) }) }
+
+// streamContext is r's context, also ended by Close.
+func (c *Console) streamContext(r *http.Request) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(r.Context())
+	go func() {
+		select {
+		case <-c.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, cancel
 }
 
 // ServeHTTP checks where the request comes from, then serves it.

@@ -544,3 +544,34 @@ func TestLogs(t *testing.T) {
 		t.Errorf("chat without an API: %d %s", rec.Code, rec.Body)
 	}
 }
+
+// TestCloseEndsStreams: a graceful stop of the queen's HTTP server waits for requests in flight,
+// and a page's stream never ends by itself; Close must end it (and a log follow) at once.
+func TestCloseEndsStreams(t *testing.T) {
+	reg := registry.New(registry.Config{Interval: time.Second, StaleAfter: time.Hour})
+	c := New(Config{Registry: reg, Fleet: &fakeFleet{reg: reg}, Logs: fakeLogs{}})
+	srv := httptest.NewServer(c)
+	defer srv.Close()
+	srv.Config.RegisterOnShutdown(c.Close)
+
+	var bodies []io.ReadCloser
+	for _, p := range []string{"/api/events", "/api/workers/w-a/logs?follow=1"} {
+		resp, err := http.Get(srv.URL + p)
+		if err != nil || resp.StatusCode != 200 {
+			t.Fatalf("GET %s: %v %v", p, err, resp)
+		}
+		bodies = append(bodies, resp.Body)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+	defer cancel()
+	if err := srv.Config.Shutdown(ctx); err != nil {
+		t.Fatalf("shutdown held by open streams: %v", err)
+	}
+	rest, _ := io.ReadAll(bodies[1])
+	if !strings.Contains(string(rest), "event: end\ndata: \"the queen is shutting down\"") {
+		t.Errorf("a log follow ended by Close says %q", rest)
+	}
+	for _, b := range bodies {
+		b.Close()
+	}
+}

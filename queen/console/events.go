@@ -33,6 +33,8 @@ const (
 // "hives" events the whole hive list whenever it changes. A page that reconnects gets a fresh
 // snapshot and swaps it in at "s", so it never shows an empty table in between.
 func (c *Console) events(w http.ResponseWriter, r *http.Request, _ session) {
+	ctx, cancel := c.streamContext(r)
+	defer cancel()
 	wt := c.cfg.Registry.Watch("")
 	defer wt.Close()
 	sse := startSSE(w)
@@ -75,7 +77,7 @@ func (c *Console) events(w http.ResponseWriter, r *http.Request, _ session) {
 	defer ping.Stop()
 	for {
 		select {
-		case <-r.Context().Done():
+		case <-ctx.Done():
 			return
 		case e, ok := <-wt.Events():
 			if !ok {
