@@ -124,12 +124,13 @@ func (b *Browser) Do(t testing.TB, timeout time.Duration, actions ...chromedp.Ac
 	}
 }
 
-// Eval evaluates a JavaScript expression in the page and decodes its value.
+// Eval evaluates a JavaScript expression in the page and decodes its value (a promise's, once it
+// settles).
 func Eval[T any](t testing.TB, b *Browser, expr string) T {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(b.Ctx, 30*time.Second)
 	defer cancel()
-	v, err := chromedp.Run(ctx, chromedp.Evaluate[T](expr))
+	v, err := chromedp.Run(ctx, chromedp.Evaluate[T](expr, chromedp.EvalAwaitPromise))
 	if err != nil {
 		t.Fatalf("evaluating %s: %v", expr, err)
 	}

@@ -73,8 +73,18 @@ $('#login-form').addEventListener('submit', async (ev) => {
 
 $('#logout').addEventListener('click', async () => {
   await api('/api/logout', { method: 'POST' });
-  if (es) es.close();
-  location.reload();
+  clearTimeout(retryTimer);
+  if (es) { es.close(); es = null; }
+  // Nothing of the fleet stays on screen for whoever logs in next.
+  st.workers = new Map(); st.byState = new Map(); st.models = new Map(); st.hives = [];
+  st.idsDirty = true; st.selected = null;
+  $('#detail').hidden = true;
+  $('#chat-out').textContent = '';
+  renderHives();
+  schedule();
+  st.session = { open: false, role: '' };
+  setConn('out', 'logged out');
+  showLogin();
 });
 
 // ---------- the live stream ----------
