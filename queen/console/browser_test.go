@@ -1,7 +1,12 @@
 package console
 
 import (
+	"context"
+	"encoding/json"
 	"fmt"
+	"io"
+	"net/http"
+	"regexp"
 	"slices"
 	"testing"
 	"time"
@@ -131,8 +136,8 @@ func newEnvBuffer(t *testing.T, buf int) *env {
 // the longest animation frame (Long Animation Frames API), the longest gap between frames and the
 // page's own work per frame. The figure goes into the README.
 func TestBrowserTenThousandWorkers(t *testing.T) {
-	if testing.Short() {
-		t.Skip("a 10-second measurement")
+	if testing.Short() || raceEnabled {
+		t.Skip("a 10-second timing measurement: it runs without -race and -short (the race detector slows the queen side fivefold)")
 	}
 	e := newEnv(t, "")
 	const n = 10000
@@ -142,47 +147,194 @@ func TestBrowserTenThousandWorkers(t *testing.T) {
 	}
 	b := openPage(t, e)
 	b.Wait(t, "10,000 workers", 30*time.Second, fmt.Sprintf(`window.rbee.st.workers.size === %d`, n))
-	headless.Eval[chromedp.Void](t, b, `(() => {
-		window.__loaf = [];
-		new PerformanceObserver((l) => { for (const x of l.getEntries()) window.__loaf.push({ d: x.duration, block: x.blockingDuration, render: x.renderStart ? x.startTime + x.duration - x.renderStart : 0, scripts: x.scripts.map((s) => [s.invoker, Math.round(s.duration)]) }); }).observe({ type: 'long-animation-frame' });
-		window.__gap = 0; let last = performance.now();
-		const tick = (now) => { window.__gap = Math.max(window.__gap, now - last); last = now; requestAnimationFrame(tick); };
-		requestAnimationFrame(tick);
-		window.rbee.maxFrameWork = 0; window.rbee.frames = 0;
-	})()`)
 
-	// Every worker changes once a second, spread in 100 steps of 100 workers.
+	// Two phases of the same length in the same browser: nothing changing (the baseline: what the
+	// machine's load alone costs the page), then every worker changing once a second, in 100
+	// steps of 100 workers.
 	const seconds = 8
-	start := time.Now()
-	tick := time.NewTicker(10 * time.Millisecond)
-	defer tick.Stop()
-	changes := 0
-	for step := 0; step < seconds*100; step++ {
-		<-tick.C
-		for j := range 100 {
-			i := (step%100)*100 + j
-			e.beat(t, fmt.Sprintf("w-%05d", i), fmt.Sprintf("h%d", i%20), fmt.Sprintf("model-%d", i%7), states[(step/100+1)%2])
-			changes++
+	var base, load frameStats
+	for phase, stats := range []*frameStats{&base, &load} {
+		startFrameStats(t, b)
+		start := time.Now()
+		tick := time.NewTicker(10 * time.Millisecond)
+		changes := 0
+		for step := 0; step < seconds*100; step++ {
+			<-tick.C
+			if phase == 0 {
+				continue
+			}
+			for j := range 100 {
+				i := (step%100)*100 + j
+				e.beat(t, fmt.Sprintf("w-%05d", i), fmt.Sprintf("h%d", i%20), fmt.Sprintf("model-%d", i%7), states[(step/100+1)%2])
+				changes++
+			}
+		}
+		tick.Stop()
+		stats.elapsed, stats.changes = time.Since(start), changes
+		if phase == 1 {
+			b.Wait(t, "the last change shown", 10*time.Second, fmt.Sprintf(`[...window.rbee.st.workers.values()].every((w) => w.state === %q)`, states[seconds%2].String()))
+		}
+		*stats = readFrameStats(t, b, *stats)
+	}
+	t.Logf("10,000 workers, nothing changing (baseline): %s", base)
+	t.Logf("10,000 workers, %d changes in %v (%.0f/s): %s", load.changes, load.elapsed.Round(time.Millisecond), float64(load.changes)/load.elapsed.Seconds(), load)
+	// The budget is on the page's own work; a single frame may be preempted by a busy machine.
+	if load.p99 > 50 {
+		t.Errorf("the page's work per frame is %.1f ms at p99: over the 50 ms budget", load.p99)
+	}
+	noPageErrors(t, b)
+}
+
+type frameStats struct {
+	elapsed                    time.Duration
+	changes, frames, long      int
+	p50, p99, maxWork, longest float64
+	gap                        float64
+}
+
+func (s frameStats) String() string {
+	return fmt.Sprintf("%d page frames; the page's work per frame p50 %.1f ms, p99 %.1f ms, max %.1f ms; %d long animation frames (>50 ms), longest %.1f ms; longest gap between frames %.1f ms",
+		s.frames, s.p50, s.p99, s.maxWork, s.long, s.longest, s.gap)
+}
+
+// startFrameStats starts recording long animation frames, gaps between frames and the page's own
+// work per frame.
+func startFrameStats(t *testing.T, b *headless.Browser) {
+	headless.Eval[chromedp.Void](t, b, `(() => {
+		if (window.__obs) window.__obs.disconnect();
+		window.__loaf = [];
+		window.__obs = new PerformanceObserver((l) => { for (const x of l.getEntries()) window.__loaf.push(x.duration); });
+		window.__obs.observe({ type: 'long-animation-frame' });
+		window.__gap = 0; window.__last = performance.now();
+		if (!window.__ticking) {
+			window.__ticking = true;
+			const tick = (now) => { window.__gap = Math.max(window.__gap, now - window.__last); window.__last = now; requestAnimationFrame(tick); };
+			requestAnimationFrame(tick);
+		}
+		window.rbee.maxFrameWork = 0; window.rbee.frames = 0; window.rbee.works = [];
+	})()`)
+}
+
+func readFrameStats(t *testing.T, b *headless.Browser, s frameStats) frameStats {
+	loaf := headless.Eval[[]float64](t, b, `window.__loaf`)
+	s.gap = headless.Eval[float64](t, b, `window.__gap`)
+	s.maxWork = headless.Eval[float64](t, b, `window.rbee.maxFrameWork`)
+	s.frames = headless.Eval[int](t, b, `window.rbee.frames`)
+	works := headless.Eval[[]float64](t, b, `window.rbee.works`)
+	slices.Sort(works)
+	if len(works) > 0 {
+		s.p50, s.p99 = works[len(works)/2], works[len(works)*99/100]
+	}
+	s.long = len(loaf)
+	for _, d := range loaf {
+		s.longest = max(s.longest, d)
+	}
+	return s
+}
+
+// gatedChat answers a chat with one token per value the test sends on step, so the test can see
+// each token reach the page before the next is written.
+type gatedChat struct {
+	step chan string
+	body chan []byte
+}
+
+func (g *gatedChat) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	b, _ := io.ReadAll(r.Body)
+	g.body <- b
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.WriteHeader(http.StatusOK)
+	w.(http.Flusher).Flush()
+	for {
+		var tok string
+		var ok bool
+		select {
+		case tok, ok = <-g.step:
+		case <-r.Context().Done():
+			return
+		}
+		if !ok {
+			break
+		}
+		c, _ := json.Marshal(map[string]any{"choices": []any{map[string]any{"index": 0, "delta": map[string]string{"content": tok}}}})
+		fmt.Fprintf(w, "data: %s\n\n", c)
+		w.(http.Flusher).Flush()
+	}
+	fmt.Fprint(w, "data: [DONE]\n\n")
+}
+
+// TestBrowserChatStreamsIncrementally: each token shows in the page as it arrives, a model with
+// no READY worker is announced as starting, and time to first token and tokens/s are shown.
+func TestBrowserChatStreamsIncrementally(t *testing.T) {
+	e := newEnv(t, "")
+	chat := &gatedChat{step: make(chan string), body: make(chan []byte, 1)}
+	e.srv.Config.Handler = New(Config{Registry: e.reg, Fleet: &fakeFleet{reg: e.reg}, Chat: chat})
+	b := openPage(t, e)
+
+	b.Do(t, 10*time.Second, chromedp.SetValue(chromedp.ID("chat-model"), "cold-model"),
+		chromedp.SetValue(chromedp.ID("chat-prompt"), "say hello"), chromedp.Click(chromedp.ID("chat-send")))
+	b.Wait(t, "the cold-model notice", 5*time.Second, `document.querySelector('#chat-status').textContent.includes('cold-model is cold')`)
+	var req struct {
+		Model    string
+		Stream   bool
+		Messages []struct{ Role, Content string }
+	}
+	if err := json.Unmarshal(<-chat.body, &req); err != nil || req.Model != "cold-model" || !req.Stream ||
+		len(req.Messages) != 1 || req.Messages[0].Content != "say hello" {
+		t.Fatalf("the chat request: %+v %v", req, err)
+	}
+	want := ""
+	for _, tok := range []string{"Hel", "lo", ", ", "wor", "ld"} {
+		chat.step <- tok
+		want += tok
+		b.Wait(t, "the token "+tok+" in the page before the next is sent", 5*time.Second,
+			fmt.Sprintf(`document.querySelector('#chat-out').textContent === %q`, want))
+	}
+	close(chat.step)
+	b.Wait(t, "the end of the answer", 5*time.Second, `document.querySelector('#chat-status').textContent.endsWith('done')`)
+	status := headless.Eval[string](t, b, `document.querySelector('#chat-status').textContent`)
+	if !regexp.MustCompile(`^time to first token \d+\.\d\ds · 5 tokens · \d+(\.\d)? tokens/s · done$`).MatchString(status) {
+		t.Errorf("chat status %q", status)
+	}
+	noPageErrors(t, b)
+}
+
+// gatedLogs hands the page one chunk per value the test sends on lines.
+type gatedLogs struct{ lines chan string }
+
+func (g gatedLogs) Logs(ctx context.Context, id string, tail uint32, follow bool, send func([]byte) error) error {
+	if !follow || tail != 200 {
+		return fmt.Errorf("the page asked follow=%v tail=%d, want a follow of the last 200 lines", follow, tail)
+	}
+	for {
+		select {
+		case l, ok := <-g.lines:
+			if !ok {
+				return nil
+			}
+			if err := send([]byte(l)); err != nil {
+				return err
+			}
+		case <-ctx.Done():
+			return ctx.Err()
 		}
 	}
-	elapsed := time.Since(start)
-	b.Wait(t, "the last change shown", 10*time.Second, fmt.Sprintf(`[...window.rbee.st.workers.values()].every((w) => w.state === %q)`, states[seconds%2].String()))
-	loaf := headless.Eval[[]struct {
-		D, Block, Render float64
-		Scripts          [][]any
-	}](t, b, `window.__loaf`)
-	gap := headless.Eval[float64](t, b, `window.__gap`)
-	work := headless.Eval[float64](t, b, `window.rbee.maxFrameWork`)
-	frames := headless.Eval[int](t, b, `window.rbee.frames`)
-	longest := 0.0
-	for _, f := range loaf {
-		longest = max(longest, f.D)
-		t.Logf("long animation frame: %.0f ms (blocking %.0f ms, rendering %.0f ms), scripts %v", f.D, f.Block, f.Render, f.Scripts)
+}
+
+// TestBrowserFollowsALog: a worker's log opens from its row and grows as the worker writes.
+func TestBrowserFollowsALog(t *testing.T) {
+	e := newEnv(t, "")
+	logs := gatedLogs{lines: make(chan string)}
+	e.srv.Config.Handler = New(Config{Registry: e.reg, Fleet: &fakeFleet{reg: e.reg}, Logs: logs})
+	e.beat(t, "w-log", "h1", "m1", registry.StateReady)
+	b := openPage(t, e)
+	b.Wait(t, "the row", 5*time.Second, `document.querySelector('#wrows .row[data-id="w-log"]') !== null`)
+	b.Do(t, 10*time.Second, chromedp.Click(chromedp.CSS(`#wrows .row[data-id="w-log"]`)), chromedp.Click(chromedp.ID("d-logs")))
+	for _, l := range []string{"loading model\n", "listening on :9000\n"} {
+		logs.lines <- l
+		b.Wait(t, "the line "+l, 5*time.Second, fmt.Sprintf(`document.querySelector('#d-log').textContent.endsWith(%q)`, l))
 	}
-	t.Logf("10,000 workers, %d changes in %v (%.0f/s): %d page frames; longest frame work %.1f ms; %d long animation frames (>50 ms), longest %.1f ms; longest gap between frames %.1f ms",
-		changes, elapsed.Round(time.Millisecond), float64(changes)/elapsed.Seconds(), frames, work, len(loaf), longest, gap)
-	if work > 50 {
-		t.Errorf("a frame's work took %.1f ms: over the 50 ms budget", work)
-	}
+	close(logs.lines)
+	b.Wait(t, "the end of the log", 5*time.Second, `document.querySelector('#d-log').textContent.endsWith('[the log ended]')`)
 	noPageErrors(t, b)
 }

@@ -21,7 +21,7 @@ const st = {
 };
 
 // Test and measurement hooks: window.rbee.trace = [] makes every frame record [id, state, ms].
-window.rbee = { trace: null, frames: 0, maxFrameWork: 0, resets: 0, minSize: null, st };
+window.rbee = { trace: null, works: null, frames: 0, maxFrameWork: 0, resets: 0, minSize: null, st };
 
 // ---------- session and login ----------
 
@@ -224,6 +224,7 @@ function frame() {
   const work = performance.now() - t0;
   window.rbee.frames++;
   if (work > window.rbee.maxFrameWork) window.rbee.maxFrameWork = work;
+  if (window.rbee.works) window.rbee.works.push(work);
   if (window.rbee.trace && st.applied.length) {
     const now = Date.now();
     for (const o of st.applied) window.rbee.trace.push([o.w.id, o.t === 'r' ? 'REMOVED' : o.w.state, now]);
