@@ -23,6 +23,7 @@ type workerJSON struct {
 	State   string `json:"state"`
 	PID     int32  `json:"pid,omitempty"`
 	Port    uint32 `json:"port,omitempty"`
+	Address string `json:"address,omitempty"` // "": the hive's host
 	Beat    int64  `json:"beat,omitempty"`
 	Created int64  `json:"created,omitempty"`
 }
@@ -30,7 +31,7 @@ type workerJSON struct {
 func toWorker(w registry.Worker) workerJSON {
 	return workerJSON{
 		ID: w.ID, Hive: w.HiveID, Model: w.Model, Device: w.Device, State: w.State.String(),
-		PID: w.PID, Port: w.Port, Beat: unixMilli(w.LastHeartbeat), Created: unixMilli(w.Created),
+		PID: w.PID, Port: w.Port, Address: w.Address, Beat: unixMilli(w.LastHeartbeat), Created: unixMilli(w.Created),
 	}
 }
 

@@ -48,7 +48,7 @@ func (f *fakeFleet) Spawn(_ context.Context, spec fleet.SpawnSpec) (registry.Wor
 	if err := f.reg.Reserve(registry.Worker{ID: id, HiveID: "h1", Model: spec.Model, Device: "cpu"}); err != nil {
 		return registry.Worker{}, err
 	}
-	return f.reg.Started(id, 4242, 9000, 1)
+	return f.reg.Started(id, 4242, 9000, 1, "")
 }
 
 func (f *fakeFleet) Delete(_ context.Context, id string, grace time.Duration) (fleet.Deleted, error) {
