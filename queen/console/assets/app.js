@@ -13,7 +13,7 @@ const st = {
   hives: [],
   ids: [], idsDirty: true,
   shown: [], filterDirty: true, viewDirty: true,
-  byState: new Map(), models: new Map(), // counts
+  byState: new Map(), models: new Map(), byHive: new Map(), // counts
   selected: null,
   beats: new Map(),
   pendingSpawn: new Map(), // id -> t0
@@ -76,7 +76,7 @@ $('#logout').addEventListener('click', async () => {
   clearTimeout(retryTimer);
   if (es) { es.close(); es = null; }
   // Nothing of the fleet stays on screen for whoever logs in next.
-  st.workers = new Map(); st.byState = new Map(); st.models = new Map(); st.hives = [];
+  st.workers = new Map(); st.byState = new Map(); st.models = new Map(); st.byHive = new Map(); st.hives = [];
   st.idsDirty = true; st.selected = null;
   $('#detail').hidden = true;
   $('#chat-out').textContent = '';
@@ -137,9 +137,10 @@ function put(target, w) {
   const old = target.get(w.id);
   target.set(w.id, w);
   if (target !== st.workers) return;
-  if (old) { count(st.byState, old.state, -1); count(st.models, old.model, -1); } else st.idsDirty = true;
+  if (old) { count(st.byState, old.state, -1); count(st.models, old.model, -1); count(st.byHive, old.hive, -1); } else st.idsDirty = true;
   count(st.byState, w.state, 1);
   count(st.models, w.model, 1);
+  count(st.byHive, w.hive, 1);
 }
 
 function drop(id) {
@@ -148,6 +149,7 @@ function drop(id) {
   st.workers.delete(id);
   count(st.byState, old.state, -1);
   count(st.models, old.model, -1);
+  count(st.byHive, old.hive, -1);
   st.idsDirty = true;
 }
 
@@ -159,7 +161,7 @@ function applyOp(o) {
       return;
     case 's': // the snapshot is complete: swap it in, in one frame
       if (st.staging) {
-        st.workers = new Map(); st.byState = new Map(); st.models = new Map();
+        st.workers = new Map(); st.byState = new Map(); st.models = new Map(); st.byHive = new Map();
         for (const w of st.staging.values()) put(st.workers, w);
         st.staging = null;
         st.idsDirty = true;
@@ -210,6 +212,7 @@ function frame() {
     st.ids = Array.from(st.workers.keys()).sort();
     st.idsDirty = false;
     st.filterDirty = true;
+    renderHives(); // worker counts per hive
     refreshChoices();
   }
   if (st.filterDirty) {
@@ -278,6 +281,9 @@ function renderRows() {
   const total = st.shown.length;
   const h = total * ROW_H;
   if (spacer.style.height !== h + 'px') spacer.style.height = h + 'px';
+  // As tall as its rows, up to half the window; then it scrolls.
+  const box = Math.round(Math.max(3 * ROW_H, Math.min(window.innerHeight * 0.5, h + 2))) + 'px';
+  if (scroller.style.height !== box) scroller.style.height = box;
   const first = Math.max(0, Math.floor(scroller.scrollTop / ROW_H) - 2);
   const n = Math.min(total - first, Math.ceil(scroller.clientHeight / ROW_H) + 5);
   rowsEl.style.transform = `translateY(${first * ROW_H}px)`;
@@ -326,7 +332,8 @@ function renderHives() {
   for (const h of st.hives) {
     const tr = document.createElement('tr');
     const models = (h.models || []).map((m) => m.name).join(', ') || (h.models ? 'any (no catalog)' : '');
-    for (const v of [h.id, h.state, h.address, h.version || '', devicesText(h), models, String(h.workers), String(h.free_ports)]) {
+    // The count comes from the live table, not from the hive list (sent only when a hive changes).
+    for (const v of [h.id, h.state, h.address, h.version || '', devicesText(h), models, String(st.byHive.get(h.id) || 0), String(h.free_ports)]) {
       const td = document.createElement('td');
       td.textContent = v;
       tr.appendChild(td);
