@@ -338,3 +338,24 @@ func TestBrowserFollowsALog(t *testing.T) {
 	b.Wait(t, "the end of the log", 5*time.Second, `document.querySelector('#d-log').textContent.endsWith('[the log ended]')`)
 	noPageErrors(t, b)
 }
+
+// TestBrowserPageWeight: what the first view transfers, as the browser counts it (Resource Timing
+// transferSize: headers and bodies), the live stream excepted (it is the fleet, not the page).
+func TestBrowserPageWeight(t *testing.T) {
+	e := newEnv(t, "")
+	b := openPage(t, e)
+	type entry struct {
+		Name     string
+		Transfer float64
+	}
+	got := headless.Eval[[]entry](t, b, `[...performance.getEntriesByType('navigation'), ...performance.getEntriesByType('resource')]
+		.filter((x) => !x.name.endsWith('/api/events')).map((x) => ({ name: x.name, transfer: x.transferSize }))`)
+	total := 0.0
+	for _, x := range got {
+		total += x.Transfer
+	}
+	t.Logf("first view: %.1f KB transferred in %d requests (%v)", total/1024, len(got), got)
+	if total == 0 || total > 200*1024 {
+		t.Errorf("first view %.0f bytes: want between 1 byte and the 200 KB budget", total)
+	}
+}
