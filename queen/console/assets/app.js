@@ -17,6 +17,7 @@ const st = {
   selected: null,
   beats: new Map(),
   pendingSpawn: new Map(), // id -> t0
+  gone: new Map(),         // id -> why, the last removals (a spawn's answer may come after its worker died)
   applied: [],           // ops applied since the last frame (for the trace)
 };
 
@@ -178,6 +179,8 @@ function applyOp(o) {
     case 'r':
       if (st.staging) { st.staging.delete(o.w.id); return; }
       drop(o.w.id);
+      st.gone.set(o.w.id, o.reason || 'removed');
+      if (st.gone.size > 200) st.gone.delete(st.gone.keys().next().value);
       notice(`${o.w.id} (${o.w.model} on ${o.w.hive}) removed${o.reason ? ': ' + o.reason : ''}`);
       break;
   }
@@ -394,6 +397,7 @@ $('#spawn').addEventListener('submit', async (ev) => {
   const r = await api('/api/workers', { method: 'POST', headers: { 'Content-Type': 'application/json' }, body: JSON.stringify(body) });
   if (!r.ok) { $('#sp-status').textContent = 'spawn failed: ' + ((r.body && r.body.error) || 'HTTP ' + r.status); return; }
   const w = r.body;
+  if (st.gone.has(w.id)) { spawnEnded(w.id, t0, null, st.gone.get(w.id)); return; }
   const cur = st.workers.get(w.id);
   if (cur && (cur.state === 'READY' || cur.state === 'BUSY')) { spawnEnded(w.id, t0, cur); return; }
   st.pendingSpawn.set(w.id, t0);
