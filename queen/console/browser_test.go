@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"regexp"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -357,5 +358,27 @@ func TestBrowserPageWeight(t *testing.T) {
 	t.Logf("first view: %.1f KB transferred in %d requests (%v)", total/1024, len(got), got)
 	if total == 0 || total > 200*1024 {
 		t.Errorf("first view %.0f bytes: want between 1 byte and the 200 KB budget", total)
+	}
+}
+
+// TestBrowserReconnects: a cut connection shows in the header, and the page reconnects by itself
+// and is live again with what changed meanwhile.
+func TestBrowserReconnects(t *testing.T) {
+	e := newEnv(t, "")
+	e.beat(t, "w-a", "h1", "m1", registry.StateReady)
+	b := openPage(t, e)
+	headless.Eval[chromedp.Void](t, b, `(() => {
+		window.__states = [];
+		new MutationObserver(() => window.__states.push(document.querySelector('#conn').dataset.state))
+			.observe(document.querySelector('#conn'), { attributes: true });
+	})()`)
+	e.srv.CloseClientConnections()
+	e.beat(t, "w-b", "h1", "m1", registry.StateReady) // while the page is away
+	b.Wait(t, "live again with the change made while away", 20*time.Second,
+		`window.__states.includes('lost') && document.querySelector('#conn').dataset.state === 'live' && window.rbee.st.workers.has('w-b')`)
+	for _, err := range b.Errors() {
+		if !strings.Contains(err, "/api/events") { // the browser logs the cut stream itself
+			t.Errorf("page error: %s", err)
+		}
 	}
 }
