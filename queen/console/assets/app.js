@@ -334,7 +334,8 @@ function renderHives() {
   tb.textContent = '';
   for (const h of st.hives) {
     const tr = document.createElement('tr');
-    const models = (h.models || []).map((m) => m.name).join(', ') || (h.models ? 'any (no catalog)' : '');
+    // No catalog (null): the hive runs any model with its worker binary.
+    const models = h.models && h.models.length ? h.models.map((m) => m.name).join(', ') : 'any (no catalog)';
     // The count comes from the live table, not from the hive list (sent only when a hive changes).
     for (const v of [h.id, h.state, h.address, h.version || '', devicesText(h), models, String(st.byHive.get(h.id) || 0), String(h.free_ports)]) {
       const td = document.createElement('td');
