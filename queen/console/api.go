@@ -35,8 +35,12 @@ func toWorker(w registry.Worker) workerJSON {
 	}
 }
 
+// deviceJSON is a hive's device; memory in bytes, 0 when the hive does not know it.
 type deviceJSON struct {
-	Name string `json:"name"`
+	Name        string `json:"name"`
+	Description string `json:"description,omitempty"`
+	MemoryTotal uint64 `json:"memory_total,omitempty"`
+	MemoryUsed  uint64 `json:"memory_used,omitempty"`
 }
 
 type hiveJSON struct {
@@ -57,8 +61,13 @@ func toHive(h registry.Hive) hiveJSON {
 		ID: h.ID, Address: h.Address, State: h.State.String(), Static: h.Static, Version: h.Version, OS: h.OS,
 		Devices: []deviceJSON{}, FreePorts: h.FreePorts, Workers: h.Workers, Beat: unixMilli(h.LastHeartbeat),
 	}
-	for _, d := range h.Devices {
-		out.Devices = append(out.Devices, deviceJSON{Name: d})
+	for _, d := range h.DeviceInfo {
+		out.Devices = append(out.Devices, deviceJSON{Name: d.Name, Description: d.Description, MemoryTotal: d.MemoryTotal, MemoryUsed: d.MemoryUsed})
+	}
+	if len(h.DeviceInfo) == 0 { // a hive that reports only its devices' names
+		for _, d := range h.Devices {
+			out.Devices = append(out.Devices, deviceJSON{Name: d})
+		}
 	}
 	return out
 }

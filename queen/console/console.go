@@ -45,6 +45,12 @@ type Logs interface {
 	Logs(ctx context.Context, workerID string, tailLines uint32, follow bool, send func([]byte) error) error
 }
 
+// The queen's fleet is what serves both.
+var (
+	_ Fleet = (*fleet.Fleet)(nil)
+	_ Logs  = (*fleet.Fleet)(nil)
+)
+
 // KeyChecker checks an API key presented as an Authorization header value ("Bearer KEY").
 type KeyChecker interface {
 	Check(authorization string) bool

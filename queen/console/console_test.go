@@ -299,7 +299,8 @@ func TestEventsSnapshotThenChangesAndRemovalReason(t *testing.T) {
 		t.Fatalf("removal %+v", got[0])
 	}
 
-	if _, err := e.reg.HiveBeat(registry.Hive{ID: "h1", Address: "127.0.0.1:7835", Version: "v1", Devices: []string{"cpu", "cuda:0"}}); err != nil {
+	if _, err := e.reg.HiveBeat(registry.Hive{ID: "h1", Address: "127.0.0.1:7835", Version: "v1", Devices: []string{"cpu", "cuda:0"},
+		DeviceInfo: []registry.Device{{Name: "cpu"}, {Name: "cuda:0", Description: "NVIDIA A100-SXM4-80GB", MemoryTotal: 80 << 30, MemoryUsed: 1 << 30}}}); err != nil {
 		t.Fatal(err)
 	}
 	for {
@@ -311,7 +312,8 @@ func TestEventsSnapshotThenChangesAndRemovalReason(t *testing.T) {
 		if err := json.Unmarshal([]byte(data), &hs); err != nil {
 			t.Fatal(err)
 		}
-		if len(hs) == 1 && hs[0].ID == "h1" && hs[0].Address == "127.0.0.1:7835" && len(hs[0].Devices) == 2 && hs[0].Devices[1].Name == "cuda:0" {
+		if len(hs) == 1 && hs[0].ID == "h1" && hs[0].Address == "127.0.0.1:7835" && len(hs[0].Devices) == 2 &&
+			hs[0].Devices[1] == (deviceJSON{Name: "cuda:0", Description: "NVIDIA A100-SXM4-80GB", MemoryTotal: 80 << 30, MemoryUsed: 1 << 30}) {
 			break
 		}
 		t.Fatalf("hives %s", data)
