@@ -24,6 +24,10 @@ type workerJSON struct {
 	PID     int32  `json:"pid,omitempty"`
 	Port    uint32 `json:"port,omitempty"`
 	Address string `json:"address,omitempty"` // "": the hive's host
+	// Concurrency is the requests the worker takes at once (0: not limited).
+	Concurrency uint32 `json:"concurrency,omitempty"`
+	// Status says why a worker is UNHEALTHY (its health check's answer).
+	Status  string `json:"status_message,omitempty"`
 	Beat    int64  `json:"beat,omitempty"`
 	Created int64  `json:"created,omitempty"`
 }
@@ -31,7 +35,7 @@ type workerJSON struct {
 func toWorker(w registry.Worker) workerJSON {
 	return workerJSON{
 		ID: w.ID, Hive: w.HiveID, Model: w.Model, Device: w.Device, State: w.State.String(),
-		PID: w.PID, Port: w.Port, Address: w.Address, Beat: unixMilli(w.LastHeartbeat), Created: unixMilli(w.Created),
+		PID: w.PID, Port: w.Port, Address: w.Address, Concurrency: w.Concurrency, Status: w.StatusMessage, Beat: unixMilli(w.LastHeartbeat), Created: unixMilli(w.Created),
 	}
 }
 
@@ -43,17 +47,36 @@ type deviceJSON struct {
 	MemoryUsed  uint64 `json:"memory_used,omitempty"`
 }
 
+// modelJSON is one model of a hive's catalog.
+type modelJSON struct {
+	Name        string   `json:"name"`
+	Devices     []string `json:"devices,omitempty"`
+	Concurrency uint32   `json:"concurrency,omitempty"`
+	LoadTimeout string   `json:"load_timeout,omitempty"`
+	TTL         string   `json:"ttl,omitempty"`
+	Grace       string   `json:"grace,omitempty"`
+}
+
+func durationText(d time.Duration) string {
+	if d == 0 {
+		return ""
+	}
+	return d.String()
+}
+
 type hiveJSON struct {
-	ID        string       `json:"id"`
-	Address   string       `json:"address"`
-	State     string       `json:"state"`
-	Static    bool         `json:"static,omitempty"`
-	Version   string       `json:"version,omitempty"`
-	OS        string       `json:"os,omitempty"`
-	Devices   []deviceJSON `json:"devices"`
-	FreePorts uint32       `json:"free_ports"`
-	Workers   int          `json:"workers"`
-	Beat      int64        `json:"beat,omitempty"`
+	ID      string       `json:"id"`
+	Address string       `json:"address"`
+	State   string       `json:"state"`
+	Static  bool         `json:"static,omitempty"`
+	Version string       `json:"version,omitempty"`
+	OS      string       `json:"os,omitempty"`
+	Devices []deviceJSON `json:"devices"`
+	// Models is the hive's catalog; null: it serves any model with its --worker-binary.
+	Models    []modelJSON `json:"models"`
+	FreePorts uint32      `json:"free_ports"`
+	Workers   int         `json:"workers"`
+	Beat      int64       `json:"beat,omitempty"`
 }
 
 func toHive(h registry.Hive) hiveJSON {
@@ -68,6 +91,10 @@ func toHive(h registry.Hive) hiveJSON {
 		for _, d := range h.Devices {
 			out.Devices = append(out.Devices, deviceJSON{Name: d})
 		}
+	}
+	for _, m := range h.Models {
+		out.Models = append(out.Models, modelJSON{Name: m.Name, Devices: m.Devices, Concurrency: m.Concurrency,
+			LoadTimeout: durationText(m.LoadTimeout), TTL: durationText(m.TTL), Grace: durationText(m.Grace)})
 	}
 	return out
 }

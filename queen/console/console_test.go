@@ -293,6 +293,14 @@ func TestEventsSnapshotThenChangesAndRemovalReason(t *testing.T) {
 	if got[0].T != "u" || got[0].W.ID != "w-b" || got[0].W.State != "READY" {
 		t.Fatalf("change %+v", got[0])
 	}
+	if _, err := e.reg.Beat(registry.Worker{ID: "w-b", HiveID: "h1", Model: "m2", Device: "cpu", PID: 100, Port: 9000,
+		State: registry.StateUnhealthy, StatusMessage: "GET /health: 503 Loading model", Concurrency: 4}); err != nil {
+		t.Fatal(err)
+	}
+	got = s.ops(t, func(op) bool { return true })
+	if w := got[0].W; w.State != "UNHEALTHY" || w.Status != "GET /health: 503 Loading model" || w.Concurrency != 4 {
+		t.Fatalf("unhealthy %+v", w)
+	}
 	e.reg.Remove("w-a", errors.New("exit status 3: out of memory"))
 	got = s.ops(t, func(op) bool { return true })
 	if got[0].T != "r" || got[0].W.ID != "w-a" || !strings.Contains(got[0].Reason, "out of memory") {
@@ -300,7 +308,8 @@ func TestEventsSnapshotThenChangesAndRemovalReason(t *testing.T) {
 	}
 
 	if _, err := e.reg.HiveBeat(registry.Hive{ID: "h1", Address: "127.0.0.1:7835", Version: "v1", Devices: []string{"cpu", "cuda:0"},
-		DeviceInfo: []registry.Device{{Name: "cpu"}, {Name: "cuda:0", Description: "NVIDIA A100-SXM4-80GB", MemoryTotal: 80 << 30, MemoryUsed: 1 << 30}}}); err != nil {
+		DeviceInfo: []registry.Device{{Name: "cpu"}, {Name: "cuda:0", Description: "NVIDIA A100-SXM4-80GB", MemoryTotal: 80 << 30, MemoryUsed: 1 << 30}},
+		Models:     []registry.ModelOffer{{Name: "tiny", Concurrency: 4, TTL: 15 * time.Minute}}}); err != nil {
 		t.Fatal(err)
 	}
 	for {
@@ -313,7 +322,8 @@ func TestEventsSnapshotThenChangesAndRemovalReason(t *testing.T) {
 			t.Fatal(err)
 		}
 		if len(hs) == 1 && hs[0].ID == "h1" && hs[0].Address == "127.0.0.1:7835" && len(hs[0].Devices) == 2 &&
-			hs[0].Devices[1] == (deviceJSON{Name: "cuda:0", Description: "NVIDIA A100-SXM4-80GB", MemoryTotal: 80 << 30, MemoryUsed: 1 << 30}) {
+			hs[0].Devices[1] == (deviceJSON{Name: "cuda:0", Description: "NVIDIA A100-SXM4-80GB", MemoryTotal: 80 << 30, MemoryUsed: 1 << 30}) &&
+			len(hs[0].Models) == 1 && hs[0].Models[0].Name == "tiny" && hs[0].Models[0].Concurrency == 4 && hs[0].Models[0].TTL == "15m0s" {
 			break
 		}
 		t.Fatalf("hives %s", data)

@@ -301,6 +301,8 @@ function renderRows() {
     setCell(r, 0, w.id); setCell(r, 1, w.hive); setCell(r, 2, w.model); setCell(r, 3, w.device);
     setCell(r, 4, w.state);
     if (r.children[4].dataset.s !== w.state) r.children[4].dataset.s = w.state;
+    const why = w.status_message || '';
+    if (r.children[4].title !== why) r.children[4].title = why; // why it is UNHEALTHY
     setCell(r, 5, w.pid ? String(w.pid) : ''); setCell(r, 6, w.port ? String(w.port) : '');
     setCell(r, 7, w.in_flight !== undefined ? `${w.in_flight}${w.concurrency ? '/' + w.concurrency : ''}` : '');
     setCell(r, 8, ago(st.beats.get(w.id) || w.beat)); setCell(r, 9, ago(w.created));
