@@ -22,6 +22,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/metrics"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
 	"github.com/rbee-dev/rbee/internal/rpcserver"
+	"github.com/rbee-dev/rbee/queen/console"
 	"github.com/rbee-dev/rbee/queen/election"
 	"github.com/rbee-dev/rbee/queen/fleet"
 	"github.com/rbee-dev/rbee/queen/registry"
@@ -145,7 +146,8 @@ func (a *app) Run(ctx context.Context) error {
 	if auth.TokenInClear(a.o.listen, a.o.creds.Token, a.o.creds.TLS.Enabled()) {
 		a.log.Warn(auth.TokenInClearWarning("--listen", a.o.listen), zap.String("actor", "queen"), zap.String("action", "token_in_clear"))
 	}
-	httpDone, err := serveHTTP(ctx, a.o.http, a.reg, queenFleet{a.fl, a.reg}, a.ms.Registry, a.log)
+	httpDone, err := serveHTTP(ctx, a.o.http, a.reg, queenFleet{a.fl, a.reg},
+		console.Config{Registry: a.reg, Fleet: a.fl, Logs: a.fl, Token: a.o.creds.Token}, a.ms.Registry, a.log)
 	if err != nil {
 		_ = lis.Close()
 		_ = metricsDone()

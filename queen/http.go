@@ -17,6 +17,7 @@ import (
 
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/validate"
+	"github.com/rbee-dev/rbee/queen/console"
 	"github.com/rbee-dev/rbee/queen/fleet"
 	"github.com/rbee-dev/rbee/queen/openai"
 	"github.com/rbee-dev/rbee/queen/registry"
@@ -86,7 +87,7 @@ func (h *httpOptions) check(token string, insecure bool) error {
 // serveHTTP starts the router and the HTTP API. At ctx's end it refuses new requests, fails
 // queued ones and lets those in flight finish within --http-drain-timeout, then cuts them; the
 // returned func waits for all of that.
-func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl queenFleet, mreg prometheus.Registerer, log *zap.Logger) (func(), error) {
+func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl queenFleet, con console.Config, mreg prometheus.Registerer, log *zap.Logger) (func(), error) {
 	if !h.enabled() {
 		return func() {}, nil
 	}
@@ -99,14 +100,29 @@ func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl qu
 		QueueSize: h.queueSize, QueueWait: h.queueWait, StartTimeout: h.startTimeout, ScaleUpAfter: h.scaleUpAfter,
 		MaxWorkers: h.maxWorkers, WarmFloor: h.warmFloor, Metrics: router.NewMetrics(mreg), Logger: rlog,
 	}, router.Local{Reg: reg}, fl, fl)
-	api := openai.New(openai.Config{
+	acfg := openai.Config{
 		Keys: h.keys, MaxBody: h.maxBody, BodyTimeout: h.bodyTimeout, MaxConcurrent: h.maxConcurrent,
 		FirstByteTimeout: h.firstByte, Metrics: openai.NewMetrics(mreg), Logger: rlog,
-	}, rt)
+	}
+	api := openai.New(acfg, rt)
+	// The web console at /, beside the API under /v1/. Its chat goes through the same edge and
+	// router minus the key check: the console has authenticated its caller (and hands on the key
+	// of a session opened with one).
+	acfg.Keys = nil
+	con.Chat = openai.New(acfg, rt)
+	if h.keys != nil {
+		con.Keys = h.keys
+	}
+	con.Logger = log.Named("console")
+	web := console.New(con)
+	mux := http.NewServeMux()
+	mux.Handle("/v1/", api)
+	mux.Handle("/", web)
 	hs := &http.Server{
-		Handler: api, ReadHeaderTimeout: h.headerTimeout, IdleTimeout: h.idleTimeout, MaxHeaderBytes: 64 << 10,
+		Handler: mux, ReadHeaderTimeout: h.headerTimeout, IdleTimeout: h.idleTimeout, MaxHeaderBytes: 64 << 10,
 		ErrorLog: zap.NewStdLog(log.Named("http").WithOptions(zap.IncreaseLevel(zap.WarnLevel))),
 	}
+	hs.RegisterOnShutdown(web.Close) // the pages' event streams must not hold the graceful stop
 	rctx, stopRouter := context.WithCancel(context.Background())
 	routerDone := make(chan struct{})
 	go func() { defer close(routerDone); rt.Run(rctx) }()
@@ -153,6 +169,7 @@ func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl qu
 		log.Info("HTTP API stopped", zap.String("actor", "queen"), zap.String("action", "http_stop"))
 	}()
 	log.Info("HTTP API serving", zap.String("http_listen", lis.Addr().String()), zap.Bool("api_keys", h.keys != nil),
+		zap.String("console", "http://"+lis.Addr().String()+"/"),
 		zap.String("actor", "queen"), zap.String("action", "http_start"))
 	return func() { <-done }, nil
 }
