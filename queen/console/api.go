@@ -24,7 +24,9 @@ type workerJSON struct {
 	PID     int32  `json:"pid,omitempty"`
 	Port    uint32 `json:"port,omitempty"`
 	Address string `json:"address,omitempty"` // "": the hive's host
-	// Concurrency is the requests the worker takes at once (0: not limited).
+	// InFlight is the requests the queen's router has on the worker; Concurrency what it takes at
+	// once (0: not limited).
+	InFlight    uint32 `json:"in_flight"`
 	Concurrency uint32 `json:"concurrency,omitempty"`
 	// Status says why a worker is UNHEALTHY (its health check's answer).
 	Status  string `json:"status_message,omitempty"`
@@ -35,7 +37,7 @@ type workerJSON struct {
 func toWorker(w registry.Worker) workerJSON {
 	return workerJSON{
 		ID: w.ID, Hive: w.HiveID, Model: w.Model, Device: w.Device, State: w.State.String(),
-		PID: w.PID, Port: w.Port, Address: w.Address, Concurrency: w.Concurrency, Status: w.StatusMessage, Beat: unixMilli(w.LastHeartbeat), Created: unixMilli(w.Created),
+		PID: w.PID, Port: w.Port, Address: w.Address, InFlight: w.InFlight, Concurrency: w.Concurrency, Status: w.StatusMessage, Beat: unixMilli(w.LastHeartbeat), Created: unixMilli(w.Created),
 	}
 }
 
