@@ -77,6 +77,7 @@ stop() {
 trap stop INT TERM HUP
 
 echo "queen on $QUEEN, hive '$HIVE_ID' on $HIVE serving the models in $CATALOG; worker logs in $STATE/logs. Ctrl-C stops both." >&2
+echo "web console: http://127.0.0.1:7834/ (the OpenAI API beside it under /v1/)" >&2
 # If either dies on its own, stop the other too.
 wait -n "$queen" "$hive"
 echo "the queen or the hive exited on its own (see its log above); stopping" >&2
