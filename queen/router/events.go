@@ -51,9 +51,11 @@ func (r *Router) upsertLocked(in Worker, now time.Time) {
 		w.brokenUntil = time.Time{} // the registry has news of it: judge it afresh
 	}
 	w.Worker, w.gen = in, r.gen
-	if serving := w.State == StateReady || w.State == StateBusy; serving && !wasServing && w.inFlight == 0 {
+	serving := w.State == StateReady || w.State == StateBusy
+	if serving && !wasServing && w.inFlight == 0 {
 		w.idleSince = now // a fresh worker's TTL counts from when it could first serve
 	}
+	w.served = w.served || serving
 	r.dispatchLocked(w.m, now)
 }
 
@@ -72,9 +74,11 @@ func (r *Router) removeLocked(w *worker, reason string) {
 	}
 	_, offered := r.offer(m.name)
 	switch {
-	case offered && w.State != StateStarting && !r.closed:
+	case offered && w.served && !r.closed:
 		// It served and is gone (crashed, deleted): the queue needs a new one. One that died
-		// while loading is not retried: the next would most likely fail the same way.
+		// while loading is not retried, whatever state it was last seen in (its stream may have
+		// broken, making it STALE, before its hive reported the exit): the next would most
+		// likely fail the same way, and retrying it would be a crash loop.
 		r.spawnLocked(m.queue[0].ctx, m, "replace")
 	case offered:
 		r.failQueueLocked(m, &StartError{Model: m.name, WorkerID: w.ID, Reason: reason})

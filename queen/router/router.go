@@ -200,6 +200,7 @@ type worker struct {
 	brokenUntil time.Time
 	stopping    bool // the router is stopping it (idle): no new requests
 	gone        bool
+	served      bool // it was READY or BUSY at some point: a failed load is not worth repeating
 }
 
 func (w *worker) routable(now time.Time) bool {

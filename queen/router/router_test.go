@@ -30,6 +30,9 @@ type fleet struct {
 	conc     int
 	ttl      time.Duration
 	spawnErr error
+	// staleFirst: a worker dying while loading is first seen STALE (its stream broke before its
+	// hive reported the exit), as happens on a busy machine.
+	staleFirst bool
 }
 
 func newFleet(t *testing.T) *fleet {
@@ -82,12 +85,16 @@ func (f *fleet) Spawn(_ context.Context, model string) (string, error) {
 	id := fmt.Sprintf("w%d", f.n)
 	f.spawns = append(f.spawns, id)
 	w := Worker{ID: id, Model: model, State: StateStarting, URL: "http://" + id, Concurrency: f.conc, TTL: f.ttl}
-	load := f.load
+	load, staleFirst := f.load, f.staleFirst
 	f.mu.Unlock()
 	f.events <- Event{Type: EventAdded, Worker: w}
 	go func() {
 		time.Sleep(max(load, -load))
 		if load < 0 {
+			if staleFirst {
+				w.State = StateStale
+				f.events <- Event{Type: EventUpdated, Worker: w}
+			}
 			f.events <- Event{Type: EventRemoved, Worker: w, Reason: "exit status 1: CUDA out of memory"}
 			return
 		}
@@ -269,6 +276,25 @@ func TestWorkerDyingWhileLoadingFailsTheQueueWithItsReason(t *testing.T) {
 		f.mu.Unlock()
 		if _, err := r.Acquire(t.Context(), "m", ""); !errors.Is(err, ErrStartFailed) {
 			t.Fatalf("Acquire with a failing spawn = %v, want ErrStartFailed", err)
+		}
+	})
+}
+
+// A worker that dies while loading is never replaced for the requests that waited for it, whatever
+// state it was last seen in: that would be a crash loop (found in CI: a model failing its load was
+// respawned forever once its stream broke, making it STALE, before its exit was reported).
+func TestWorkerDyingWhileLoadingIsNotRespawned(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFleet(t)
+		f.offers = []Offer{{Model: "m", HiveID: "h"}}
+		f.load, f.staleFirst = -time.Second, true
+		r := run(t, f, Config{})
+		if _, err := r.Acquire(t.Context(), "m", ""); !errors.Is(err, ErrStartFailed) {
+			t.Fatalf("Acquire = %v, want ErrStartFailed", err)
+		}
+		synctest.Wait()
+		if spawns, _ := f.counts(); spawns != 1 {
+			t.Fatalf("%d spawns for one request whose worker failed to load, want 1", spawns)
 		}
 	})
 }
