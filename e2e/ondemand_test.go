@@ -78,6 +78,11 @@ func TestOnDemandBurstIdleStopAndFailedLoad(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+	// The registry forgets the worker when its supervisor closes its stream, a moment before the
+	// supervisor itself has exited: wait for its processes, bounded, then check none is left.
+	for _, pid := range markedProcs(id) {
+		awaitExit(t, pid, 10*time.Second)
+	}
 	nothingLeft(t, id)
 
 	// The next request starts another and is served.
