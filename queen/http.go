@@ -100,6 +100,9 @@ func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl qu
 		QueueSize: h.queueSize, QueueWait: h.queueWait, StartTimeout: h.startTimeout, ScaleUpAfter: h.scaleUpAfter,
 		MaxWorkers: h.maxWorkers, WarmFloor: h.warmFloor, Metrics: router.NewMetrics(mreg), Logger: rlog,
 	}, router.Local{Reg: reg}, fl, fl)
+	// An operator's DeleteWorker (and the router's own idle stops) drain the worker first: no new
+	// request goes to it while the hive's grace period lets those in flight finish.
+	fl.fl.BeforeDelete(rt.Drain)
 	acfg := openai.Config{
 		Keys: h.keys, MaxBody: h.maxBody, BodyTimeout: h.bodyTimeout, MaxConcurrent: h.maxConcurrent,
 		FirstByteTimeout: h.firstByte, Metrics: openai.NewMetrics(mreg), Logger: rlog,
@@ -164,6 +167,7 @@ func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl qu
 			_ = hs.Close()
 		}
 		<-serveDone
+		fl.fl.BeforeDelete(nil)
 		stopRouter()
 		<-routerDone
 		log.Info("HTTP API stopped", zap.String("actor", "queen"), zap.String("action", "http_stop"))

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -50,6 +51,21 @@ type Fleet struct {
 	cfg     Config
 	reg     *registry.Registry
 	metrics *metrics
+	// beforeDelete, set by whoever routes requests to workers, drains a worker before Delete
+	// signals it; the func it returns undoes that when the delete fails.
+	beforeDelete atomic.Pointer[func(workerID string) (undo func())]
+}
+
+// BeforeDelete registers fn, called by Delete before it asks the hive to stop a worker, so that
+// whoever sends the worker requests (the inference router) stops sending new ones and the grace
+// period is left to those in flight. fn's result is called if the delete then fails (the worker
+// keeps serving). nil unregisters. The fleet knows nothing of routing beyond this call.
+func (f *Fleet) BeforeDelete(fn func(workerID string) (undo func())) {
+	if fn == nil {
+		f.beforeDelete.Store(nil)
+		return
+	}
+	f.beforeDelete.Store(&fn)
 }
 
 // New returns the fleet operations over cfg.Registry and cfg.Hives.
@@ -336,7 +352,7 @@ type Deleted struct {
 
 // Delete stops a worker through its hive, which proves the PID before any signal, and forgets it
 // once its process is gone. grace < 0 leaves the grace period to the hive's default.
-func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Deleted, error) {
+func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (_ Deleted, err error) {
 	if err := validate.ID("worker_id", id); err != nil {
 		return Deleted{}, &Error{Kind: KindInvalid, Msg: err.Error(), Err: err}
 	}
@@ -372,6 +388,16 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (Del
 	token, err := f.fence()
 	if err != nil {
 		return Deleted{}, err
+	}
+	if fn := f.beforeDelete.Load(); fn != nil {
+		// Drained first: the hive's SIGTERM then finds no new request on the way, and the grace
+		// period belongs to the requests in flight.
+		undo := (*fn)(id)
+		defer func() {
+			if err != nil { // not stopped: it serves again
+				undo()
+			}
+		}()
 	}
 	dreq := &rbeev1.DeleteRequest{WorkerId: id, Pid: w.PID, ProcessStartTime: w.ProcessStartTime, FencingToken: token}
 	timeout := validate.MaxGrace + hiveDeleteSlack

@@ -419,3 +419,43 @@ func TestDeleteUnansweredDropsTheConnection(t *testing.T) {
 		}
 	})
 }
+
+// Delete drains the worker (BeforeDelete) before the hive is asked to signal it, and puts it back
+// in service when the delete fails; a delete that succeeds is not undone.
+func TestDeleteDrainsFirstAndUndoesOnFailure(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		uh := &unreachableHive{}
+		f, _ := fleetWithHive(t, uh)
+		var log []string
+		f.BeforeDelete(func(id string) func() {
+			log = append(log, fmt.Sprintf("drain %s (hive deletes so far %d)", id, uh.deleted()))
+			return func() { log = append(log, "undo "+id) }
+		})
+		if _, err := f.Delete(t.Context(), "w1", time.Second); err == nil {
+			t.Fatal("Delete through an unreachable hive succeeded")
+		}
+		want := []string{"drain w1 (hive deletes so far 0)", "undo w1"}
+		if fmt.Sprint(log) != fmt.Sprint(want) {
+			t.Fatalf("calls %q, want %q", log, want)
+		}
+
+		fh := &fakeHive{}
+		f, _ = fleetWithHive(t, fh)
+		log = nil
+		f.BeforeDelete(func(id string) func() {
+			log = append(log, fmt.Sprintf("drain %s (hive deletes so far %d)", id, fh.deleted()))
+			return func() { log = append(log, "undo "+id) }
+		})
+		if _, err := f.Delete(t.Context(), "w1", time.Second); err != nil {
+			t.Fatal(err)
+		}
+		want = []string{"drain w1 (hive deletes so far 0)"}
+		if fmt.Sprint(log) != fmt.Sprint(want) || fh.deleted() != 1 {
+			t.Fatalf("calls %q and %d hive deletes, want %q and 1", log, fh.deleted(), want)
+		}
+		f.BeforeDelete(nil)
+		if _, err := f.Delete(t.Context(), "w1", time.Second); KindOf(err) != KindNotFound {
+			t.Fatalf("second Delete: %v, want not found", err)
+		}
+	})
+}

@@ -198,7 +198,7 @@ type worker struct {
 	inFlight    int
 	idleSince   time.Time // when inFlight last fell to 0 (or it became READY)
 	brokenUntil time.Time
-	stopping    bool // the router is stopping it (idle): no new requests
+	stopping    bool // being stopped (idle, or drained before a delete): no new requests
 	gone        bool
 	served      bool // it was READY or BUSY at some point: a failed load is not worth repeating
 }
@@ -664,6 +664,36 @@ func (r *Router) stopIdle(ctx context.Context, w *worker, idle time.Duration) {
 			r.mu.Unlock()
 		}
 	}()
+}
+
+// Drain takes a worker out of routing before it is stopped (an operator's delete): no new
+// request goes to it, those in flight finish on their own (the worker's grace bounds them), and
+// requests queued for its model go to other workers or start one. The returned func puts it back
+// in routing when the stop did not happen. A worker the router does not know is left alone.
+func (r *Router) Drain(id string) (undo func()) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	w := r.workers[id]
+	if w == nil || w.stopping || w.gone {
+		return func() {} // unknown, or already on its way out by someone else's decision
+	}
+	w.stopping = true
+	r.cfg.Logger.Info("worker draining before its delete: no new requests go to it",
+		zap.String("worker_id", id), zap.String("model", w.Model), zap.Int("in_flight", w.inFlight))
+	if m := w.m; len(m.queue) > 0 && !m.anyServing(time.Now()) && m.starting() == 0 && !r.closed {
+		if _, ok := r.offer(m.name); ok {
+			r.spawnLocked(m.queue[0].ctx, m, "replace")
+		}
+	}
+	return func() {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		if w.gone {
+			return
+		}
+		w.stopping = false
+		r.dispatchLocked(w.m, time.Now())
+	}
 }
 
 // loadChangedLocked queues w's load for publishing to the registry.

@@ -428,3 +428,59 @@ func TestCloseFailsQueued(t *testing.T) {
 		l.Release()
 	})
 }
+
+// A drained worker (an operator's delete in progress) gets no new request while its request in
+// flight finishes; new ones go to the other worker, or, with none, start one. Undone, it serves again.
+func TestDrainedWorkerGetsNoNewRequests(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f := newFleet(t)
+		f.offers = []Offer{{Model: "m", HiveID: "h"}}
+		r := run(t, f, Config{QueueWait: time.Minute})
+		f.events <- ready("a", "m", 0)
+		synctest.Wait()
+		inFlight, err := r.Acquire(t.Context(), "m", "")
+		if err != nil || inFlight.Worker().ID != "a" {
+			t.Fatalf("first request: %v on %v", err, inFlight)
+		}
+		undo := r.Drain("a")
+		// With no other worker, a new request starts one rather than going to a.
+		l, err := r.Acquire(t.Context(), "m", "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := l.Worker().ID; got == "a" {
+			t.Fatal("a request went to the draining worker")
+		}
+		if s, _ := f.counts(); s != 1 {
+			t.Fatalf("%d spawns, want 1", s)
+		}
+		l.Release()
+		for range 10 {
+			l, err := r.Acquire(t.Context(), "m", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if l.Worker().ID == "a" {
+				t.Fatal("a request went to the draining worker")
+			}
+			l.Release()
+		}
+		inFlight.Release() // the request in flight finished on its own
+		undo()             // the delete failed: a serves again
+		seen := map[string]bool{}
+		for range 40 {
+			l, err := r.Acquire(t.Context(), "m", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen[l.Worker().ID] = true
+			l.Release()
+		}
+		if !seen["a"] {
+			t.Fatal("worker a got no request after its drain was undone")
+		}
+		if u := r.Drain("nobody"); u == nil {
+			t.Fatal("Drain of an unknown worker returned nil")
+		}
+	})
+}
