@@ -678,7 +678,8 @@ func (r *Router) Drain(id string) (undo func()) {
 		return func() {} // unknown, or already on its way out by someone else's decision
 	}
 	w.stopping = true
-	r.cfg.Logger.Info("worker draining before its delete: no new requests go to it",
+	r.cfg.Logger.Info(fmt.Sprintf("Worker %s drains before its delete: no new requests go to it, %d in flight finish", id, w.inFlight),
+		zap.String("actor", "queen"), zap.String("action", "router_drain"),
 		zap.String("worker_id", id), zap.String("model", w.Model), zap.Int("in_flight", w.inFlight))
 	if m := w.m; len(m.queue) > 0 && !m.anyServing(time.Now()) && m.starting() == 0 && !r.closed {
 		if _, ok := r.offer(m.name); ok {

@@ -1,0 +1,224 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+)
+
+// openStream starts a streaming chat completion through the queen and returns its reader once the
+// first event has arrived (the request is in flight on a worker).
+func openStream(t *testing.T, url string, maxTokens int) (*bufio.Reader, func()) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	body := `{"model":"demo","messages":[{"role":"user","content":"hi"}],"stream":true,"max_tokens":` + strconv.Itoa(maxTokens) + `}`
+	req, _ := http.NewRequestWithContext(ctx, "POST", url, strings.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	if resp.StatusCode != 200 {
+		b, _ := io.ReadAll(resp.Body)
+		cancel()
+		t.Fatalf("stream: %d %s", resp.StatusCode, b)
+	}
+	br := bufio.NewReader(resp.Body)
+	if line, err := br.ReadString('\n'); err != nil || !strings.HasPrefix(line, "data: ") {
+		cancel()
+		t.Fatalf("first line of the stream: %q, %v", line, err)
+	}
+	return br, func() { resp.Body.Close(); cancel() }
+}
+
+// listWorkers returns the workers the queen lists.
+func listWorkers(t *testing.T, c rbeev1.QueenServiceClient) []*rbeev1.Worker {
+	t.Helper()
+	ws, err := c.ListWorkers(ctxT(t, 5*time.Second), &rbeev1.ListWorkersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ws.GetWorkers()
+}
+
+// loggedFor reports whether the queen logged action for worker id.
+func loggedFor(q *proc, action, id string) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, l := range q.lines {
+		if l["action"] == action && l["worker_id"] == id {
+			return true
+		}
+	}
+	return false
+}
+
+// A worker an operator deletes drains: the router sends it nothing new from the moment the delete
+// starts, the stream in flight finishes within the grace (worker-stub drains on SIGTERM, which
+// the shim forwards), and a request arriving meanwhile starts another worker.
+func TestDeletedWorkerDrains(t *testing.T) {
+	hid := uniqueID("drain")
+	cleanupWorkers(t, hid)
+	q, addr, api := startQueenHTTP(t, "--scale-up-after", "0")
+	models := catalogFile(t, `models:
+  demo:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--tokens-per-second", "10", "--drain-timeout", "30s"]
+`)
+	h, _ := startHive(t, addr, hid, "--models", models)
+	c, _ := dial(t, addr)
+	url := api + "/v1/chat/completions"
+
+	// 30 tokens at 10 a second: in flight for about 3s. It starts the model's first worker.
+	stream, closeStream := openStream(t, url, 30)
+	defer closeStream()
+	ws := listWorkers(t, c)
+	if len(ws) != 1 {
+		t.Fatalf("%d workers, want the one started for the stream", len(ws))
+	}
+	a := ws[0].GetWorkerId()
+	cleanupMarked(t, a)
+
+	type result struct {
+		r   *rbeev1.DeleteWorkerResponse
+		err error
+	}
+	deleted := make(chan result, 1)
+	go func() {
+		r, err := c.DeleteWorker(ctxT(t, 60*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: a, GracePeriod: durationpbNew(20 * time.Second)})
+		deleted <- result{r, err}
+	}()
+	// The hive's SIGTERM is on its way: from here the worker's server takes no new connection.
+	h.await("SIGTERM to "+a, func(l map[string]any) bool { return l["action"] == "worker_delete_sigterm" && l["worker_id"] == a })
+	if !loggedFor(q, "router_drain", a) {
+		t.Errorf("the queen signalled worker %s before taking it out of routing", a)
+	}
+
+	// A request during the drain goes elsewhere: a new worker, started for it.
+	if resp, b := postJSON(t, ctxT(t, 60*time.Second), url, `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`); resp.StatusCode != 200 {
+		t.Fatalf("request during the drain: %d %s", resp.StatusCode, b)
+	}
+	if loggedFor(q, "router_retry", a) || loggedFor(q, "router_worker_failed", a) {
+		t.Fatalf("a request was sent to draining worker %s", a)
+	}
+	var b string
+	for _, w := range listWorkers(t, c) {
+		if w.GetWorkerId() != a {
+			b = w.GetWorkerId()
+			cleanupMarked(t, b)
+		}
+	}
+	if b == "" {
+		t.Fatal("no other worker after a request during the drain")
+	}
+
+	// The stream in flight finishes whole.
+	rest, err := io.ReadAll(stream)
+	if err != nil || !strings.Contains(string(rest), "data: [DONE]") || strings.Contains(string(rest), `"error"`) {
+		t.Fatalf("the stream in flight during the drain: %q, %v; want it whole, ending in [DONE]", rest, err)
+	}
+	res := <-deleted
+	if res.err != nil {
+		t.Fatal(res.err)
+	}
+	if o := res.r.GetOutcome(); o != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {
+		t.Fatalf("delete outcome %v, want EXITED (drained within the grace)", o)
+	}
+	nothingLeft(t, a)
+}
+
+// A hive dying with workers mid-request. Workers outlive their hive by design (the shim beats to
+// the queen itself), so a stream in flight when the hive is SIGKILLed completes, and the worker
+// keeps serving. When the worker itself is then SIGKILLed mid-stream (its shim and server), the
+// stream ends with an error event and the next request is served by another worker, started on
+// the hive still alive.
+func TestHiveDyingWithWorkersMidRequest(t *testing.T) {
+	h1id, h2id := uniqueID("hdie1"), uniqueID("hdie2")
+	cleanupWorkers(t, h1id, h2id)
+	_, addr, api := startQueenHTTP(t, "--scale-up-after", "0")
+	models := catalogFile(t, `models:
+  demo:
+    cmd: ["${SERVER}", "--port", "${PORT}", "--tokens-per-second", "10"]
+`)
+	h1, _ := startHive(t, addr, h1id, "--models", models)
+	h2, _ := startHive(t, addr, h2id, "--models", models)
+	hives := map[string]*proc{h1id: h1, h2id: h2}
+	c, _ := dial(t, addr)
+	url := api + "/v1/chat/completions"
+
+	stream, closeStream := openStream(t, url, 20)
+	defer closeStream()
+	ws := listWorkers(t, c)
+	if len(ws) != 1 {
+		t.Fatalf("%d workers, want the one started for the stream", len(ws))
+	}
+	w := ws[0]
+	cleanupMarked(t, w.GetWorkerId())
+	dead := hives[w.GetHiveId()]
+	if err := dead.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	dead.exitCode(5 * time.Second)
+
+	// The worker outlives its hive: the stream completes.
+	rest, err := io.ReadAll(stream)
+	closeStream()
+	if err != nil || !strings.Contains(string(rest), "data: [DONE]") || strings.Contains(string(rest), `"error"`) {
+		t.Fatalf("stream after its worker's hive died: %q, %v; want it whole, ending in [DONE]", rest, err)
+	}
+	// And it serves the next request.
+	if resp, b := postJSON(t, ctxT(t, 30*time.Second), url, `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`); resp.StatusCode != 200 {
+		t.Fatalf("request after the hive died: %d %s", resp.StatusCode, b)
+	}
+	if n := len(listWorkers(t, c)); n != 1 {
+		t.Fatalf("%d workers after a request to the orphaned worker, want still 1", n)
+	}
+
+	// Now the worker dies mid-stream: its shim and its server, by the PIDs that carry its id.
+	stream, closeStream = openStream(t, url, 100)
+	defer closeStream()
+	pids := markedProcs(w.GetWorkerId())
+	if len(pids) < 2 {
+		t.Fatalf("worker %s has processes %v, want its shim and its server", w.GetWorkerId(), pids)
+	}
+	for _, p := range pids {
+		_ = unix.Kill(p, unix.SIGKILL)
+	}
+	rest, _ = io.ReadAll(stream)
+	closeStream()
+	if !strings.Contains(string(rest), `data: {"error":`) || strings.Contains(string(rest), "[DONE]") {
+		t.Fatalf("stream whose worker was killed: %q; want an error event and no [DONE]", rest)
+	}
+	for _, p := range pids {
+		awaitGone(t, p, 5*time.Second)
+	}
+
+	// The next request goes to another worker, started on the live hive.
+	if resp, b := postJSON(t, ctxT(t, 60*time.Second), url, `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`); resp.StatusCode != 200 {
+		t.Fatalf("request after the worker died: %d %s", resp.StatusCode, b)
+	}
+	live := h1id
+	if w.GetHiveId() == h1id {
+		live = h2id
+	}
+	found := false
+	for _, o := range listWorkers(t, c) {
+		cleanupMarked(t, o.GetWorkerId())
+		if o.GetWorkerId() != w.GetWorkerId() && o.GetHiveId() == live {
+			found = true
+		}
+	}
+	if !found {
+		t.Fatalf("no new worker on live hive %s after the first one died", live)
+	}
+}
