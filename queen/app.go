@@ -146,7 +146,7 @@ func (a *app) Run(ctx context.Context) error {
 	if auth.TokenInClear(a.o.listen, a.o.creds.Token, a.o.creds.TLS.Enabled()) {
 		a.log.Warn(auth.TokenInClearWarning("--listen", a.o.listen), zap.String("actor", "queen"), zap.String("action", "token_in_clear"))
 	}
-	httpDone, err := serveHTTP(ctx, a.o.http, a.reg, queenFleet{a.fl, a.reg},
+	httpDone, err := serveHTTP(ctx, a.o.http, a.reg, queenFleet{a.fl, a.reg}, a.standby,
 		console.Config{Registry: a.reg, Fleet: a.fl, Logs: a.fl, Token: a.o.creds.Token}, a.ms.Registry, a.log)
 	if err != nil {
 		_ = lis.Close()
@@ -263,6 +263,28 @@ func (a *app) notLeader() error {
 		return status.Errorf(codes.Unavailable, "not the leader; leader is at %s", l)
 	}
 	return status.Error(codes.Unavailable, "not the leader; no queen leads right now (election in progress)")
+}
+
+// standby is the HTTP API's gate: nil while this queen leads (alone, always), else why not, in
+// words for an HTTP client; the API answers it 503 with Retry-After, as the gRPC gate answers
+// UNAVAILABLE.
+func (a *app) standby() error {
+	if a.elector == nil {
+		return nil
+	}
+	return standbyRefusal(a.leading.Load(), a.elector.Leader)
+}
+
+// standbyRefusal is nil when l is a term that still lasts, else the refusal naming the leader
+// (leader() is "" when none is known).
+func standbyRefusal(l *leadership, leader func() string) error {
+	if l != nil && l.check() == nil {
+		return nil
+	}
+	if name := leader(); name != "" {
+		return fmt.Errorf("not the leader; the leader is at %s (its --advertise address; send requests to the HTTP API on that host)", name)
+	}
+	return errors.New("not the leader; no queen leads right now (election in progress); retry")
 }
 
 func (a *app) gate(method string) error {

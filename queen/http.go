@@ -87,7 +87,10 @@ func (h *httpOptions) check(token string, insecure bool) error {
 // serveHTTP starts the router and the HTTP API. At ctx's end it refuses new requests, fails
 // queued ones and lets those in flight finish within --http-drain-timeout, then cuts them; the
 // returned func waits for all of that.
-func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl queenFleet, con console.Config, mreg prometheus.Registerer, log *zap.Logger) (func(), error) {
+//
+// refuse, when not nil, is asked before each request to the API (and the console's chat): its
+// error (this queen is a standby) is answered 503 with Retry-After and nothing is routed.
+func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl queenFleet, refuse func() error, con console.Config, mreg prometheus.Registerer, log *zap.Logger) (func(), error) {
 	if !h.enabled() {
 		return func() {}, nil
 	}
@@ -105,7 +108,7 @@ func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl qu
 	fl.fl.BeforeDelete(rt.Drain)
 	acfg := openai.Config{
 		Keys: h.keys, MaxBody: h.maxBody, BodyTimeout: h.bodyTimeout, MaxConcurrent: h.maxConcurrent,
-		FirstByteTimeout: h.firstByte, Metrics: openai.NewMetrics(mreg), Logger: rlog,
+		FirstByteTimeout: h.firstByte, Refuse: refuse, Metrics: openai.NewMetrics(mreg), Logger: rlog,
 	}
 	api := openai.New(acfg, rt)
 	// The web console at /, beside the API under /v1/. Its chat goes through the same edge and

@@ -47,6 +47,10 @@ type Config struct {
 	// FirstByteTimeout bounds the wait for a worker's response headers (5m): a worker that
 	// accepts the connection and never answers is given up on, and the request retried once.
 	FirstByteTimeout time.Duration
+	// Refuse, when set, is asked before each authenticated request: an error answers 503 with its
+	// message and Retry-After, and nothing is routed (a queen that does not lead: its registry is
+	// empty, so routing would fail obscurely or, worse, start workers it cannot account for).
+	Refuse func() error
 	// Transport reaches the workers (a keep-alive transport sized for many workers).
 	Transport http.RoundTripper
 	Metrics   *Metrics
@@ -131,9 +135,21 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			"missing or wrong API key: send Authorization: Bearer <key>, a key from the queen's --api-keys-file")
 		return
 	}
+	if s.cfg.Refuse != nil {
+		if err := s.cfg.Refuse(); err != nil {
+			s.cfg.Metrics.requests.WithLabelValues("", "503").Inc()
+			w.Header().Set("Retry-After", strconv.Itoa(refuseRetryAfter))
+			writeError(w, http.StatusServiceUnavailable, "server_error", "", "not_leader", err.Error())
+			return
+		}
+	}
 	ctx := jobid.With(r.Context(), s.cfg.Logger, id)
 	s.mux.ServeHTTP(w, r.WithContext(ctx))
 }
+
+// refuseRetryAfter is the Retry-After, in seconds, of a refused request: about how long an
+// election takes to settle.
+const refuseRetryAfter = 2
 
 func validJobID(id string) bool {
 	if len(id) == 0 || len(id) > 64 {

@@ -4,12 +4,14 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -419,5 +421,43 @@ func TestEventCounter(t *testing.T) {
 		if c.events != 3 {
 			t.Fatalf("chunks of %d: %d events, want 3", size, c.events)
 		}
+	}
+}
+
+// A queen that does not lead refuses every request, 503 in OpenAI's error shape with Retry-After
+// and the refusal's words, before anything is routed; once it leads it serves.
+func TestRefusedWhileStandby(t *testing.T) {
+	var calls atomic.Int64
+	worker := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { calls.Add(1); completion(1)(w, r) })
+	var standby atomic.Bool
+	standby.Store(true)
+	f := start(t, Config{Refuse: func() error {
+		if standby.Load() {
+			return errors.New("not the leader; the leader is at 10.0.0.1:7833")
+		}
+		return nil
+	}}, router.Config{}, 0, worker)
+	resp, e, raw := post(t, f.url, `{"model":"m"}`)
+	if resp.StatusCode != 503 || e.Error.Code == nil || *e.Error.Code != "not_leader" || e.Error.Type != "server_error" ||
+		!strings.Contains(e.Error.Message, "the leader is at 10.0.0.1:7833") {
+		t.Fatalf("request to a standby: %d %s, want 503 not_leader naming the leader", resp.StatusCode, raw)
+	}
+	if ra, err := strconv.Atoi(resp.Header.Get("Retry-After")); err != nil || ra < 1 {
+		t.Fatalf("Retry-After %q, want a number of seconds", resp.Header.Get("Retry-After"))
+	}
+	mresp, err := http.Get(f.url + "/v1/models")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mresp.Body.Close()
+	if mresp.StatusCode != 503 {
+		t.Fatalf("GET /v1/models on a standby: %d, want 503", mresp.StatusCode)
+	}
+	if n := calls.Load(); n != 0 {
+		t.Fatalf("a standby routed %d requests", n)
+	}
+	standby.Store(false) // elected
+	if resp, _, raw := post(t, f.url, `{"model":"m"}`); resp.StatusCode != 200 || calls.Load() != 1 {
+		t.Fatalf("request once leading: %d %s", resp.StatusCode, raw)
 	}
 }
