@@ -99,9 +99,14 @@ func TestDeletedWorkerDrains(t *testing.T) {
 		deleted <- result{r, err}
 	}()
 	// The hive's SIGTERM is on its way: from here the worker's server takes no new connection.
-	h.await("SIGTERM to "+a, func(l map[string]any) bool { return l["action"] == "worker_delete_sigterm" && l["worker_id"] == a })
-	if !loggedFor(q, "router_drain", a) {
-		t.Errorf("the queen signalled worker %s before taking it out of routing", a)
+	sig := h.await("SIGTERM to "+a, func(l map[string]any) bool { return l["action"] == "worker_delete_sigterm" && l["worker_id"] == a })
+	// The queen took it out of routing first. (Two processes' logs reach the test in any order:
+	// compare their clocks, the same machine's.)
+	drain := q.await("router_drain of "+a, func(l map[string]any) bool { return l["action"] == "router_drain" && l["worker_id"] == a })
+	td, err1 := time.Parse(time.RFC3339Nano, drain["time"].(string))
+	ts, err2 := time.Parse(time.RFC3339Nano, sig["time"].(string))
+	if err1 != nil || err2 != nil || td.After(ts) {
+		t.Errorf("the queen drained worker %s at %v, after its hive's SIGTERM at %v (%v, %v)", a, td, ts, err1, err2)
 	}
 
 	// A request during the drain goes elsewhere: a new worker, started for it.
