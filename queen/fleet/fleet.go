@@ -154,7 +154,7 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 		f.metrics.spawned("error", t0)
 		f.reg.Remove(id, err)
 		narrate.Warn(ctx, "queen", "worker_spawn_failed", "Hive could not spawn the worker", zap.Error(err))
-		return registry.Worker{}, hiveError(hive.ID, hive.Address, "spawn", err)
+		return registry.Worker{}, f.abandonUnanswered(hive, hiveError(hive.ID, hive.Address, "spawn", err))
 	}
 	w, err := f.reg.Started(id, resp.GetPid(), resp.GetPort(), resp.GetProcessStartTime(), resp.GetAddress())
 	if err != nil {
@@ -415,15 +415,7 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (_ D
 	if err != nil {
 		f.metrics.deleted("error", t0)
 		narrate.Warn(ctx, "queen", "worker_delete_failed", "Hive did not delete the worker", zap.Error(err))
-		herr := hiveError(hive.ID, hive.Address, "delete", err)
-		if herr.Kind == KindUnavailable || herr.Kind == KindCanceled {
-			// The request may still sit in the connection, held up by the network; reset the
-			// connection so that it never arrives once the operator has been told it failed.
-			if d, ok := f.cfg.Hives.(hiveDropper); ok {
-				d.Drop(hive.Address)
-			}
-		}
-		return Deleted{}, herr
+		return Deleted{}, f.abandonUnanswered(hive, hiveError(hive.ID, hive.Address, "delete", err))
 	}
 	f.metrics.deleted(strings.ToLower(strings.TrimPrefix(resp.GetOutcome().String(), "DELETE_OUTCOME_")), t0)
 	// The hive proved this process gone: forget it, and refuse a beat it sent before it died.
@@ -475,4 +467,16 @@ func (f *Fleet) StartTimedOut(w registry.Worker) {
 	if h, ok := f.reg.GetHive(w.HiveID); ok {
 		f.cleanup(ctx, h, w.ID, w.PID, w.ProcessStartTime)
 	}
+}
+
+// abandonUnanswered resets the connection to a hive whose call went unanswered (UNAVAILABLE,
+// deadline, cancelled): the request may still sit in the connection, held up by the network, and
+// must never arrive and act (start a process, signal one) once the caller has been told it failed.
+func (f *Fleet) abandonUnanswered(hive registry.Hive, herr *Error) *Error {
+	if herr.Kind == KindUnavailable || herr.Kind == KindCanceled {
+		if d, ok := f.cfg.Hives.(hiveDropper); ok {
+			d.Drop(hive.Address)
+		}
+	}
+	return herr
 }

@@ -360,6 +360,10 @@ func (u *unreachableHive) Delete(_ context.Context, in *rbeev1.DeleteRequest, _ 
 	return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
 }
 
+func (u *unreachableHive) Spawn(context.Context, *rbeev1.SpawnRequest, ...grpc.CallOption) (*rbeev1.SpawnResponse, error) {
+	return nil, status.Error(codes.DeadlineExceeded, "context deadline exceeded")
+}
+
 func (u *unreachableHive) Drop(address string) {
 	u.fakeHive.mu.Lock()
 	defer u.fakeHive.mu.Unlock()
@@ -416,6 +420,25 @@ func TestDeleteUnansweredDropsTheConnection(t *testing.T) {
 		}
 		if uh.deleted() != 1 || len(uh.dropped) != 1 || uh.dropped[0] != "10.0.0.2:7835" {
 			t.Errorf("calls %d, dropped %v; want one call and the connection to 10.0.0.2:7835 dropped", uh.deleted(), uh.dropped)
+		}
+	})
+}
+
+// A Spawn the hive never answered abandons the connection too: held up by a partition, it would
+// otherwise start a process after the caller was told the spawn failed and its id was released.
+func TestSpawnUnansweredDropsTheConnection(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		uh := &unreachableHive{}
+		f, reg := fleetWithHive(t, uh)
+		_, err := f.Spawn(t.Context(), SpawnSpec{Model: "m", HiveID: "h2", WorkerID: "s1"})
+		if KindOf(err) != KindUnavailable {
+			t.Fatalf("Spawn through an unreachable hive = %v, want UNAVAILABLE", err)
+		}
+		if len(uh.dropped) != 1 || uh.dropped[0] != "10.0.0.2:7835" {
+			t.Errorf("dropped %v; want the connection to 10.0.0.2:7835 dropped", uh.dropped)
+		}
+		if _, ok := reg.Get("s1"); ok {
+			t.Error("the failed spawn's worker is still reserved")
 		}
 	})
 }
