@@ -10,7 +10,7 @@ PROGRAMS := queen hive worker-stub worker-shim rbee
 REVISION := $(shell git rev-parse --short=12 HEAD 2>/dev/null)
 LDFLAGS  := -X github.com/rbee-dev/rbee/internal/version.Revision=$(REVISION)
 
-.PHONY: all build run run-ha test lint generate check-generate cross clean install
+.PHONY: all build run run-ha test lint generate check-generate cross clean install trampoline
 
 all: build
 
@@ -47,6 +47,11 @@ generate:
 check-generate: generate
 	@if [ -n "$$(git status --porcelain -- gen/)" ]; then \
 	  echo "gen/ is out of date with proto/: run 'make generate' and commit it"; git status --porcelain -- gen/; exit 1; fi
+
+# The hive's native worker trampoline (hive/process/trampoline/trampoline.c) is committed as bytes
+# in hive/process/trampoline_linux_amd64.go, so building needs only Go; this rebuilds it (needs gcc).
+trampoline:
+	hive/process/trampoline/gen.sh
 
 # The hive's process control is Linux-only; elsewhere it must still build and say UNIMPLEMENTED.
 cross:

@@ -31,13 +31,17 @@ func benchModes(b *testing.B, f func(b *testing.B, mode CgroupMode)) {
 	b.Run("pgroup", func(b *testing.B) { f(b, CgroupOff) })
 }
 
-func benchHarness(b *testing.B, mode CgroupMode) (*Manager, *fifo) {
+func benchHarness(b *testing.B, mode CgroupMode, tm ...trampolineMode) (*Manager, *fifo) {
 	self, err := os.Executable()
 	if err != nil {
 		b.Fatal(err)
 	}
-	m, err := New(Config{Binary: self, PortLow: 21000, PortHigh: 21999, LogDir: b.TempDir(), Cgroups: mode,
-		HiveID: "bench" + strconv.Itoa(os.Getpid())})
+	cfg := Config{Binary: self, PortLow: 21000, PortHigh: 21999, LogDir: b.TempDir(), Cgroups: mode,
+		HiveID: "bench" + strconv.Itoa(os.Getpid())}
+	if len(tm) > 0 {
+		tm[0].edit(&cfg)
+	}
+	m, err := New(cfg)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -48,38 +52,50 @@ func benchHarness(b *testing.B, mode CgroupMode) (*Manager, *fifo) {
 	return m, newFIFO(b)
 }
 
-// BenchmarkSpawn measures Spawn: from the call to the worker process existing (first exec done).
+// BenchmarkSpawn measures Spawn: from the call to the answer (the trampoline runs). Each way of
+// starting a worker: from a spare trampoline (the default), by forking the native trampoline, and
+// by forking the hive's own binary (the fallback, and the only way before).
 func BenchmarkSpawn(b *testing.B) {
 	benchModes(b, func(b *testing.B, mode CgroupMode) {
-		m, q := benchHarness(b, mode)
-		var d []time.Duration
-		for i := 0; b.Loop(); i++ {
-			id := "b" + strconv.Itoa(i)
-			start := time.Now()
-			s, err := m.Spawn(b.Context(), SpawnSpec{WorkerID: id, Env: []string{envFake + "=worker", "FAKE_REPORT=" + q.path}})
-			d = append(d, time.Since(start))
-			if err != nil {
-				b.Fatal(err)
-			}
-			b.StopTimer()
-			q.next(b)
-			if _, err := m.Delete(b.Context(), Target{WorkerID: id, PID: s.PID}, 0); err != nil {
-				b.Fatal(err)
-			}
-			b.StartTimer()
+		for _, tm := range []trampolineMode{viaSpare, viaFork, viaHiveBinary} {
+			b.Run([]string{"spare", "fork", "hive-binary"}[tm], func(b *testing.B) {
+				m, q := benchHarness(b, mode, tm)
+				var d []time.Duration
+				for i := 0; b.Loop(); i++ {
+					if tm == viaSpare {
+						b.StopTimer()
+						<-m.spareReady
+						b.StartTimer()
+					}
+					id := "b" + strconv.Itoa(i)
+					start := time.Now()
+					s, err := m.Spawn(b.Context(), SpawnSpec{WorkerID: id, Env: []string{envFake + "=worker", "FAKE_REPORT=" + q.path}})
+					d = append(d, time.Since(start))
+					if err != nil {
+						b.Fatal(err)
+					}
+					b.StopTimer()
+					q.next(b)
+					if _, err := m.Delete(b.Context(), Target{WorkerID: id, PID: s.PID}, 0); err != nil {
+						b.Fatal(err)
+					}
+					b.StartTimer()
+				}
+				reportPercentiles(b, d)
+			})
 		}
-		reportPercentiles(b, d)
 	})
 }
 
-// BenchmarkSpawnToReady measures Spawn until the worker binary runs its own code, with and
-// without the trampoline, to show what the extra exec of the hive binary costs.
+// BenchmarkSpawnToReady measures Spawn until the worker binary runs its own code: through the
+// native trampoline (spare or forked), through the hive's own binary, and exec'd directly (no
+// LISTEN_PID), to show what each trampoline costs the worker's start.
 func BenchmarkSpawnToReady(b *testing.B) {
-	for _, direct := range []bool{false, true} {
-		name := map[bool]string{false: "trampoline", true: "direct"}[direct]
+	for _, name := range []string{"native", "hive-binary", "direct"} {
 		b.Run(name, func(b *testing.B) {
-			m, q := benchHarness(b, CgroupAuto)
-			m.direct = direct
+			tm := map[string]trampolineMode{"native": viaSpare, "hive-binary": viaHiveBinary, "direct": viaFork}[name]
+			m, q := benchHarness(b, CgroupAuto, tm)
+			m.direct = name == "direct"
 			var d []time.Duration
 			for i := 0; b.Loop(); i++ {
 				id := "r" + strconv.Itoa(i)

@@ -163,6 +163,12 @@ func cgroupKill(dir string) error {
 	return os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0)
 }
 
+// cgroupGone says whether err from a cgroup's file means the cgroup has been removed: ENOENT when
+// looked up afterwards, ENODEV when it was open (or being opened) at the removal.
+func cgroupGone(err error) bool {
+	return errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ENODEV)
+}
+
 func cgroupPopulated(dir string) (bool, error) {
 	b, err := os.ReadFile(filepath.Join(dir, "cgroup.events"))
 	if err != nil {
@@ -185,8 +191,8 @@ func parsePopulated(b []byte) bool {
 func waitCgroupEmpty(dir string, timeout time.Duration) error {
 	fd, err := unix.Open(filepath.Join(dir, "cgroup.events"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
 	if err != nil {
-		if errors.Is(err, unix.ENOENT) {
-			return nil // already removed
+		if cgroupGone(err) {
+			return nil // already removed, so empty
 		}
 		return err
 	}
@@ -196,6 +202,9 @@ func waitCgroupEmpty(dir string, timeout time.Duration) error {
 	for {
 		n, err := unix.Pread(fd, buf, 0)
 		if err != nil {
+			if cgroupGone(err) {
+				return nil
+			}
 			return err
 		}
 		if !parsePopulated(buf[:n]) {
@@ -242,25 +251,45 @@ func (r cgroupRoot) liveCgroups(hiveID string) int {
 // orphaned returns worker id's cgroups of hive hiveID that still hold processes although the
 // worker's own process is gone: what its server forked, left behind when the worker was killed
 // with no hive alive to reap it and kill its cgroup. A cgroup holding a process with the hive's
-// worker mark (LISTEN_PID naming itself, or the trampoline's marker before the exec) is a live
-// worker of that id and never returned; a process whose environment cannot be read counts as
-// such a mark, so a doubt never kills.
+// worker mark is a live worker of that id and never returned. The mark is being its session's
+// leader (every worker is, from Spawn's setsid, through the trampoline, a spare's wait and every
+// exec), or in its environment LISTEN_PID naming itself or a trampoline's variable. A process
+// whose stat or environment cannot be read counts as marked (ESRCH included: a live process
+// exec'ing from a thread other than its leader answers so), so a doubt never kills.
 func (r cgroupRoot) orphaned(hiveID, workerID string) []string {
 	dirs, _ := filepath.Glob(filepath.Join(r.mount, r.own, hiveCgroupPrefix+hiveID, workerCgroupName(workerID)+"*"))
 	var out []string
+	buf := make([]byte, 1024)
 	for _, d := range dirs {
 		b, err := os.ReadFile(filepath.Join(d, "cgroup.procs"))
 		if err != nil || len(bytes.TrimSpace(b)) == 0 {
 			continue
 		}
 		live := false
-		for _, pid := range strings.Fields(string(b)) {
-			env, err := os.ReadFile("/proc/" + pid + "/environ")
-			switch {
-			case errors.Is(err, os.ErrNotExist) || errors.Is(err, unix.ESRCH):
-				// exited meanwhile: no mark
-			case err != nil || len(env) == 0 || hasEnv(env, envListenPID+"="+pid) || hasEnvKey(env, envTrampoline):
+		for _, f := range strings.Fields(string(b)) {
+			pid, err := strconv.Atoi(f)
+			if err != nil {
 				live = true
+				break
+			}
+			st, err := readStat(pid, buf)
+			if errors.Is(err, os.ErrNotExist) {
+				continue // exited meanwhile: no mark
+			}
+			if err != nil || st.SID == pid {
+				live = true
+				break
+			}
+			env, err := readWhole("/proc/" + f + "/environ")
+			switch {
+			case errors.Is(err, os.ErrNotExist):
+				// exited meanwhile: no mark
+			case err != nil || len(env) == 0 || hasEnv(env, envListenPID+"="+f) ||
+				hasEnvKey(env, envTrampoline) || hasEnvKey(env, envSpare):
+				live = true
+			}
+			if live {
+				break
 			}
 		}
 		if !live {

@@ -314,6 +314,24 @@ func watch(t *testing.T, pid int) int {
 
 func alive(fd int) bool { return !exited(fd) }
 
+// kthread returns the PID of a kernel thread (its /proc/PID/environ cannot even be opened), or
+// skips the test where none is visible (a container's PID namespace).
+func kthread(t *testing.T) int {
+	t.Helper()
+	ents, _ := os.ReadDir("/proc")
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid <= 1 {
+			continue
+		}
+		if st, err := procstat.Read(pid); err == nil && st.Flags&procstat.PFKThread != 0 {
+			return pid
+		}
+	}
+	t.Skip("no kernel thread visible in this PID namespace")
+	return 0
+}
+
 // startSleeper starts an unrelated process (not through the Manager) and returns its pid and pidfd.
 func startSleeper(t *testing.T, env ...string) (int, int) {
 	t.Helper()

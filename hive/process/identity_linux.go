@@ -3,6 +3,7 @@ package process
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"strconv"
 	"strings"
@@ -29,14 +30,29 @@ type proven struct {
 
 // notWorker is the KindNotWorker error; msg says which check failed.
 func notWorker(pid int, format string, args ...any) error {
-	e := errf(KindNotWorker, nil, format, args...).(*Error)
-	e.Msg = "pid " + strconv.Itoa(pid) + " is not the worker: " + e.Msg
-	return e
+	return &Error{Kind: KindNotWorker, Msg: "pid " + strconv.Itoa(pid) + " is not the worker: " + fmt.Sprintf(format, args...)}
 }
 
 // prove opens a pidfd on t.PID and checks that it is the worker t names. It returns gone=true (and
 // no pidfd) when the process has already exited; a live process that fails a check yields a
 // KindNotWorker error naming the check. No signal other than the null signal is sent.
+//
+// The proof must hold at every instant of a worker's life, including the execs between the hive
+// and the worker's final program (trampoline, #! scripts, wrappers), during which its environment
+// cannot be read: between the new memory map and the new stack it reads empty, and while a
+// multithreaded program execs from a thread other than the leader it cannot be opened at all. So
+// the environment is the proof of last resort, and exec changes none of the others:
+//
+//  1. A child of this Manager that is not yet reaped holds its PID (no reuse before the reap);
+//     with the start time read at Spawn it is that very process, whatever it has exec'd since. Its
+//     worker id is the one it was spawned with.
+//  2. Any process in a worker cgroup (.../rbee-<hive>/w-<id>@<nonce>) must be in one of this
+//     worker id's; only the worker and what it forked are placed there. Such a process whose
+//     environment cannot be read (an exec in progress), or that is still the spare trampoline
+//     the worker is about to be (spare_linux.go), is proven by the cgroup; one whose
+//     environment can be read must carry the worker id marker.
+//  3. Otherwise (no cgroups) the marker RBEE_WORKER_ID=<id> in its environment, re-read while an
+//     exec hides it (bounded by execWindow).
 func (m *Manager) prove(t Target) (p proven, gone bool, err error) {
 	pid := t.PID
 	switch {
@@ -84,36 +100,52 @@ func (m *Manager) prove(t Target) (p proven, gone bool, err error) {
 	if t.StartTime != 0 && st.StartTime != t.StartTime {
 		return fail(notWorker(pid, "start time %d differs from the worker's %d (PID reused)", st.StartTime, t.StartTime))
 	}
+	if st.Flags&procstat.PFKThread != 0 {
+		return fail(notWorker(pid, "it is a kernel thread (%s)", st.Comm))
+	}
 	// A zombie leader is not proof of death: while a multithreaded process execs from another
-	// thread (the trampoline is a Go program), its leader reads 'Z' until the exec completes. Only
-	// the pidfd, readable once the whole process has exited, tells the two apart.
+	// thread (a Go wrapper, say), its leader reads 'Z' until the exec completes. Only the pidfd,
+	// readable once the whole process has exited, tells the two apart.
 	if (st.State == 'Z' || st.State == 'X') && exited(fd) {
 		return proven{}, true, nil
 	}
 	p.startTime = st.StartTime
 
-	env, err := readEnviron(fd, pid)
-	if errors.Is(err, unix.ESRCH) || errors.Is(err, os.ErrNotExist) {
-		// No task behind the PID any more: the process the pidfd holds has exited and been
-		// reaped (a reused PID would have answered). Seen when a SIGKILLed multithreaded worker
-		// whose leader read 'Z' with threads still exiting is reaped by init in between.
-		return proven{}, true, nil
-	}
-	if err != nil {
-		return fail(errf(KindInternal, err, "read /proc/%d/environ", pid))
-	}
-	if !hasEnv(env, envWorkerID+"="+t.WorkerID) {
-		return fail(notWorker(pid, "its environment lacks %s=%s", envWorkerID, t.WorkerID))
-	}
-
 	// A missing v2 line (pure v1 host) or a vanished process leaves cg empty; the liveness check
 	// below sorts out the latter.
 	cg, _ := ownCgroup(pid)
-	if cg != "" && isRbeeCgroup(cg) {
-		if want := workerCgroupName(t.WorkerID); !strings.HasPrefix(filepathBase(cg), want) {
+	inWorkerCg := cg != "" && isRbeeCgroup(cg)
+
+	if workerID, cgroup, found := m.child(pid, st.StartTime); found && workerID != "" {
+		// Proof 1: the hive's own child, by PID and start time. (A spare not yet given to a
+		// Spawn has no worker id, and is no worker.)
+		if workerID != t.WorkerID {
+			return fail(notWorker(pid, "it is worker %s's process, spawned by this hive", workerID))
+		}
+		if cgroup != "" && cg != "" && m.cg2mount+cg != cgroup {
+			return fail(notWorker(pid, "its cgroup %s is not the one it was spawned into (%s)", cg, cgroup))
+		}
+		p.cgroup = cgroup
+	} else {
+		if want := workerCgroupName(t.WorkerID); inWorkerCg && !strings.HasPrefix(filepathBase(cg), want) {
 			return fail(notWorker(pid, "its cgroup %s is another worker's (want leaf %s*)", cg, want))
 		}
-		if m.cg2mount != "" {
+		env, err := readEnviron(fd, pid, !inWorkerCg)
+		switch {
+		case hasEnv(env, envWorkerID+"="+t.WorkerID):
+			// Proof 2 or 3: the marker (and, in a worker cgroup, the cgroup).
+		case inWorkerCg && (len(env) == 0 || errors.Is(err, unix.ESRCH) || hasEnv(env, envSpare+"=1")):
+			// Proof 2: in this worker id's cgroup and inside an exec, or a spare trampoline that
+			// a Spawn moved there and that has not yet exec'd the worker.
+		case errors.Is(err, errExecWindow):
+			return fail(notWorker(pid, "its environment, which must hold %s=%s, is %v", envWorkerID, t.WorkerID, err))
+		case err != nil && !errors.Is(err, unix.ESRCH):
+			return fail(errf(KindInternal, err, "read /proc/%d/environ", pid))
+		default:
+			return fail(notWorker(pid, "its environment lacks %s=%s (%d entries, %d bytes)",
+				envWorkerID, t.WorkerID, bytes.Count(env, []byte{0}), len(env)))
+		}
+		if inWorkerCg && m.cg2mount != "" {
 			p.cgroup = m.cg2mount + cg
 		}
 	}
@@ -133,25 +165,59 @@ func (m *Manager) prove(t Target) (p proven, gone bool, err error) {
 	return p, false, nil
 }
 
-// execWindow bounds how long readEnviron waits out an exec in progress.
-const execWindow = 100 * time.Millisecond
+// execWindow bounds how long readEnviron waits out an exec in progress. An exec takes
+// microseconds, but on a loaded machine the process inside it may wait long for a CPU.
+const execWindow = 2 * time.Second
 
-// readEnviron reads /proc/PID/environ. While a process is inside execve (a worker passing from
-// the trampoline to the worker binary) the new memory map is installed before its environment
-// bounds are, and environ reads empty for a few microseconds. The kernel announces the end of an
-// exec with no event, so an empty read of a live process is retried for a bounded time; a
-// process whose environment stays empty (a kernel thread) then fails the marker check.
-func readEnviron(pidfd, pid int) ([]byte, error) {
+// readEnviron reads /proc/PID/environ. While a process is inside execve its environment reads
+// empty: the new memory map is installed before its arguments and environment are, and the
+// environment's end is set only once all of it is in place (the command line, set before it,
+// may already read); while a multithreaded process execs from a non-leader thread, the leader
+// has left its memory map and opening environ fails with ESRCH until the exec completes. The
+// kernel announces the end of an exec with no event, so with wait set such a read of a live
+// process is retried, for at most execWindow; a process that has an empty environment for good
+// is refused only then.
+func readEnviron(pidfd, pid int, wait bool) ([]byte, error) {
 	path := "/proc/" + strconv.Itoa(pid) + "/environ"
 	deadline := time.Now().Add(execWindow)
 	for pause := 20 * time.Microsecond; ; pause *= 2 {
-		env, err := os.ReadFile(path)
-		if err != nil || len(env) > 0 || exited(pidfd) || time.Now().After(deadline) {
+		env, err := readWhole(path)
+		inExec := errors.Is(err, unix.ESRCH) || (err == nil && len(env) == 0)
+		if !inExec || !wait || exited(pidfd) {
 			return env, err
+		}
+		if time.Now().After(deadline) {
+			return env, errExecWindow
 		}
 		time.Sleep(min(pause, 5*time.Millisecond))
 	}
 }
+
+// readWhole reads a /proc file in one read(2). os.ReadFile reads /proc/PID/environ 512 bytes at
+// a time, and an exec between two reads ends the file early: the descriptor holds the old memory
+// map, which reads as empty once the exec has dropped it. A truncated environment lacks the
+// marker at its end (2 refusals in 10,000 Deletes during execs). One read copies from one map.
+func readWhole(path string) ([]byte, error) {
+	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+	}
+	defer unix.Close(fd)
+	for size := 64 << 10; ; size *= 2 {
+		buf := make([]byte, size)
+		n, err := unix.Pread(fd, buf, 0)
+		if err != nil {
+			return nil, &os.PathError{Op: "read", Path: path, Err: err}
+		}
+		if n < size || size >= 8<<20 {
+			return buf[:n], nil
+		}
+	}
+}
+
+// errExecWindow is readEnviron's answer for a process that seemed inside an exec for all of
+// execWindow.
+var errExecWindow = errors.New("empty or unreadable for " + execWindow.String() + " (not a worker, or an exec that does not finish)")
 
 func filepathBase(p string) string {
 	if i := bytes.LastIndexByte([]byte(p), '/'); i >= 0 {

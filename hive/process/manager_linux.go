@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -46,7 +45,9 @@ const (
 type Manager struct {
 	cfg      Config
 	log      *zap.Logger
-	self     string     // the hive's own executable, run as the trampoline
+	self     string     // the hive's own executable, the trampoline where there is no native one
+	native   string     // the native trampoline's path, "" to use self
+	devnull  *os.File   // stdin of every worker (stdout and stderr are its log)
 	cg2mount string     // cgroup2 mount point, "" when there is none
 	cg       cgroupRoot // where worker cgroups go, when useCg
 	useCg    bool
@@ -61,17 +62,21 @@ type Manager struct {
 	given   map[int]time.Time
 	pending atomic.Int64 // Spawns between the max-workers check and a countable process
 
-	mu       sync.Mutex
-	children map[int]*child     // by PID, until reaped
-	flights  map[target]*flight // Deletes in progress
-	closed   bool
-	parents  sync.Map // rbee-<hive-id> cgroup directories used by Spawn
+	mu          sync.Mutex
+	spare       *spare // a trampoline waiting for a Spawn (spare_linux.go)
+	makingSpare bool
+	spareReady  chan struct{}      // a token each time a spare becomes ready (for tests)
+	children    map[int]*child     // by PID, until reaped
+	flights     map[target]*flight // Deletes in progress
+	closed      bool
+	parents     sync.Map // rbee-<hive-id> cgroup directories used by Spawn
 
 	logs logs // the log files of live workers, for the cap and for followers
 
 	stop    chan struct{}
 	bg      sync.WaitGroup // the log housekeeping goroutine
 	reapers sync.WaitGroup
+	tidying sync.WaitGroup // Deletes' clean-up after their answer
 }
 
 // child is a worker this Manager started and still has to reap.
@@ -82,10 +87,12 @@ type child struct {
 	cgroup    string
 	pidfd     int
 	deleting  bool          // a Delete owns its end: no OnExit
+	exited    bool          // a Delete saw it exit; Live no longer counts it
 	reaped    chan struct{} // closed once wait(2) has collected it
 	// logReady is closed once the trampoline has opened and locked the log (or failed to: then
 	// logErr says why, in the trampoline's words).
 	logReady chan struct{}
+	spare    bool // started as a spare trampoline (spare_linux.go)
 	logErr   string
 }
 
@@ -116,12 +123,13 @@ func New(cfg Config) (*Manager, error) {
 		return nil, errf(KindInternal, err, "find the hive's own executable for the trampoline")
 	}
 	m := &Manager{
-		cfg:      cfg,
-		log:      cfg.Logger,
-		self:     self,
-		children: make(map[int]*child),
-		flights:  make(map[target]*flight),
-		stop:     make(chan struct{}),
+		cfg:        cfg,
+		log:        cfg.Logger,
+		self:       self,
+		children:   make(map[int]*child),
+		flights:    make(map[target]*flight),
+		stop:       make(chan struct{}),
+		spareReady: make(chan struct{}, 1),
 	}
 	if err := m.setListenHost(cfg.ListenHost); err != nil {
 		return nil, err
@@ -132,14 +140,24 @@ func New(cfg Config) (*Manager, error) {
 	if err := unix.Access(cfg.LogDir, unix.W_OK|unix.X_OK); err != nil {
 		return nil, errf(KindInternal, err, "log dir %s not writable", cfg.LogDir)
 	}
+	if m.devnull, err = os.OpenFile(os.DevNull, os.O_RDWR, 0); err != nil {
+		return nil, errf(KindInternal, err, "open %s", os.DevNull)
+	}
+	if m.native, err = nativeTrampoline(); err != nil {
+		m.log.Info("workers start through the hive's own binary", zap.String("reason", err.Error()))
+	}
+	if cfg.hiveTrampoline {
+		m.native = ""
+	}
 	m.cg2mount, _ = cgroup2Mount()
 	if cfg.Cgroups == CgroupAuto {
 		m.cg, m.useCg = findCgroup2()
 	}
 	m.nextPort.Store(rand.Uint32())
-	m.log.Info("process manager ready", zap.Bool("cgroups", m.useCg),
+	m.log.Info("process manager ready", zap.Bool("cgroups", m.useCg), zap.Bool("native_trampoline", m.native != ""),
 		zap.String("cgroup_root", filepath.Join(m.cg.mount, m.cg.own)), zap.String("log_dir", cfg.LogDir))
 	m.startLogs()
+	m.refillSpares()
 	return m, nil
 }
 
@@ -181,11 +199,16 @@ func (m *Manager) Close() error {
 	m.closed = true
 	m.mu.Unlock()
 	close(m.stop)
+	m.closeSpare()
 	m.bg.Wait()
+	m.tidying.Wait()
+	m.devnull.Close()
 	// Tidy the rbee-<hive-id> cgroups this Manager used; rmdir fails, harmlessly, on those that
 	// still hold workers, which the next hive will find there.
 	m.parents.Range(func(dir, _ any) bool {
-		unix.Rmdir(dir.(string))
+		if d, ok := dir.(string); ok {
+			unix.Rmdir(d)
+		}
 		return true
 	})
 	return nil
@@ -199,8 +222,10 @@ func (m *Manager) Live() int {
 	}
 	m.mu.Lock()
 	own := make(map[int]bool, len(m.children))
-	for pid := range m.children {
-		own[pid] = true
+	for pid, c := range m.children {
+		if !c.exited && c.workerID != "" { // not a spare
+			own[pid] = true
+		}
 	}
 	m.mu.Unlock()
 	// The children cover the microseconds of an exec, when a worker's environment reads empty.
@@ -238,6 +263,9 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	}
 	hiveID := cmp.Or(s.HiveID, m.cfg.HiveID, "hive")
 	if err := checkID("hive id", hiveID); err != nil {
+		return Spawned{}, err
+	}
+	if err := checkNUL(s); err != nil {
 		return Spawned{}, err
 	}
 	binary := cmp.Or(s.Binary, m.cfg.Binary)
@@ -306,20 +334,50 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		more, env := s.Extra(port)
 		args = append(args, more...)
 		s.Env = append(slices.Clip(s.Env), env...)
+		// A NUL would cut an argument short, and split a spare's instructions into other strings.
+		if i := slices.IndexFunc(append(slices.Clip(more), env...), func(v string) bool { return strings.IndexByte(v, 0) >= 0 }); i >= 0 {
+			if cgDir != "" {
+				removeCgroup(cgDir)
+			}
+			if errR != nil {
+				errR.Close()
+			}
+			return Spawned{}, errf(KindInvalid, nil, "the model's command line or environment contains a NUL byte (entry %d)", i)
+		}
 	}
-	cmd := &exec.Cmd{
-		Path:        m.self, // the trampoline: sets LISTEN_PID to its own PID, then execs the worker
-		Args:        args,
-		Env:         append(workerEnv(s, hiveID, m.cfg.ListenHost, binary, !noHandoff), envTrampolineLog+"="+logPath),
-		ExtraFiles:  inherit,
-		SysProcAttr: attr,
-	}
+	env := workerEnv(s, hiveID, m.cfg.ListenHost, !noHandoff)
+	cmd := &exec.Cmd{Stdin: m.devnull, Stdout: m.devnull, Stderr: m.devnull, ExtraFiles: inherit, SysProcAttr: attr}
 	if errW != nil {
-		cmd.Stderr = errW
+		cmd.Stderr = errW // until the trampoline has the log
 	}
-	if m.direct {
-		cmd.Path = binary
-		cmd.Env = slices.DeleteFunc(cmd.Env, func(kv string) bool { return strings.HasPrefix(kv, "RBEE_TRAMPOLINE_") })
+	switch {
+	case m.direct:
+		cmd.Path, cmd.Args, cmd.Env = binary, args, env
+	case m.native != "":
+		// The native trampoline: opens the log, writes its PID into the LISTEN_PID slot, execs.
+		cmd.Path = m.native
+		cmd.Args = append([]string{"rbee-trampoline", logPath, binary}, args...)
+		cmd.Env = env
+		if !noHandoff {
+			cmd.Env = append(env, listenPIDSlot)
+		}
+	default:
+		// The hive's own binary in trampoline mode, which does the same.
+		cmd.Path, cmd.Args = m.self, args
+		cmd.Env = append(env, envTrampoline+"="+binary, envTrampolineLog+"="+logPath)
+	}
+	if sp := m.takeSpare(); sp != nil && errW != nil {
+		senv := env
+		if !noHandoff {
+			senv = append(env, listenPIDSlot)
+		}
+		if msg, fits := spareMsg(logPath, binary, args, senv); fits &&
+			m.useSpare(sp, msg, errR, errW, firstOrNil(inherit), cgDir, child{workerID: s.WorkerID, logPath: logPath, cgroup: cgDir}) {
+			narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", s.WorkerID, sp.pid, port),
+				zap.String("worker_id", s.WorkerID), zap.Int("pid", sp.pid), zap.Int("port", port),
+				zap.Uint64("start_time", sp.c.startTime), zap.String("cgroup", cgDir), zap.Bool("spare", true))
+			return Spawned{PID: sp.pid, Port: port, StartTime: sp.c.startTime, Cgroup: cgDir}, nil
+		}
 	}
 	if err := cmd.Start(); err != nil {
 		if cgDir != "" {
@@ -358,13 +416,20 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	return Spawned{PID: pid, Port: port, StartTime: startTime, Cgroup: cgDir}, nil
 }
 
+func firstOrNil(fs []*os.File) *os.File {
+	if len(fs) == 0 {
+		return nil
+	}
+	return fs[0]
+}
+
 // workerEnv is the hive's environment plus the spec's extras plus the contract variables, which
 // always win: a caller cannot hand a worker another worker's identity marker.
-func workerEnv(s SpawnSpec, hiveID, host, binary string, handoff bool) []string {
+func workerEnv(s SpawnSpec, hiveID, host string, handoff bool) []string {
 	reserved := func(kv string) bool {
 		k, _, _ := strings.Cut(kv, "=")
 		switch k {
-		case envWorkerID, envHiveID, envWorkerHost, envTrampoline, envTrampolineLog, envListenFDs, envListenPID, envListenName:
+		case envWorkerID, envHiveID, envWorkerHost, envTrampoline, envTrampolineLog, envSpare, envListenFDs, envListenPID, envListenName:
 			return true
 		}
 		return false
@@ -385,14 +450,33 @@ func workerEnv(s SpawnSpec, hiveID, host, binary string, handoff bool) []string 
 			env = append(env, kv)
 		}
 	}
-	env = append(env, envWorkerID+"="+s.WorkerID, envHiveID+"="+hiveID, envWorkerHost+"="+host, envTrampoline+"="+binary)
+	env = append(env, envWorkerID+"="+s.WorkerID, envHiveID+"="+hiveID, envWorkerHost+"="+host)
 	if handoff {
 		env = append(env, envListenFDs+"=1", envListenName+"=rbee")
 	}
 	if s.JobID != "" {
 		env = append(env, envJobID+"="+s.JobID)
 	}
-	return env
+	return dedupEnv(env)
+}
+
+// dedupEnv keeps the last entry of each variable, as os/exec does before an exec: a spare
+// trampoline gets the list as it is, and a program reading the first of two entries would see
+// the hive's value instead of the spec's.
+func dedupEnv(env []string) []string {
+	last := make(map[string]int, len(env))
+	for i, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		last[k] = i
+	}
+	out := env[:0:0]
+	for i, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		if last[k] == i {
+			out = append(out, kv)
+		}
+	}
+	return out
 }
 
 // givenHold is how long a port chosen for a worker that binds it itself stays off limits: ample for
@@ -463,8 +547,9 @@ func (m *Manager) listen(noHandoff bool) (*os.File, int, error) {
 
 // reap waits for one child so that it never lingers as a zombie, cleans up what it left behind
 // and, unless a Delete is ending it, reports its exit.
-func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child, trampolineErr *os.File) {
-	defer m.reapers.Done()
+// readTrampolineErr reads what the trampoline says on its stderr until it has the worker's log (or
+// exits) into c.logErr, and then closes c.logReady.
+func (m *Manager) readTrampolineErr(c *child, trampolineErr *os.File) {
 	if trampolineErr != nil {
 		// EOF comes within milliseconds: when the trampoline puts the log over its stderr, or exits.
 		msg, _ := io.ReadAll(io.LimitReader(trampolineErr, 4<<10))
@@ -472,12 +557,22 @@ func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child, trampolineErr *os.File)
 		c.logErr = strings.TrimSpace(string(msg))
 	}
 	close(c.logReady)
+}
+
+func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child, trampolineErr *os.File) {
+	defer m.reapers.Done()
+	if !c.spare { // a spare's Spawn reads its trampoline's errors (readTrampolineErr)
+		m.readTrampolineErr(c, trampolineErr)
+	}
 	_ = cmd.Wait() // the status is in ProcessState; a non-zero exit is not an error here
 	at := time.Now()
 	m.mu.Lock()
 	delete(m.children, pid)
-	deleting, closed := c.deleting, m.closed
+	deleting, closed := c.deleting || c.workerID == "", m.closed // a spare that never became a worker
 	m.mu.Unlock()
+	if c.spare && !deleting {
+		<-c.logReady // c.logErr, read by its Spawn's goroutine: it has ended or ends now (EOF)
+	}
 	close(c.reaped)
 	if deleting {
 		if c.pidfd >= 0 {
@@ -570,35 +665,28 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 		narrate.Warn(ctx, "hive", "worker_delete_refused", "refusing to signal process", append(fields, zap.Error(err))...)
 		return OutcomeUnknown, err
 	}
-	c := m.claimChild(t.PID, p.startTime, !gone)
 	if gone {
-		if c != nil {
-			// It exited on its own moments ago; its reaper is about to collect it.
-			select {
-			case <-c.reaped:
-			case <-time.After(killWait):
-				return OutcomeUnknown, errf(KindStuck, nil, "pid %d exited but was not reaped within %v", t.PID, killWait)
-			}
-		}
-		if c == nil && m.useCg {
+		// Exited on its own (its reaper, if it is this Manager's child, reports it and kills its
+		// cgroup) or deleted. A worker that died with no hive to reap it may have left what it
+		// forked in its cgroup: that goes before the answer says the worker is gone.
+		if m.useCg && !m.isChild(t.PID, t.StartTime) {
 			m.killOrphaned(ctx, t.WorkerID)
 		}
 		narrate.Event(ctx, "hive", "worker_delete_already_exited", "worker already gone", fields...)
 		return AlreadyExited, nil
 	}
-	defer unix.Close(p.pidfd)
+	c := m.claimChild(t.PID, p.startTime)
 
 	// Without a cgroup, children that started their own session are found only through the
 	// process tree, and only while the worker is alive to be their parent.
 	var strays []proven
 	if p.cgroup == "" {
 		strays = descendants(p.pid)
-		defer func() {
-			for _, s := range strays {
-				unix.Close(s.pidfd)
-			}
-		}()
 	}
+	// What the caller need not wait for (closing descriptors, removing the empty cgroup) happens
+	// after the answer, on every path, tracked so that Close waits for it.
+	finished := false
+	defer func() { m.tidy(p, strays, finished) }()
 
 	out := Killed
 	if grace > 0 {
@@ -618,16 +706,15 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 			return OutcomeUnknown, errf(KindStuck, nil, "pid %d still alive %v after SIGKILL", p.pid, killWait)
 		}
 	}
-	// The worker is gone; anything it forked goes too.
+	// The worker is gone; anything it forked goes too, before the answer says so.
 	if err := m.killLeftovers(p, strays); err != nil {
 		return OutcomeUnknown, err
 	}
+	finished = true
 	if c != nil {
-		select {
-		case <-c.reaped:
-		case <-time.After(killWait):
-			return OutcomeUnknown, errf(KindStuck, nil, "pid %d exited but was not reaped within %v", p.pid, killWait)
-		}
+		m.mu.Lock()
+		c.exited = true // no longer counted by Live, though its reaper may not have run yet
+		m.mu.Unlock()
 	}
 	if out == Exited {
 		narrate.Event(ctx, "hive", "worker_delete_graceful", "Worker left on SIGTERM within the grace period", append(fields, zap.Stringer("outcome", out))...)
@@ -655,26 +742,63 @@ func (m *Manager) killOrphaned(ctx context.Context, workerID string) {
 	}
 }
 
+// tidy closes a Delete's descriptors and, once the worker is gone (finished), removes its empty
+// cgroup, in the background: the Delete has answered by then. Close waits for it.
+func (m *Manager) tidy(p proven, strays []proven, finished bool) {
+	m.tidying.Add(1)
+	go func() {
+		defer m.tidying.Done()
+		unix.Close(p.pidfd)
+		for _, s := range strays {
+			unix.Close(s.pidfd)
+		}
+		if finished && p.cgroup != "" {
+			if err := removeCgroup(p.cgroup); err != nil {
+				m.log.Warn("remove worker cgroup", zap.Error(err))
+			}
+		}
+	}()
+}
+
 // claimChild returns this Manager's record of child pid, if it has one with that start time, and
-// when deleting marks it so that its exit is not reported through OnExit.
-func (m *Manager) claimChild(pid int, startTime uint64, deleting bool) *child {
+// marks it as being deleted so that its exit is not reported through OnExit.
+func (m *Manager) claimChild(pid int, startTime uint64) *child {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	c := m.children[pid]
 	if c == nil || (startTime != 0 && c.startTime != 0 && c.startTime != startTime) {
 		return nil
 	}
-	if deleting {
-		c.deleting = true
-	}
+	c.deleting = true
 	return c
+}
+
+// isChild says whether pid is this Manager's child, not yet reaped, with that start time (0: any).
+// Its reaper kills and removes its cgroup once it has exited.
+func (m *Manager) isChild(pid int, startTime uint64) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c := m.children[pid]
+	return c != nil && c.workerID != "" && (startTime == 0 || c.startTime == 0 || c.startTime == startTime)
+}
+
+// child returns what prove needs of this Manager's record of child pid when it is the process
+// with that start time: until it is reaped, a child's PID cannot name another process.
+func (m *Manager) child(pid int, startTime uint64) (workerID, cgroup string, ok bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c := m.children[pid]
+	if c == nil || c.startTime == 0 || c.startTime != startTime {
+		return "", "", false
+	}
+	return c.workerID, c.cgroup, true
 }
 
 // killAll SIGKILLs the worker and everything it forked: cgroup.kill reaches even processes that
 // left its session; otherwise its process group plus the strays found in its process tree.
 func (m *Manager) killAll(p proven, strays []proven) {
 	if p.cgroup != "" {
-		if err := cgroupKill(p.cgroup); err != nil {
+		if err := cgroupKill(p.cgroup); err != nil && !cgroupGone(err) {
 			m.log.Warn("cgroup.kill", zap.String("cgroup", p.cgroup), zap.Error(err))
 		}
 	} else {
@@ -687,26 +811,28 @@ func (m *Manager) killAll(p proven, strays []proven) {
 }
 
 // killLeftovers removes what survives the worker's main process and waits, bounded, until it is
-// gone; with a cgroup it then removes the cgroup.
+// gone (tidy removes the empty cgroup afterwards).
 func (m *Manager) killLeftovers(p proven, strays []proven) error {
 	if p.cgroup != "" {
+		// A cgroup that is gone was empty: rmdir succeeds only on an empty cgroup (another hive
+		// reaping the worker may have removed it; its files then read ENODEV).
 		populated, err := cgroupPopulated(p.cgroup)
 		if err != nil {
-			if errors.Is(err, os.ErrNotExist) {
+			if cgroupGone(err) {
 				return nil
 			}
 			return errf(KindInternal, err, "read cgroup.events")
 		}
 		if populated {
 			if err := cgroupKill(p.cgroup); err != nil {
+				if cgroupGone(err) {
+					return nil
+				}
 				return errf(KindInternal, err, "cgroup.kill %s", p.cgroup)
 			}
 			if err := waitCgroupEmpty(p.cgroup, killWait); err != nil {
 				return err
 			}
-		}
-		if err := removeCgroup(p.cgroup); err != nil {
-			m.log.Warn("remove worker cgroup", zap.Error(err))
 		}
 		return nil
 	}
@@ -795,9 +921,8 @@ func readStat(pid int, buf []byte) (procstat.Stat, error) {
 }
 
 // markedWorkers lists the processes whose environment says they are a worker started by a hive
-// (of hive hiveID, unless empty): a worker id marker plus either LISTEN_PID naming themselves or,
-// before the trampoline's exec, the trampoline marker. A worker's children inherit the worker id
-// but neither of the others.
+// (of hive hiveID, unless empty) and that lead their own session, as the hive starts every worker:
+// a worker's children inherit the worker id marker but not the session leadership.
 func markedWorkers(hiveID string) []int {
 	d, err := os.Open("/proc")
 	if err != nil {
@@ -806,19 +931,20 @@ func markedWorkers(hiveID string) []int {
 	names, _ := d.Readdirnames(-1)
 	d.Close()
 	var pids []int
+	buf := make([]byte, 1024)
 	for _, name := range names {
 		pid, err := strconv.Atoi(name)
 		if err != nil {
 			continue
 		}
-		env, err := os.ReadFile("/proc/" + name + "/environ")
+		env, err := readWhole("/proc/" + name + "/environ")
 		if err != nil || !hasEnvKey(env, envWorkerID) {
 			continue
 		}
-		if !hasEnv(env, envListenPID+"="+name) && !hasEnvKey(env, envTrampoline) {
+		if hiveID != "" && !hasEnv(env, envHiveID+"="+hiveID) {
 			continue
 		}
-		if hiveID != "" && !hasEnv(env, envHiveID+"="+hiveID) {
+		if st, err := readStat(pid, buf); err != nil || st.SID != pid {
 			continue
 		}
 		pids = append(pids, pid)

@@ -11,6 +11,7 @@ import (
 	"github.com/rbee-dev/rbee/internal/validate"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -60,6 +61,10 @@ type Config struct {
 	// package's pattern are ever capped or removed.
 	LogKeepFor    time.Duration
 	LogKeepExited int
+
+	// Tests: start workers through the hive's own binary (as where no native trampoline exists),
+	// or through a freshly forked native trampoline (no spare).
+	hiveTrampoline, noSpares bool
 }
 
 const (
@@ -212,7 +217,27 @@ func errf(k Kind, cause error, format string, args ...any) error {
 // also keeps them safe in file and cgroup names: no '/', no leading '.', no '@'.
 func checkID(what, id string) error {
 	if err := validate.ID(what, id); err != nil {
-		return errf(KindInvalid, err, "%s %q invalid: %s", what, id, err.(*validate.Error).Rule)
+		rule := err.Error()
+		if ve, ok := errors.AsType[*validate.Error](err); ok {
+			rule = ve.Rule
+		}
+		return errf(KindInvalid, err, "%s %q invalid: %s", what, id, rule)
+	}
+	return nil
+}
+
+// checkNUL refuses a spec whose arguments or environment hold a NUL byte, which execve cannot pass.
+func checkNUL(s SpawnSpec) error {
+	for name, v := range map[string]string{"model": s.Model, "device": s.Device, "queen address": s.QueenAddress, "job id": s.JobID} {
+		if strings.IndexByte(v, 0) >= 0 {
+			return errf(KindInvalid, nil, "%s contains a NUL byte", name)
+		}
+	}
+	for _, kv := range s.Env {
+		if strings.IndexByte(kv, 0) >= 0 {
+			k, _, _ := strings.Cut(kv, "=")
+			return errf(KindInvalid, nil, "environment variable %q contains a NUL byte", k)
+		}
 	}
 	return nil
 }

@@ -43,6 +43,10 @@ func TestSpawnDeleteGraceful(t *testing.T) {
 		if alive(fd) {
 			t.Fatal("worker still alive after Delete")
 		}
+		if got := h.m.Live(); got != 0 {
+			t.Fatalf("Live() = %d right after delete, want 0", got)
+		}
+		h.m.tidying.Wait() // the cgroup is removed after the answer
 		if s.Cgroup != "" {
 			if _, err := os.Stat(s.Cgroup); !os.IsNotExist(err) {
 				t.Fatalf("cgroup %s not removed: %v", s.Cgroup, err)
@@ -116,6 +120,14 @@ func TestDeleteRefusesWhatIsNotTheWorker(t *testing.T) {
 		unrelated, unrelatedFD := startSleeper(t)
 		// An unrelated process that even carries the marker of another worker id.
 		marked, markedFD := startSleeper(t, envWorkerID+"=someone-else")
+		// One with an empty environment, as a process inside an exec seems to have for a moment.
+		bare := exec.Command("sleep", "600")
+		bare.Env = []string{}
+		if err := bare.Start(); err != nil {
+			t.Fatal(err)
+		}
+		bareFD := watch(t, bare.Process.Pid)
+		t.Cleanup(func() { bare.Process.Kill(); bare.Wait() })
 
 		tid := 0
 		ents, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", s.PID))
@@ -143,7 +155,8 @@ func TestDeleteRefusesWhatIsNotTheWorker(t *testing.T) {
 			{"another worker id's marker", Target{WorkerID: "victim", PID: marked}, "environment lacks"},
 			{"thread id of the worker", Target{WorkerID: "victim", PID: tid}, "thread"},
 			{"wrong start time", Target{WorkerID: "victim", PID: s.PID, StartTime: s.StartTime + 1}, "start time"},
-			{"another worker's pid", Target{WorkerID: "victim", PID: other.PID, StartTime: other.StartTime}, "environment lacks"},
+			{"another worker's pid", Target{WorkerID: "victim", PID: other.PID, StartTime: other.StartTime}, "worker other's process"},
+			{"a kernel thread", Target{WorkerID: "victim", PID: kthread(t)}, "kernel thread"},
 		}
 		for _, c := range cases {
 			for _, grace := range []time.Duration{0, time.Second} {
@@ -156,7 +169,14 @@ func TestDeleteRefusesWhatIsNotTheWorker(t *testing.T) {
 				}
 			}
 		}
-		if !alive(victim) || !alive(unrelatedFD) || !alive(markedFD) {
+		// An empty environment is what an exec in progress shows: refused once it stays so.
+		start := time.Now()
+		_, err := h.m.Delete(t.Context(), Target{WorkerID: "victim", PID: bare.Process.Pid}, time.Second)
+		wantKind(t, err, KindNotWorker, "empty or unreadable")
+		if took := time.Since(start); took < execWindow || took > execWindow+time.Second {
+			t.Errorf("an empty environment refused after %v, want just over %v", took, execWindow)
+		}
+		if !alive(victim) || !alive(unrelatedFD) || !alive(markedFD) || !alive(bareFD) {
 			t.Fatal("a refused Delete killed something")
 		}
 
@@ -294,6 +314,7 @@ func TestSecondHiveDeletesOrphans(t *testing.T) {
 			if alive(fd) {
 				t.Fatalf("orphan %d still alive", i)
 			}
+			h.m.tidying.Wait()
 			if s.Cgroup != "" {
 				if _, err := os.Stat(s.Cgroup); !os.IsNotExist(err) {
 					t.Fatalf("orphan cgroup %s left behind", s.Cgroup)
@@ -464,34 +485,40 @@ func TestLogPerLife(t *testing.T) {
 	}
 }
 
-// TestLogDirRemovedAfterStart: the worker still gets its log (the directory is made again), and
-// a log that cannot be made fails the worker with the reason, not a bare "exit status 126".
+// TestLogDirRemovedAfterStart: the worker still gets its log (the directories are made again, all
+// that are missing, as os.MkdirAll would), and a log that cannot be made fails the worker with the
+// reason, not a bare "exit status 126"; through each trampoline.
 func TestLogDirRemovedAfterStart(t *testing.T) {
-	exits := make(chan Exit, 1)
-	dir := filepath.Join(t.TempDir(), "logs")
-	h := newHarness(t, CgroupOff, func(c *Config) { c.LogDir = dir; c.OnExit = func(e Exit) { exits <- e } })
-	if err := os.RemoveAll(dir); err != nil {
-		t.Fatal(err)
-	}
-	h.spawnReady("w1", "FAKE_LINES=1")
-	if b, err := os.ReadFile(logOf(t, dir, "w1")); err != nil || !strings.HasPrefix(string(b), "line 0 ") {
-		t.Fatalf("log after the directory was removed: %q, %v", b, err)
-	}
+	forTrampolines(t, func(t *testing.T, tm trampolineMode) {
+		exits := make(chan Exit, 1)
+		top := filepath.Join(t.TempDir(), "logs")
+		dir := filepath.Join(top, "hive", "workers")
+		h := newHarness(t, CgroupOff, func(c *Config) { c.LogDir = dir; c.OnExit = func(e Exit) { exits <- e }; tm.edit(c) })
+		check := expectPath(t, h.m, tm)
+		if err := os.RemoveAll(top); err != nil {
+			t.Fatal(err)
+		}
+		s, _, _ := h.spawnReady("w1", "FAKE_LINES=1")
+		check(s.PID)
+		if b, err := os.ReadFile(logOf(t, dir, "w1")); err != nil || !strings.HasPrefix(string(b), "line 0 ") {
+			t.Fatalf("log after the directory was removed: %q, %v", b, err)
+		}
 
-	// Now a regular file where the directory should be: nothing can create it.
-	if err := os.RemoveAll(dir); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(dir, nil, 0o644); err != nil {
-		t.Fatal(err)
-	}
-	h.spawn("w2", "FAKE_EXIT=0")
-	e := <-exits
-	if e.ExitCode != 126 || !strings.Contains(e.LogTail, "cannot give the worker its log file") || !strings.Contains(e.LogTail, dir) {
-		t.Fatalf("Exit = %+v; want 126 with the reason naming the log directory", e)
-	}
-	err := h.m.Logs(t.Context(), "w2", 0, false, func([]byte) error { return nil })
-	wantKind(t, err, KindNotFound, "no log of worker")
+		// Now a regular file where a directory should be: nothing can create it.
+		if err := os.RemoveAll(top); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(top, nil, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		h.spawn("w2", "FAKE_EXIT=0")
+		e := <-exits
+		if e.ExitCode != 126 || !strings.Contains(e.LogTail, "cannot give the worker its log file") || !strings.Contains(e.LogTail, dir) {
+			t.Fatalf("Exit = %+v; want 126 with the reason naming the log directory", e)
+		}
+		err := h.m.Logs(t.Context(), "w2", 0, false, func([]byte) error { return nil })
+		wantKind(t, err, KindNotFound, "no log of worker")
+	})
 }
 
 func TestLogsTail(t *testing.T) {
@@ -818,6 +845,16 @@ func TestInvalidArguments(t *testing.T) {
 		_, err := h.m.Spawn(t.Context(), SpawnSpec{WorkerID: id})
 		wantKind(t, err, KindInvalid, "worker id")
 	}
+	for _, spec := range []SpawnSpec{
+		{WorkerID: "w", Env: []string{"RBEE_WORKER_TOKEN=a\x00b"}},
+		{WorkerID: "w", Model: "m\x00"},
+	} {
+		_, err := h.m.Spawn(t.Context(), spec)
+		wantKind(t, err, KindInvalid, "NUL")
+	}
+	// SPEC: a PID <= 1 is not a worker's process (FAILED_PRECONDITION at the edge), even negative.
+	_, err := h.m.Delete(t.Context(), Target{WorkerID: "w", PID: -5}, 0)
+	wantKind(t, err, KindNotWorker, "pid -5")
 	if _, err := New(Config{PortLow: 10, PortHigh: 5}); KindOf(err) != KindInvalid {
 		t.Fatalf("New with a reversed port range: %v", err)
 	}
@@ -894,6 +931,55 @@ func TestParallelSpawns(t *testing.T) {
 			if out, err := h.m.Delete(t.Context(), Target{WorkerID: "par" + strconv.Itoa(i), PID: s.PID, StartTime: s.StartTime}, time.Second); err != nil || out == AlreadyExited {
 				t.Fatalf("Delete #%d = %v, %v", i, out, err)
 			}
+		}
+	})
+}
+
+// TestDeleteTidiesAfterAnswer: what Delete leaves for after its answer (closing its pidfds, removing
+// the worker's cgroup) is done every time, and Close waits for it.
+func TestDeleteTidiesAfterAnswer(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		fds := func() int {
+			ents, err := os.ReadDir("/proc/self/fd")
+			if err != nil {
+				t.Fatal(err)
+			}
+			return len(ents)
+		}
+		nativeTrampoline() // opened once per process, kept for good
+		before := fds()
+		h := newHarness(t, mode, nil)
+		cycle := func(i int) Spawned {
+			id := "tidy" + strconv.Itoa(i)
+			s, err := h.m.Spawn(t.Context(), SpawnSpec{WorkerID: id, Env: []string{envFake + "=sleeper"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			out, err := h.m.Delete(t.Context(), Target{WorkerID: id, PID: s.PID, StartTime: s.StartTime}, time.Duration(i%2)*time.Second)
+			if err != nil || (out != Exited && out != Killed) {
+				t.Fatalf("Delete #%d = %v, %v", i, out, err)
+			}
+			return s
+		}
+		var cgroups []string
+		for i := range 40 {
+			cgroups = append(cgroups, cycle(i).Cgroup)
+		}
+		h.m.tidying.Wait()
+		for _, cg := range cgroups {
+			if _, err := os.Stat(cg); cg != "" && !os.IsNotExist(err) {
+				t.Fatalf("cgroup %s left behind (%v)", cg, err)
+			}
+		}
+		// Close waits for the clean-up of a Delete that has just answered.
+		s := cycle(40)
+		h.m.Close()
+		if _, err := os.Stat(s.Cgroup); s.Cgroup != "" && !os.IsNotExist(err) {
+			t.Fatalf("cgroup %s still there after Close (%v)", s.Cgroup, err)
+		}
+		h.m.reapers.Wait() // the reapers close the pidfds of Spawn and of the spare trampolines
+		if after := fds(); after != before {
+			t.Fatalf("%d descriptors open after 41 deletes and Close, %d before", after, before)
 		}
 	})
 }

@@ -1,11 +1,13 @@
 package process
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"runtime"
 	"strconv"
 	"strings"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -21,8 +23,9 @@ func init() {
 }
 
 // RunTrampolineIfRequested must be the first thing the hive's main (and any test binary that
-// spawns workers) does. In a normal run it returns at once. In the hidden trampoline mode the hive
-// starts itself in, it sets LISTEN_PID to its own PID and execs the worker binary in place: the
+// spawns workers) does. In a normal run it returns at once. Workers are started through the native
+// trampoline (below) where there is one; elsewhere, in the hidden trampoline mode the hive starts
+// itself in, it sets LISTEN_PID to its own PID and execs the worker binary in place: the
 // worker keeps this PID and start time, which is how systemd socket activation's LISTEN_PID can
 // name a PID that Go's fork+exec does not reveal before the child runs. It also opens the
 // worker's log file as its stdout and stderr, which takes file creation off the Spawn path.
@@ -59,9 +62,73 @@ func RunTrampolineIfRequested() {
 		}
 		env = append(env, kv)
 	}
-	env = append(env, envListenPID+"="+strconv.Itoa(os.Getpid()))
+	if _, handoff := os.LookupEnv(envListenFDs); handoff {
+		env = append(env, envListenPID+"="+strconv.Itoa(os.Getpid()))
+	}
 	err := unix.Exec(bin, os.Args, env)
 	// stderr is the worker's log file: the reason lands where the operator looks.
 	fmt.Fprintf(os.Stderr, "rbee hive trampoline: exec worker %s: %v\n", bin, err)
 	os.Exit(127)
+}
+
+// listenPIDSlot is the environment entry the native trampoline overwrites with its own PID.
+const listenPIDSlot = envListenPID + "=0000000000"
+
+// native is the native trampoline (trampoline/trampoline.c), loaded once per process.
+var native struct {
+	once sync.Once
+	path string // "/proc/self/fd/N" of a sealed memfd holding it; "" when unavailable
+	err  error
+}
+
+// nativeTrampoline returns the path the native trampoline is exec'd from, or an error saying why
+// workers must go through the hive's own binary instead. The executable lives in a sealed memfd,
+// so no file has to be installed, nothing can modify it, and a noexec /tmp does not matter. It is
+// run once with no arguments to prove that this kernel lets it run (vm.memfd_noexec, LSMs).
+func nativeTrampoline() (string, error) {
+	native.once.Do(func() { native.path, native.err = loadNative() })
+	return native.path, native.err
+}
+
+func loadNative() (string, error) {
+	if len(trampolineELF) == 0 {
+		return "", errors.New("no native trampoline for this architecture")
+	}
+	const mfdExec = 0x10 // MFD_EXEC (Linux 6.3): executable even under vm.memfd_noexec=1
+	flags := unix.MFD_CLOEXEC | unix.MFD_ALLOW_SEALING
+	fd, err := unix.MemfdCreate("rbee-trampoline", flags|mfdExec)
+	if err == unix.EINVAL { // before 6.3
+		fd, err = unix.MemfdCreate("rbee-trampoline", flags)
+	}
+	if err != nil {
+		return "", fmt.Errorf("memfd_create: %w", err)
+	}
+	if _, err := unix.Write(fd, trampolineELF); err != nil {
+		unix.Close(fd)
+		return "", fmt.Errorf("write memfd: %w", err)
+	}
+	seals := unix.F_SEAL_SEAL | unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_WRITE
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, seals); err != nil {
+		unix.Close(fd)
+		return "", fmt.Errorf("seal memfd: %w", err)
+	}
+	// Far above the descriptors a child is given (0-3), which its fork would overwrite before the
+	// exec looks the path up.
+	high, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 64)
+	unix.Close(fd)
+	if err != nil {
+		return "", fmt.Errorf("dup memfd: %w", err)
+	}
+	path := "/proc/self/fd/" + strconv.Itoa(high)
+	p, err := os.StartProcess(path, []string{"rbee-trampoline"}, &os.ProcAttr{})
+	if err != nil {
+		unix.Close(high)
+		return "", fmt.Errorf("run it: %w", err)
+	}
+	st, err := p.Wait()
+	if err != nil || !st.Success() {
+		unix.Close(high)
+		return "", fmt.Errorf("probe run: %v %v", st, err)
+	}
+	return path, nil
 }

@@ -143,6 +143,9 @@ func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.Spa
 	} else if err := validate.Address("queen_address", queen); err != nil {
 		return nil, invalid(err)
 	}
+	if err := checkToken("worker_token", req.GetWorkerToken()); err != nil {
+		return nil, invalid(err)
+	}
 	if h.cfg.Devices != nil && !h.cfg.Devices.Has(device) {
 		return nil, status.Errorf(codes.FailedPrecondition, "hive %s has no device %s (it has: %s)",
 			h.cfg.HiveID, device, strings.Join(h.cfg.Devices.Names(), ", "))
@@ -253,6 +256,23 @@ func (h *Hive) Logs(req *rbeev1.LogsRequest, stream rbeev1.HiveService_LogsServe
 			return err // the stream's own error (the caller went away)
 		}
 		return toStatus(err)
+	}
+	return nil
+}
+
+// maxTokenLen bounds worker_token; the queen's tokens are far shorter.
+const maxTokenLen = 1024
+
+// checkToken accepts an empty token or one that can travel where the worker puts it: in its
+// environment (no NUL) and in an HTTP/2 authorization header (visible ASCII only).
+func checkToken(field, tok string) error {
+	if len(tok) > maxTokenLen {
+		return &validate.Error{Field: field, Rule: fmt.Sprintf("%d bytes is over the %d maximum", len(tok), maxTokenLen)}
+	}
+	for i := 0; i < len(tok); i++ {
+		if c := tok[i]; c < 0x21 || c > 0x7e {
+			return &validate.Error{Field: field, Rule: fmt.Sprintf("byte %d is %#02x; want visible ASCII only", i, c)}
+		}
 	}
 	return nil
 }

@@ -117,11 +117,14 @@ func TestSpawnRequests(t *testing.T) {
 		t.Fatalf("spawn spec %+v: want device cpu and the hive's --queen", s)
 	}
 	for name, req := range map[string]*rbeev1.SpawnRequest{
-		"no worker id":  {Model: "m"},
-		"bad worker id": {WorkerId: "W/1", Model: "m"},
-		"no model":      {WorkerId: "w"},
-		"bad device":    {WorkerId: "w", Model: "m", Device: "gpu"},
-		"bad queen":     {WorkerId: "w", Model: "m", QueenAddress: "nowhere"},
+		"no worker id":   {Model: "m"},
+		"bad worker id":  {WorkerId: "W/1", Model: "m"},
+		"no model":       {WorkerId: "w"},
+		"bad device":     {WorkerId: "w", Model: "m", Device: "gpu"},
+		"bad queen":      {WorkerId: "w", Model: "m", QueenAddress: "nowhere"},
+		"NUL in token":   {WorkerId: "w", Model: "m", WorkerToken: "abc\x00def"},
+		"space in token": {WorkerId: "w", Model: "m", WorkerToken: "abc def"},
+		"huge token":     {WorkerId: "w", Model: "m", WorkerToken: strings.Repeat("a", 1025)},
 	} {
 		n := len(f.spawned)
 		if _, err := h.Spawn(t.Context(), req); status.Code(err) != codes.InvalidArgument {

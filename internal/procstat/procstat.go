@@ -18,8 +18,12 @@ type Stat struct {
 	PPID      int
 	PGID      int
 	SID       int
+	Flags     uint64 // field 9: the kernel's PF_* flags (PF_KTHREAD marks a kernel thread)
 	StartTime uint64 // field 22: clock ticks after boot
 }
+
+// PFKThread is the PF_KTHREAD bit of Stat.Flags: the task is a kernel thread, never a worker.
+const PFKThread = 0x00200000
 
 // ErrMalformed is returned for a stat line that does not have the expected shape.
 var ErrMalformed = errors.New("malformed /proc stat line")
@@ -52,6 +56,10 @@ func Parse(line []byte) (Stat, error) {
 			return Stat{}, fmt.Errorf("%w: field %d: %v", ErrMalformed, 4+i, err)
 		}
 		*p = v
+	}
+	st.Flags, err = strconv.ParseUint(string(rest[9-3]), 10, 64)
+	if err != nil {
+		return Stat{}, fmt.Errorf("%w: field 9: %v", ErrMalformed, err)
 	}
 	st.StartTime, err = strconv.ParseUint(string(rest[22-3]), 10, 64)
 	if err != nil {

@@ -14,9 +14,9 @@ func TestParse(t *testing.T) {
 		line string
 		want Stat
 	}{
-		{"plain", "42 (worker-stub) S" + tail, Stat{PID: 42, Comm: "worker-stub", State: 'S', PPID: 1, PGID: 100, SID: 100, StartTime: 987654}},
-		{"spaces and parens", "7 (a) b (c)) R" + tail, Stat{PID: 7, Comm: "a) b (c)", State: 'R', PPID: 1, PGID: 100, SID: 100, StartTime: 987654}},
-		{"empty comm", "9 () Z" + tail, Stat{PID: 9, Comm: "", State: 'Z', PPID: 1, PGID: 100, SID: 100, StartTime: 987654}},
+		{"plain", "42 (worker-stub) S" + tail, Stat{PID: 42, Comm: "worker-stub", State: 'S', PPID: 1, PGID: 100, SID: 100, Flags: 4194304, StartTime: 987654}},
+		{"spaces and parens", "7 (a) b (c)) R" + tail, Stat{PID: 7, Comm: "a) b (c)", State: 'R', PPID: 1, PGID: 100, SID: 100, Flags: 4194304, StartTime: 987654}},
+		{"empty comm", "9 () Z" + tail, Stat{PID: 9, Comm: "", State: 'Z', PPID: 1, PGID: 100, SID: 100, Flags: 4194304, StartTime: 987654}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -50,6 +50,14 @@ func TestReadSelf(t *testing.T) {
 	}
 	if st.PID != os.Getpid() || st.PPID != os.Getppid() || st.StartTime == 0 {
 		t.Fatalf("Read(self) = %+v", st)
+	}
+	if st.Flags&PFKThread != 0 {
+		t.Fatalf("Read(self) says a kernel thread: flags %#x", st.Flags)
+	}
+	// kthreadd, the parent of every kernel thread, is PID 2 wherever the kernel owns PID 1's
+	// namespace; in a container's PID namespace PID 2 is an ordinary process, if any.
+	if k, err := Read(2); err == nil && k.Comm == "kthreadd" && k.Flags&PFKThread == 0 {
+		t.Fatalf("Read(2) = %+v: kthreadd without PF_KTHREAD", k)
 	}
 	if _, err := Read(1 << 30); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Read(no such pid) err = %v, want ErrNotExist", err)

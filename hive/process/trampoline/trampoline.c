@@ -1,0 +1,227 @@
+// The hive's worker trampoline: a few hundred bytes of x86-64 code, no libc, single-threaded.
+// The hive starts it in the worker's cgroup and session; it makes the worker's log file its
+// stdout and stderr, writes its own PID into the LISTEN_PID slot of its environment and execs the
+// worker in place, so the worker keeps this PID and start time and LISTEN_PID names it.
+//
+//   argv[0] any name, argv[1] log file ("" for none), argv[2] worker binary, argv[3..] worker argv
+//   envp    the worker's environment; an entry "LISTEN_PID=" followed by at least 10 bytes is
+//           rewritten to "LISTEN_PID=<pid>"
+//
+// As a spare (argv[1] "-spare"), started before any Spawn asks for it, it waits on the socket
+// that is its fd 3 for one SOCK_SEQPACKET message holding the same, so that a Spawn need not wait
+// for a fork to be scheduled: u32 argc, u32 envc, then NUL-terminated strings: log file, worker
+// binary, argc arguments, envc environment entries; with SCM_RIGHTS, the pipe that is its stderr
+// until it has the log, then the socket the worker gets as fd 3, if any. End of file (the hive closed its end or died) ends the spare with exit code 0.
+//
+// Exit codes (the hive reports them through OnExit, with the log's last lines):
+//   0 when started with no arguments (the hive's start-up probe), 2 for a malformed call,
+//   126 when the log file cannot be opened or locked (the reason goes to stderr, a pipe the hive
+//   reads), 127 when the exec fails (the reason is in the log).
+//
+// Rebuild with `make trampoline` (needs gcc for x86-64); the bytes are committed in
+// ../trampoline_linux_amd64.go so that building rbee needs only Go.
+
+typedef unsigned long u64;
+
+#define SYS_write 1
+#define SYS_open 2
+#define SYS_close 3
+#define SYS_getpid 39
+#define SYS_execve 59
+#define SYS_exit 60
+#define SYS_dup3 292
+#define SYS_flock 73
+#define SYS_mkdir 83
+#define SYS_recvmsg 47
+#define SYS_fcntl 72
+#define F_DUPFD_CLOEXEC 1030
+#define MSG_TRUNC 0x20
+#define MSG_CTRUNC 0x08
+#define SOL_SOCKET 1
+#define SCM_RIGHTS 1
+
+struct iovec {
+	void *base;
+	u64 len;
+};
+struct msghdr {
+	void *name;
+	unsigned int namelen;
+	struct iovec *iov;
+	u64 iovlen;
+	void *control;
+	u64 controllen;
+	int flags;
+};
+struct cmsghdr {
+	u64 len;
+	int level;
+	int type;
+	int fd[2]; // SCM_RIGHTS: the worker's stderr until it has its log, then its socket, if any
+};
+
+// A spare's instructions: no allocator here, so fixed room (the hive sends larger ones through
+// the fork path instead).
+static char msg[1 << 17];
+static char *vec[4096];
+
+static inline long sys3(long n, long a, long b, long c) {
+	long r;
+	__asm__ volatile("syscall" : "=a"(r) : "a"(n), "D"(a), "S"(b), "d"(c) : "rcx", "r11", "memory");
+	return r;
+}
+
+static __attribute__((noreturn)) void quit(int code) {
+	for (;;) sys3(SYS_exit, code, 0, 0);
+}
+
+static u64 len(const char *s) {
+	u64 n = 0;
+	while (s[n]) n++;
+	return n;
+}
+
+static void put(const char *s) { sys3(SYS_write, 2, (long)s, (long)len(s)); }
+
+// The messages of Go's syscall.Errno for the errors execve can return, so that the log reads as it
+// did with the hive's former Go trampoline.
+static const char *errname(long e) {
+	switch (e) {
+	case 1: return "operation not permitted";
+	case 2: return "no such file or directory";
+	case 7: return "argument list too long";
+	case 8: return "exec format error";
+	case 12: return "cannot allocate memory";
+	case 13: return "permission denied";
+	case 14: return "bad address";
+	case 20: return "not a directory";
+	case 21: return "is a directory";
+	case 22: return "invalid argument";
+	case 17: return "file exists";
+	case 24: return "too many open files";
+	case 28: return "no space left on device";
+	case 30: return "read-only file system";
+	case 26: return "text file busy";
+	case 36: return "file name too long";
+	case 40: return "too many levels of symbolic links";
+	case 122: return "disk quota exceeded";
+	}
+	return "unknown error";
+}
+
+static int listenpid(const char *e) {
+	const char *p = "LISTEN_PID=";
+	for (; *p; p++, e++)
+		if (*e != *p) return 0;
+	return 1;
+}
+
+static unsigned int u32at(const char *p) {
+	const unsigned char *u = (const unsigned char *)p;
+	return u[0] | u[1] << 8 | u[2] << 16 | (unsigned int)u[3] << 24;
+}
+
+// spare waits for its instructions and lays them out as argv (log, binary, arguments) and envp.
+static void spare(char ***argvp, char ***envpp) {
+	long ctrl = sys3(SYS_fcntl, 3, F_DUPFD_CLOEXEC, 100); // fd 3 is the worker's socket's place
+	if (ctrl < 0) quit(2);
+	sys3(SYS_close, 3, 0, 0);
+	struct iovec iov = {msg, sizeof msg};
+	struct cmsghdr cm = {0, 0, 0, {-1, -1}};
+	struct msghdr mh = {0, 0, &iov, 1, &cm, sizeof cm, 0};
+	long n = sys3(SYS_recvmsg, ctrl, (long)&mh, 0);
+	if (n == 0) quit(0);
+	if (n < 8 || (mh.flags & (MSG_TRUNC | MSG_CTRUNC))) quit(2);
+	sys3(SYS_close, ctrl, 0, 0);
+	// The descriptors arrive as the lowest free ones (3, 4) without close-on-exec: the pipe to
+	// the hive becomes stderr, the socket fd 3.
+	if (mh.controllen < 16 + 4 || cm.level != SOL_SOCKET || cm.type != SCM_RIGHTS) quit(2);
+	long e = cm.fd[0], s = cm.len >= 16 + 8 ? cm.fd[1] : -1;
+	if (sys3(SYS_dup3, e, 2, 0) < 0) quit(2);
+	if (s >= 0 && s != 3) {
+		if (sys3(SYS_dup3, s, 3, 0) < 0) quit(2);
+		sys3(SYS_close, s, 0, 0);
+	}
+	if (e != 3 || s < 0) sys3(SYS_close, e, 0, 0);
+	u64 argc = u32at(msg), envc = u32at(msg + 4);
+	if (argc + envc + 4 > sizeof vec / sizeof vec[0]) quit(2);
+	char *p = msg + 8, *end = msg + n;
+	u64 k = 0;
+	vec[k++] = "rbee-trampoline";
+	for (u64 i = 0; i < 2 + argc + envc; i++) {
+		if (p >= end) quit(2);
+		vec[k++] = p;
+		while (p < end && *p) p++;
+		if (p == end) quit(2);
+		p++;
+		if (i == 1 + argc) vec[k++] = 0; // after the last argument
+	}
+	vec[k] = 0;
+	*argvp = vec;
+	*envpp = vec + 3 + argc + 1;
+}
+
+__attribute__((used)) static void tmain(long *sp) {
+	long argc = sp[0];
+	char **argv = (char **)(sp + 1);
+	char **envp = argv + argc + 1;
+	if (argc == 1) quit(0);
+	if (argc == 2 && argv[1][0] == '-' && argv[1][1] == 's') spare(&argv, &envp);
+	else if (argc < 4) quit(2);
+	if (argv[1][0]) {
+		// As the hive's openWorkerLog: O_WRONLY|O_CREAT|O_APPEND|O_CLOEXEC|O_NOFOLLOW, the log
+		// directory made again if it was removed, and a shared lock that tells the hive's sweep
+		// the log is in use. Until the dup3s, stderr is a pipe the hive reads: a failure here
+		// reaches the queen as the worker's exit reason.
+		const long flags = 01 | 0100 | 02000 | 02000000 | 0400000;
+		long fd = sys3(SYS_open, (long)argv[1], flags, 0644);
+		if (fd == -2) { // ENOENT: make every missing directory above it, as os.MkdirAll
+			char *slash = 0;
+			for (char *p = argv[1]; *p; p++)
+				if (*p == '/') slash = p;
+			for (char *p = argv[1] + 1; slash && p <= slash; p++) {
+				if (*p != '/') continue;
+				*p = 0;
+				sys3(SYS_mkdir, (long)argv[1], 0755, 0); // EEXIST and the rest: the open says
+				*p = '/';
+			}
+			if (slash) fd = sys3(SYS_open, (long)argv[1], flags, 0644);
+		}
+		const char *op = "open ";
+		long e = fd;
+		if (fd >= 0 && (e = sys3(SYS_flock, fd, 1, 0)) < 0) op = "lock "; // LOCK_SH
+		if (e < 0) {
+			put("rbee hive: cannot give the worker its log file: ");
+			put(op);
+			put(argv[1]);
+			put(": ");
+			put(errname(-e));
+			put("\n");
+			quit(126);
+		}
+		// dup3 clears close-on-exec on the copies, so the worker inherits them as 1 and 2; the
+		// second closes the pipe to the hive.
+		if (sys3(SYS_dup3, fd, 1, 0) < 0 || sys3(SYS_dup3, fd, 2, 0) < 0) quit(126);
+		sys3(SYS_close, fd, 0, 0);
+	}
+	for (char **e = envp; *e; e++) {
+		if (!listenpid(*e)) continue;
+		char *d = *e + 11;
+		if (len(d) < 10) quit(2);
+		char buf[20];
+		int n = 0;
+		for (u64 pid = sys3(SYS_getpid, 0, 0, 0); n == 0 || pid; pid /= 10) buf[n++] = '0' + pid % 10;
+		while (n) *d++ = buf[--n];
+		*d = 0;
+	}
+	long err = -sys3(SYS_execve, (long)argv[2], (long)(argv + 3), (long)envp);
+	// stderr is the worker's log file: the reason lands where the operator looks.
+	put("rbee hive trampoline: exec worker ");
+	put(argv[2]);
+	put(": ");
+	put(errname(err));
+	put("\n");
+	quit(127);
+}
+
+__asm__(".text\n.globl _start\n_start:\n\txor %ebp,%ebp\n\tmov %rsp,%rdi\n\tand $-16,%rsp\n\tcall tmain\n\thlt\n");
