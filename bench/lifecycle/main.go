@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -31,6 +32,7 @@ func main() {
 	bin := flag.String("bin", "bin", "directory with the queen, hive and worker-stub binaries")
 	n := flag.Int("n", 200, "cycles per measurement (at most 5000)")
 	queenN := flag.Int("queen-n", 20, "cycles of SpawnWorker(wait_ready)+DeleteWorker through the queen (at most 1000)")
+	supervisor := flag.Bool("supervisord", true, "also measure supervisord starting and stopping the same program, when supervisord is on PATH (bench/install-supervisor.sh)")
 	flag.StringVar(&hiveWorker, "hive-worker", "sleep", "worker for the hive figures: sleep (a process that exits at once on SIGTERM, as the targets assume) or stub (worker-stub, which shuts down gracefully)")
 	flag.Parse()
 	if hiveWorker != "sleep" && hiveWorker != "stub" {
@@ -41,7 +43,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "lifecycle: -n must be 1..5000 and -queen-n 0..1000")
 		os.Exit(2)
 	}
-	if err := run(*bin, *n, *queenN); err != nil {
+	if err := run(*bin, *n, *queenN, *supervisor); err != nil {
 		fmt.Fprintln(os.Stderr, "lifecycle:", err)
 		os.Exit(1)
 	}
@@ -49,7 +51,7 @@ func main() {
 
 var hiveWorker string
 
-func run(bin string, n, queenN int) error {
+func run(bin string, n, queenN int, supervisor bool) error {
 	dir, err := os.MkdirTemp("", "rbee-bench-")
 	if err != nil {
 		return err
@@ -119,6 +121,11 @@ func run(bin string, n, queenN int) error {
 	report("Spawn (RPC in, PID out)", spawn)
 	report("Delete graceful (exits at once on SIGTERM)", graceful)
 	report("Delete grace 0 (SIGKILL)", force)
+	if _, err := exec.LookPath("supervisord"); supervisor && err == nil {
+		if err := benchSupervisord(dir, quiet, n); err != nil {
+			return fmt.Errorf("supervisord: %w", err)
+		}
+	}
 	if queenN == 0 {
 		return nil
 	}
