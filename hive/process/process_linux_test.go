@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -980,6 +981,71 @@ func TestDeleteTidiesAfterAnswer(t *testing.T) {
 		h.m.reapers.Wait() // the reapers close the pidfds of Spawn and of the spare trampolines
 		if after := fds(); after != before {
 			t.Fatalf("%d descriptors open after 41 deletes and Close, %d before", after, before)
+		}
+	})
+}
+
+// TestDeleteGoneWorkerKillsItsLeftovers: a Delete of a worker that is gone, and not this hive's
+// child, kills what it left in a cgroup of its id (here a process of the worker's id with no
+// worker mark, as a server's child is once the worker died with no hive to kill its cgroup), and
+// leaves alone the cgroup of a live worker re-spawned under the same id, one that binds its port
+// itself and so carries no LISTEN_PID (worker-shim).
+func TestDeleteGoneWorkerKillsItsLeftovers(t *testing.T) {
+	if _, ok := findCgroup2(); !ok {
+		t.Skip("no writable cgroup v2 hierarchy")
+	}
+	forTrampolines(t, func(t *testing.T, tm trampolineMode) {
+		h := newHarness(t, CgroupAuto, func(c *Config) { c.NoHandoff = true; tm.edit(c) })
+		const id = "og"
+		live, r, _ := h.spawnReady(id)
+		if r.ListenPID != "" {
+			t.Fatalf("a worker binding its own port saw LISTEN_PID=%s", r.ListenPID)
+		}
+		liveFD := watch(t, live.PID)
+
+		dir, cgfd, err := h.m.cg.create(h.cfg.HiveID, id, "left")
+		if err != nil {
+			t.Fatal(err)
+		}
+		left := exec.Command("/proc/self/exe")
+		left.Env = append(os.Environ(), envFake+"=sleeper", envWorkerID+"="+id, envHiveID+"="+h.cfg.HiveID)
+		left.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cgfd}
+		err = left.Start()
+		unix.Close(cgfd)
+		if err != nil {
+			os.Remove(dir)
+			t.Fatal(err)
+		}
+		watch(t, left.Process.Pid)
+		waited := make(chan error, 1)
+		go func() { waited <- left.Wait() }()
+		t.Cleanup(func() { os.Remove(dir) })
+
+		// The gone worker: a process of this id that has exited and been reaped.
+		dead := exec.Command("/bin/true")
+		if err := dead.Run(); err != nil {
+			t.Fatal(err)
+		}
+		out, err := h.m.Delete(t.Context(), Target{WorkerID: id, PID: dead.Process.Pid}, 0)
+		if err != nil || out != AlreadyExited {
+			t.Fatalf("Delete of the gone worker = %v, %v; want AlreadyExited", out, err)
+		}
+		select {
+		case <-waited:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the process left in the gone worker's cgroup is still alive 10s after the Delete")
+		}
+		if _, err := os.Stat(dir); !os.IsNotExist(err) {
+			t.Errorf("the gone worker's cgroup %s is still there (%v)", dir, err)
+		}
+		if !alive(liveFD) {
+			t.Fatal("the live worker of the same id was killed")
+		}
+		if p, err := cgroupPopulated(live.Cgroup); err != nil || !p {
+			t.Fatalf("the live worker's cgroup: populated %v, %v", p, err)
+		}
+		if out, err := h.m.Delete(t.Context(), Target{WorkerID: id, PID: live.PID, StartTime: live.StartTime}, 0); err != nil || out != Killed {
+			t.Fatalf("Delete of the live worker = %v, %v", out, err)
 		}
 	})
 }
