@@ -250,46 +250,27 @@ func (r cgroupRoot) liveCgroups(hiveID string) int {
 
 // orphaned returns worker id's cgroups of hive hiveID that still hold processes although the
 // worker's own process is gone: what its server forked, left behind when the worker was killed
-// with no hive alive to reap it and kill its cgroup. A cgroup holding a process with the hive's
-// worker mark is a live worker of that id and never returned. The mark is being its session's
-// leader (every worker is, from Spawn's setsid, through the trampoline, a spare's wait and every
-// exec), or in its environment LISTEN_PID naming itself or a trampoline's variable. A process
-// whose stat or environment cannot be read counts as marked (ESRCH included: a live process
-// exec'ing from a thread other than its leader answers so), so a doubt never kills.
+// with no hive alive to reap it and kill its cgroup. A cgroup holding a process with the worker
+// mark (workerMarked) is a live worker of that id and never returned; a process whose environment
+// cannot be read counts as marked (ESRCH included: a live process exec'ing from a thread other
+// than its leader answers so), so a doubt never kills. Session leadership is no mark: a server's
+// helper that daemonised itself leads its own session too.
 func (r cgroupRoot) orphaned(hiveID, workerID string) []string {
 	dirs, _ := filepath.Glob(filepath.Join(r.mount, r.own, hiveCgroupPrefix+hiveID, workerCgroupName(workerID)+"*"))
 	var out []string
-	buf := make([]byte, 1024)
 	for _, d := range dirs {
 		b, err := os.ReadFile(filepath.Join(d, "cgroup.procs"))
 		if err != nil || len(bytes.TrimSpace(b)) == 0 {
 			continue
 		}
 		live := false
-		for _, f := range strings.Fields(string(b)) {
-			pid, err := strconv.Atoi(f)
-			if err != nil {
-				live = true
-				break
-			}
-			st, err := readStat(pid, buf)
-			if errors.Is(err, os.ErrNotExist) {
-				continue // exited meanwhile: no mark
-			}
-			if err != nil || st.SID == pid {
-				live = true
-				break
-			}
-			env, err := readWhole("/proc/" + f + "/environ")
+		for _, pid := range strings.Fields(string(b)) {
+			env, err := readWhole("/proc/" + pid + "/environ")
 			switch {
 			case errors.Is(err, os.ErrNotExist):
 				// exited meanwhile: no mark
-			case err != nil || len(env) == 0 || hasEnv(env, envListenPID+"="+f) ||
-				hasEnvKey(env, envTrampoline) || hasEnvKey(env, envSpare):
+			case err != nil || len(env) == 0 || workerMarked(env, pid):
 				live = true
-			}
-			if live {
-				break
 			}
 		}
 		if !live {
@@ -297,6 +278,15 @@ func (r cgroupRoot) orphaned(hiveID, workerID string) []string {
 		}
 	}
 	return out
+}
+
+// workerMarked says whether the environment env of process pid marks it as a worker itself rather
+// than something it forked: LISTEN_PID naming itself (both trampolines set it, with or without a
+// socket to hand over), the native trampoline's LISTEN_PID slot before it writes its PID there,
+// the Go trampoline's variable, or a spare's.
+func workerMarked(env []byte, pid string) bool {
+	return hasEnv(env, envListenPID+"="+pid) || hasEnv(env, listenPIDSlot) ||
+		hasEnvKey(env, envTrampoline) || hasEnvKey(env, envSpare)
 }
 
 func ceilMillis(d time.Duration) int {

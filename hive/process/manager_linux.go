@@ -357,21 +357,15 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		// The native trampoline: opens the log, writes its PID into the LISTEN_PID slot, execs.
 		cmd.Path = m.native
 		cmd.Args = append([]string{"rbee-trampoline", logPath, binary}, args...)
-		cmd.Env = env
-		if !noHandoff {
-			cmd.Env = append(env, listenPIDSlot)
-		}
+		// The slot is there without a socket too: LISTEN_PID naming itself is the worker mark.
+		cmd.Env = append(env, listenPIDSlot)
 	default:
 		// The hive's own binary in trampoline mode, which does the same.
 		cmd.Path, cmd.Args = m.self, args
 		cmd.Env = append(env, envTrampoline+"="+binary, envTrampolineLog+"="+logPath)
 	}
 	if sp := m.takeSpare(); sp != nil && errW != nil {
-		senv := env
-		if !noHandoff {
-			senv = append(env, listenPIDSlot)
-		}
-		if msg, fits := spareMsg(logPath, binary, args, senv); fits &&
+		if msg, fits := spareMsg(logPath, binary, args, append(env, listenPIDSlot)); fits &&
 			m.useSpare(sp, msg, errR, errW, firstOrNil(inherit), cgDir, child{workerID: s.WorkerID, logPath: logPath, cgroup: cgDir}) {
 			narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", s.WorkerID, sp.pid, port),
 				zap.String("worker_id", s.WorkerID), zap.Int("pid", sp.pid), zap.Int("port", port),
@@ -728,6 +722,9 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 // cgroupRoot.orphaned): a Delete of a gone worker then still leaves nothing behind.
 func (m *Manager) killOrphaned(ctx context.Context, workerID string) {
 	for _, dir := range m.cg.orphaned(cmp.Or(m.cfg.HiveID, "hive"), workerID) {
+		if m.ownsCgroup(dir) {
+			continue // a worker this hive spawned and has not reaped, its reaper's to clean
+		}
 		narrate.Warn(ctx, "hive", "worker_delete_orphans", "the worker is gone but left processes in its cgroup; killing them",
 			zap.String("worker_id", workerID), zap.String("cgroup", dir))
 		if err := cgroupKill(dir); err != nil {
@@ -771,6 +768,19 @@ func (m *Manager) claimChild(pid int, startTime uint64) *child {
 	}
 	c.deleting = true
 	return c
+}
+
+// ownsCgroup says whether dir is the cgroup of one of this Manager's children not yet reaped: its
+// reaper kills and removes it once the child has exited.
+func (m *Manager) ownsCgroup(dir string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, c := range m.children {
+		if c.cgroup == dir {
+			return true
+		}
+	}
+	return false
 }
 
 // isChild says whether pid is this Manager's child, not yet reaped, with that start time (0: any).
@@ -946,6 +956,9 @@ func markedWorkers(hiveID string) []int {
 		}
 		if st, err := readStat(pid, buf); err != nil || st.SID != pid {
 			continue
+		}
+		if !workerMarked(env, name) {
+			continue // a helper of a worker that started a session of its own
 		}
 		pids = append(pids, pid)
 	}

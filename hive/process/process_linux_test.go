@@ -986,10 +986,10 @@ func TestDeleteTidiesAfterAnswer(t *testing.T) {
 }
 
 // TestDeleteGoneWorkerKillsItsLeftovers: a Delete of a worker that is gone, and not this hive's
-// child, kills what it left in a cgroup of its id (here a process of the worker's id with no
-// worker mark, as a server's child is once the worker died with no hive to kill its cgroup), and
-// leaves alone the cgroup of a live worker re-spawned under the same id, one that binds its port
-// itself and so carries no LISTEN_PID (worker-shim).
+// child, kills what it left in a cgroup of its id (here a process with the worker's environment
+// that daemonised itself, as a server's helper may, left when the worker died with no hive to
+// kill its cgroup), and leaves alone the cgroup of a live worker re-spawned under the same id, one
+// that binds its port itself (worker-shim) and is marked by LISTEN_PID all the same.
 func TestDeleteGoneWorkerKillsItsLeftovers(t *testing.T) {
 	if _, ok := findCgroup2(); !ok {
 		t.Skip("no writable cgroup v2 hierarchy")
@@ -998,8 +998,8 @@ func TestDeleteGoneWorkerKillsItsLeftovers(t *testing.T) {
 		h := newHarness(t, CgroupAuto, func(c *Config) { c.NoHandoff = true; tm.edit(c) })
 		const id = "og"
 		live, r, _ := h.spawnReady(id)
-		if r.ListenPID != "" {
-			t.Fatalf("a worker binding its own port saw LISTEN_PID=%s", r.ListenPID)
+		if r.ListenPID != strconv.Itoa(live.PID) {
+			t.Fatalf("a worker binding its own port saw LISTEN_PID=%q; want its own PID %d", r.ListenPID, live.PID)
 		}
 		liveFD := watch(t, live.PID)
 
@@ -1008,8 +1008,9 @@ func TestDeleteGoneWorkerKillsItsLeftovers(t *testing.T) {
 			t.Fatal(err)
 		}
 		left := exec.Command("/proc/self/exe")
-		left.Env = append(os.Environ(), envFake+"=sleeper", envWorkerID+"="+id, envHiveID+"="+h.cfg.HiveID)
-		left.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cgfd}
+		left.Env = append(os.Environ(), envFake+"=sleeper", envWorkerID+"="+id, envHiveID+"="+h.cfg.HiveID,
+			envListenPID+"="+strconv.Itoa(live.PID)) // its parent's, as a worker's child inherits it
+		left.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: cgfd, Setsid: true}
 		err = left.Start()
 		unix.Close(cgfd)
 		if err != nil {

@@ -62,9 +62,9 @@ func RunTrampolineIfRequested() {
 		}
 		env = append(env, kv)
 	}
-	if _, handoff := os.LookupEnv(envListenFDs); handoff {
-		env = append(env, envListenPID+"="+strconv.Itoa(os.Getpid()))
-	}
+	// Also without a socket: LISTEN_PID naming itself is the worker mark that tells the worker from
+	// what it forked (cgroupRoot.orphaned, markedWorkers); without LISTEN_FDS it hands over nothing.
+	env = append(env, envListenPID+"="+strconv.Itoa(os.Getpid()))
 	err := unix.Exec(bin, os.Args, env)
 	// stderr is the worker's log file: the reason lands where the operator looks.
 	fmt.Fprintf(os.Stderr, "rbee hive trampoline: exec worker %s: %v\n", bin, err)

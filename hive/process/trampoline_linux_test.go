@@ -74,8 +74,9 @@ func TestTrampolineHandsOver(t *testing.T) {
 			s, r, _ := h.spawnReady(id, "FAKE_LINES=3")
 			check(s.PID)
 			if noHandoff {
-				if r.ListenPID != "" || r.ListenFDs != "" || r.FD3Listening {
-					t.Fatalf("no-handoff worker saw %+v; want no LISTEN_* and no fd 3", r)
+				// LISTEN_PID still names the worker: the mark that tells it from what it forks.
+				if r.ListenPID != strconv.Itoa(s.PID) || r.ListenFDs != "" || r.FD3Listening {
+					t.Fatalf("no-handoff worker saw %+v; want LISTEN_PID=%d, no LISTEN_FDS and no fd 3", r, s.PID)
 				}
 			} else if r.ListenPID != strconv.Itoa(s.PID) || r.ListenFDs != "1" || r.FD3Port != s.Port || !r.FD3Listening {
 				t.Fatalf("worker saw %+v; want LISTEN_PID=%d LISTEN_FDS=1 and fd 3 listening on %d", r, s.PID, s.Port)
