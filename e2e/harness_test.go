@@ -188,6 +188,9 @@ func startHive(t *testing.T, queen, id string, args ...string) (*proc, string) {
 	t.Helper()
 	h := start(t, "hive", append([]string{"--listen", "127.0.0.1:0", "--hive-id", id, "--queen", queen,
 		"--log-dir", t.TempDir(), "--grace", "2s"}, args...)...)
+	// Workers outlive their hive by design: whatever a test leaves of this hive's is killed by PID
+	// when it ends (a worker-shim's server dies with it), so make test leaves no process behind.
+	cleanupWorkers(t, id)
 	line := h.awaitAction("hive_start")
 	h.awaitAction("hive_registered")
 	return h, line["listen"].(string)

@@ -94,4 +94,23 @@ func TestOnDemandBurstIdleStopAndFailedLoad(t *testing.T) {
 	if resp.StatusCode != 503 || !strings.Contains(b, "CUDA out of memory") || !strings.Contains(b, "worker_start_failed") {
 		t.Fatalf("a model that fails to load: %d %s, want 503 worker_start_failed with the server's words", resp.StatusCode, b)
 	}
+
+	// The worker started after the idle stop outlives this queen by design: delete it, and check
+	// that nothing of any worker is left.
+	ws, err = c.ListWorkers(ctxT(t, 5*time.Second), &rbeev1.ListWorkersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range ws.GetWorkers() {
+		if _, err := c.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: w.GetWorkerId()}); err != nil {
+			t.Fatalf("deleting %s: %v", w.GetWorkerId(), err)
+		}
+		for _, pid := range markedProcs(w.GetWorkerId()) {
+			awaitExit(t, pid, 10*time.Second)
+		}
+		nothingLeft(t, w.GetWorkerId())
+	}
+	if left := workersOf(hid); len(left) > 0 {
+		t.Errorf("worker processes of hive %s left: %v", hid, left)
+	}
 }
