@@ -273,7 +273,7 @@ func (h *harness) spawn(id string, env ...string) Spawned {
 	if err != nil {
 		h.t.Fatalf("Spawn(%s): %v", id, err)
 	}
-	watch(h.t, s.PID) // the last resort if the Delete below were refused
+	watchUnlessGone(h.t, s.PID) // the last resort if the Delete below were refused
 	h.t.Cleanup(func() {
 		// Idempotent: already deleted workers come back AlreadyExited.
 		if _, err := h.m.Delete(context.Background(), Target{WorkerID: id, PID: s.PID, StartTime: s.StartTime}, 0); err != nil && KindOf(err) != KindNotWorker {
@@ -302,6 +302,12 @@ func watch(t *testing.T, pid int) int {
 	if err != nil {
 		t.Fatalf("pidfd_open %d: %v", pid, err)
 	}
+	killAtCleanup(t, fd)
+	return fd
+}
+
+// killAtCleanup kills the process of pidfd fd, if it still runs, when the test ends.
+func killAtCleanup(t *testing.T, fd int) {
 	t.Cleanup(func() {
 		if !exited(fd) {
 			unix.PidfdSendSignal(fd, unix.SIGKILL, nil, 0)
@@ -309,7 +315,20 @@ func watch(t *testing.T, pid int) int {
 		}
 		unix.Close(fd)
 	})
-	return fd
+}
+
+// watchUnlessGone is watch for a process that may already have exited and been reaped (a worker
+// failing at once, e.g. before exec, can be gone before Spawn's caller looks).
+func watchUnlessGone(t *testing.T, pid int) {
+	t.Helper()
+	fd, err := unix.PidfdOpen(pid, 0)
+	if errors.Is(err, unix.ESRCH) {
+		return
+	}
+	if err != nil {
+		t.Fatalf("pidfd_open %d: %v", pid, err)
+	}
+	killAtCleanup(t, fd)
 }
 
 func alive(fd int) bool { return !exited(fd) }
