@@ -394,7 +394,7 @@ func (m *Manager) Logs(ctx context.Context, workerID string, tailLines int, foll
 	if err := r.startAtTail(tailLines); err != nil {
 		return err
 	}
-	if err := r.drain(false); err != nil || !follow {
+	if err := r.drain(!follow); err != nil || !follow {
 		return err
 	}
 	return r.follow(ctx, path)
@@ -499,9 +499,14 @@ func (r *logReader) drain(final bool) error {
 			return nil
 		}
 		chunk := r.buf[:n]
-		if n == len(r.buf) && !final {
+		if !final {
+			// Whole lines only while the worker may still write: a line sent in two pieces could
+			// be joined to the wrong text if a cap cuts the file between them. A line longer than
+			// the buffer goes as it is.
 			if i := bytes.LastIndexByte(chunk, '\n'); i >= 0 {
 				chunk = chunk[:i+1]
+			} else if n < len(r.buf) {
+				return nil // the rest of the line comes with the next write, or the final drain
 			}
 		}
 		if err := r.send(slices.Clone(chunk)); err != nil {
