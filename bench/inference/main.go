@@ -72,6 +72,8 @@ type config struct {
 	workerTPS                float64
 	compare                  bool
 	watchPID                 int
+	baseline                 string
+	baselinePID              int
 }
 
 func main() {
@@ -95,6 +97,8 @@ func main() {
 	flag.StringVar(&c.queen, "queen", "", "queen gRPC address: load straight the READY workers of -model it lists (token from $RBEE_TOKEN)")
 	flag.BoolVar(&c.compare, "compare", false, "measure straight to the workers, then through -url, and print the difference")
 	flag.IntVar(&c.watchPID, "watch-pid", 0, "a local process (the queen) whose CPU and peak RSS to report per phase")
+	flag.StringVar(&c.baseline, "baseline", "", "with -compare: base URL of another hop to the same workers (a generic reverse proxy), measured between straight and -url")
+	flag.IntVar(&c.baselinePID, "baseline-pid", 0, "the -baseline process, whose CPU and peak RSS to report in its phase")
 	flag.Parse()
 	if c.apiKey == "" {
 		c.apiKey = os.Getenv("RBEE_API_KEY")
@@ -149,8 +153,10 @@ func (c *config) check() error {
 		return fmt.Errorf("-url and workers to load straight: give -compare to measure both")
 	case c.url == "" && directs == 0:
 		return fmt.Errorf("give -url, or workers to load straight (-workers, -direct or -queen)")
+	case c.baseline != "" && !c.compare:
+		return fmt.Errorf("-baseline needs -compare")
 	}
-	for _, u := range append(splitList(c.direct), c.url) {
+	for _, u := range append(splitList(c.direct), c.url, c.baseline) {
 		if u == "" {
 			continue
 		}
@@ -176,6 +182,7 @@ type phase struct {
 	name    string
 	targets []string
 	pids    []int // local server processes behind the targets, for their CPU
+	watch   int   // a local process to watch during the phase (the hop's), 0: none
 
 	lat, ttfb measure.Histogram
 	ok        atomic.Int64
@@ -378,7 +385,7 @@ func (l *loader) measured(ctx context.Context, p *phase) {
 		l.load(ctx, warm, 0, l.c.warmup)
 	}
 	cpu0 := cpuOf(p.pids)
-	p.watched = startWatch(l.c.watchPID)
+	p.watched = startWatch(p.watch)
 	l.load(ctx, p, l.c.n, l.c.duration)
 	p.watched.stop()
 	if len(p.pids) > 0 && p.elapsed > 0 {
@@ -542,8 +549,15 @@ func run(ctx context.Context, c config, out io.Writer) ([]*phase, error) {
 	if direct != nil && (c.compare || c.url == "") {
 		phases = append(phases, direct)
 	}
+	if c.baseline != "" {
+		phases = append(phases, &phase{name: "through the baseline " + c.baseline, targets: []string{strings.TrimSuffix(c.baseline, "/")},
+			watch: c.baselinePID})
+	}
 	if c.url != "" {
-		phases = append(phases, &phase{name: "through " + c.url, targets: []string{strings.TrimSuffix(c.url, "/")}})
+		phases = append(phases, &phase{name: "through " + c.url, targets: []string{strings.TrimSuffix(c.url, "/")}, watch: c.watchPID})
+	}
+	if len(phases) > 0 && phases[0] == direct && c.watchPID > 0 {
+		direct.watch = c.watchPID // the queen idles while the workers are loaded straight: its baseline
 	}
 
 	l := newLoader(c)
@@ -569,8 +583,10 @@ func run(ctx context.Context, c config, out io.Writer) ([]*phase, error) {
 		}
 		report(out, c, p)
 	}
-	if len(phases) == 2 {
-		compare(out, phases[0], phases[1])
+	if len(phases) >= 2 {
+		for _, p := range phases[1:] {
+			compare(out, phases[0], p)
+		}
 	}
 	return phases, nil
 }
@@ -616,8 +632,8 @@ func compare(out io.Writer, direct, through *phase) {
 		return fmt.Sprintf("%+.3fms", float64(b.Quantile(q)-a.Quantile(q))/float64(time.Millisecond))
 	}
 	rate := func(p *phase, v int64) float64 { return float64(v) / p.elapsed.Seconds() }
-	fmt.Fprintf(out, "added by the hop (through - straight): latency p50 %s p99 %s; 1st byte p50 %s p99 %s; req/s ratio %.2f",
-		d(0.5, &direct.lat, &through.lat), d(0.99, &direct.lat, &through.lat),
+	fmt.Fprintf(out, "added by the hop %s (its phase - straight): latency p50 %s p99 %s; 1st byte p50 %s p99 %s; req/s ratio %.2f",
+		through.name, d(0.5, &direct.lat, &through.lat), d(0.99, &direct.lat, &through.lat),
 		d(0.5, &direct.ttfb, &through.ttfb), d(0.99, &direct.ttfb, &through.ttfb),
 		rate(through, through.ok.Load())/rate(direct, direct.ok.Load()))
 	if direct.events.Load() > 0 {

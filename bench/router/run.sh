@@ -4,6 +4,8 @@
 # READY (what worker-shim does for a catalog server, done here by grpcurl so that the figures need
 # no hive), then runs bench/inference -compare: straight to the workers, then through the queen, in
 # one run. Extra arguments go to bench/inference. Every process it starts is stopped by PID.
+# REVPROXY=ADDR also starts bench/revproxy (Go's httputil.ReverseProxy, round robin over the same
+# workers) on ADDR and measures it between the two, as the yardstick of a generic HTTP hop.
 #
 #   bench/router/run.sh -rate 1000 -concurrency 100 -duration 10s            # added latency
 #   WORKERS=4 bench/router/run.sh -concurrency 64 -n 100000                  # throughput
@@ -14,6 +16,7 @@ WORKERS=${WORKERS:-1}
 QUEEN=${QUEEN:-127.0.0.1:17833}
 HTTP=${HTTP:-127.0.0.1:17834}
 METRICS=${METRICS:-} # e.g. 127.0.0.1:17836 for /metrics and /debug/pprof
+REVPROXY=${REVPROXY:-} # e.g. 127.0.0.1:17835: also measure a generic reverse proxy
 PORT0=${PORT0:-17900}
 MODEL=stub
 dir=$(mktemp -d)
@@ -52,4 +55,13 @@ for _ in $(seq 200); do
   [[ $n -ge 1 && $ready -ge $WORKERS ]] && break
   sleep 0.05
 done
-go run ./bench/inference -url "http://$HTTP" -queen "$QUEEN" -model "$MODEL" -compare -watch-pid "$queen" "$@"
+baseline=()
+if [[ -n $REVPROXY ]]; then
+  go build -o "$dir/revproxy" ./bench/revproxy
+  urls=$(for ((i = 0; i < WORKERS; i++)); do printf 'http://127.0.0.1:%d,' $((PORT0 + i)); done)
+  "$dir/revproxy" -listen "$REVPROXY" -to "${urls%,}" &
+  pids+=("$!")
+  baseline=(-baseline "http://$REVPROXY" -baseline-pid "$!")
+  for _ in $(seq 100); do curl -fs "http://$REVPROXY/health" >/dev/null 2>&1 && break; sleep 0.05; done
+fi
+go run ./bench/inference "${baseline[@]}" -url "http://$HTTP" -queen "$QUEEN" -model "$MODEL" -compare -watch-pid "$queen" "$@"

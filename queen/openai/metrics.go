@@ -1,12 +1,40 @@
 package openai
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
 
 // Metrics are the HTTP API's Prometheus metrics, per model.
 type Metrics struct {
 	requests       *prometheus.CounterVec
 	ttfb, duration *prometheus.HistogramVec
 	tokens         *prometheus.CounterVec
+
+	// byModel holds each routed model's series (*modelMetrics), looked up once: a vector's
+	// WithLabelValues hashes the labels and takes a lock on every call.
+	byModel sync.Map
+}
+
+// modelMetrics are one model's series of the common case: a request answered 200.
+type modelMetrics struct {
+	ok             prometheus.Counter
+	ttfb, duration prometheus.Observer
+	tokens         prometheus.Counter
+}
+
+// model returns model's series. Only models the router placed a request for come here, so
+// the map is bounded by the fleet's models, not by what clients write in "model".
+func (m *Metrics) model(model string) *modelMetrics {
+	if mm, ok := m.byModel.Load(model); ok {
+		return mm.(*modelMetrics)
+	}
+	mm, _ := m.byModel.LoadOrStore(model, &modelMetrics{
+		ok: m.requests.WithLabelValues(model, "200"), ttfb: m.ttfb.WithLabelValues(model),
+		duration: m.duration.WithLabelValues(model), tokens: m.tokens.WithLabelValues(model),
+	})
+	return mm.(*modelMetrics)
 }
 
 var latencyBuckets = []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300}

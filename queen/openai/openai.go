@@ -6,7 +6,6 @@
 package openai
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -18,8 +17,6 @@ import (
 	"strconv"
 	"strings"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -183,49 +180,6 @@ func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
 	_ = json.NewEncoder(w).Encode(out)
 }
 
-// request is what the edge reads of a body: the rest passes through untouched.
-type request struct {
-	Model  json.RawMessage `json:"model"`
-	Stream json.RawMessage `json:"stream"`
-}
-
-// parse checks the body and returns the model, or an error message for a 400.
-func parse(body []byte) (model string, stream bool, param, msg string) {
-	var req request
-	if err := json.Unmarshal(body, &req); err != nil {
-		var se *json.SyntaxError
-		if errors.As(err, &se) {
-			return "", false, "", fmt.Sprintf("the body is not valid JSON (offset %d: %v)", se.Offset, err)
-		}
-		return "", false, "", "the body must be a JSON object: " + err.Error()
-	}
-	if len(req.Model) == 0 || string(req.Model) == "null" {
-		return "", false, "model", "you must provide a model parameter"
-	}
-	if err := json.Unmarshal(req.Model, &model); err != nil {
-		return "", false, "model", "model must be a string"
-	}
-	if model == "" {
-		return "", false, "model", "you must provide a model parameter"
-	}
-	if !utf8.ValidString(model) || utf8.RuneCountInString(model) > 256 {
-		return "", false, "model", "model must be valid UTF-8 of at most 256 characters"
-	}
-	for _, r := range model {
-		if !unicode.IsPrint(r) {
-			return "", false, "model", fmt.Sprintf("model contains the non-printable character %U", r)
-		}
-	}
-	switch s := string(bytes.TrimSpace(req.Stream)); s {
-	case "", "null", "false":
-	case "true":
-		stream = true
-	default:
-		return "", false, "stream", "stream must be a boolean"
-	}
-	return model, stream, "", ""
-}
-
 func (s *Server) infer(w http.ResponseWriter, r *http.Request) {
 	t0 := time.Now()
 	ctx := r.Context()
@@ -241,7 +195,7 @@ func (s *Server) infer(w http.ResponseWriter, r *http.Request) {
 	}
 	rc := http.NewResponseController(w)
 	_ = rc.SetReadDeadline(time.Now().Add(s.cfg.BodyTimeout))
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, s.cfg.MaxBody))
+	body, err := readBody(http.MaxBytesReader(w, r.Body, s.cfg.MaxBody), r.ContentLength)
 	_ = rc.SetReadDeadline(time.Time{})
 	if err != nil {
 		var mb *http.MaxBytesError
@@ -261,15 +215,47 @@ func (s *Server) infer(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "invalid_request_error", param, "", msg)
 		return
 	}
-	log := narrate.Logger(ctx).With(zap.String("model", model))
+	// WithLazy: the field is encoded only if the request logs something, which most never do.
+	log := narrate.Logger(ctx).WithLazy(zap.String("model", model))
 	ctx = narrate.WithLogger(ctx, log)
 	p := &proxy{s: s, w: w, r: r, ctx: ctx, body: body, model: model, stream: stream, t0: t0, log: log}
 	code := p.run()
-	m := s.cfg.Metrics
-	m.requests.WithLabelValues(model, strconv.Itoa(code)).Inc()
-	m.duration.WithLabelValues(model).Observe(time.Since(t0).Seconds())
-	if p.tokens > 0 {
-		m.tokens.WithLabelValues(model).Add(float64(p.tokens))
+	if p.mm != nil && code == http.StatusOK {
+		p.mm.ok.Inc()
+	} else {
+		s.cfg.Metrics.requests.WithLabelValues(model, strconv.Itoa(code)).Inc()
+	}
+	if p.mm != nil {
+		p.mm.duration.Observe(time.Since(t0).Seconds())
+		if p.tokens > 0 {
+			p.mm.tokens.Add(float64(p.tokens))
+		}
+	} else {
+		s.cfg.Metrics.duration.WithLabelValues(model).Observe(time.Since(t0).Seconds())
+	}
+}
+
+// readBody reads a request body whole. Its buffer is sized from Content-Length, so that a
+// typical body is read without growing it, but at most 64 KiB up front: a client that announces
+// a large body and sends nothing must not make the queen allocate it.
+func readBody(r io.Reader, contentLength int64) ([]byte, error) {
+	n := int(min(max(contentLength, 0), 64<<10)) + 1 // +1: room to read the EOF without growing
+	if contentLength < 0 {
+		n = 4 << 10
+	}
+	b := make([]byte, 0, n)
+	for {
+		if len(b) == cap(b) {
+			b = append(b, 0)[:len(b)]
+		}
+		k, err := r.Read(b[len(b):cap(b)])
+		b = b[:len(b)+k]
+		if err == io.EOF {
+			return b, nil
+		}
+		if err != nil {
+			return b, err
+		}
 	}
 }
 
@@ -325,16 +311,18 @@ func routeError(w http.ResponseWriter, err error) int {
 var hopHeaders = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
 	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
 
+// copyHeader copies src's end-to-end headers to dst. The value slices are shared, not copied:
+// neither side changes them (src is a request or response already read, dst is written once).
 func copyHeader(dst, src http.Header) {
 	for k, vs := range src {
-		dst[k] = append(dst[k][:0:0], vs...)
+		dst[k] = vs
 	}
-	for _, c := range src.Values("Connection") {
-		for _, f := range strings.Split(c, ",") {
+	for _, c := range src["Connection"] {
+		for f := range strings.SplitSeq(c, ",") {
 			dst.Del(strings.TrimSpace(f))
 		}
 	}
 	for _, h := range hopHeaders {
-		dst.Del(h)
+		delete(dst, h) // canonical already
 	}
 }

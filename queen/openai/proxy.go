@@ -35,6 +35,7 @@ type proxy struct {
 	stream bool
 	t0     time.Time
 	tokens int
+	mm     *modelMetrics // the model's series, once the router placed the request
 	// abort: the response broke off after it started and is not an event stream, so the client
 	// must see a cut connection rather than a body that looks complete.
 	abort bool
@@ -61,6 +62,7 @@ func (p *proxy) run() int {
 			p.log.Info("request not placed", zap.Int("status", code), zap.Error(err))
 			return code
 		}
+		p.mm = p.s.cfg.Metrics.model(p.model)
 		wk := lease.Worker()
 		resp, cancel, err := p.roundTrip(wk)
 		if err != nil {
@@ -144,7 +146,7 @@ func (p *proxy) relay(resp *http.Response, lease *router.Lease, wk router.Worker
 		if n > 0 {
 			if first {
 				first = false
-				p.s.cfg.Metrics.ttfb.WithLabelValues(p.model).Observe(time.Since(p.t0).Seconds())
+				p.mm.ttfb.Observe(time.Since(p.t0).Seconds())
 			}
 			if sse {
 				ev.feed(buf[:n])

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/rbee-dev/rbee/internal/jobid"
@@ -215,7 +216,10 @@ func (w *worker) alive() bool {
 }
 
 type model struct {
-	name    string
+	name string
+	// The model's gauges, looked up once rather than by label on every request.
+	inFlight, queued prometheus.Gauge
+
 	workers []*worker
 	queue   []*waiter
 	// spawning counts spawns asked for whose worker the watch has not shown yet.
@@ -278,7 +282,7 @@ func (r *Router) Close() {
 			w.ch <- grant{err: ErrClosed}
 		}
 		m.queue = nil
-		r.cfg.Metrics.queued.WithLabelValues(m.name).Set(0)
+		m.queued.Set(0)
 	}
 }
 
@@ -337,7 +341,7 @@ func (r *Router) Acquire(ctx context.Context, model, exclude string) (*Lease, er
 	}
 	wt := &waiter{ctx: ctx, exclude: exclude, since: now, ch: make(chan grant, 1)}
 	m.queue = append(m.queue, wt)
-	r.cfg.Metrics.queued.WithLabelValues(model).Set(float64(len(m.queue)))
+	m.queued.Set(float64(len(m.queue)))
 	wait := r.cfg.QueueWait
 	if !m.anyServing(now) {
 		if offered && m.starting() == 0 {
@@ -373,7 +377,7 @@ func (r *Router) Acquire(ctx context.Context, model, exclude string) (*Lease, er
 	}
 	wt.done = true
 	m.remove(wt)
-	r.cfg.Metrics.queued.WithLabelValues(model).Set(float64(len(m.queue)))
+	m.queued.Set(float64(len(m.queue)))
 	r.mu.Unlock()
 	return nil, err
 }
@@ -430,7 +434,8 @@ func (r *Router) Queued(model string) int {
 func (r *Router) modelLocked(name string) *model {
 	m := r.models[name]
 	if m == nil {
-		m = &model{name: name, expect: map[string]bool{}}
+		m = &model{name: name, expect: map[string]bool{},
+			inFlight: r.cfg.Metrics.inFlight.WithLabelValues(name), queued: r.cfg.Metrics.queued.WithLabelValues(name)}
 		r.models[name] = m
 	}
 	return m
@@ -460,7 +465,7 @@ func (r *Router) pickLocked(m *model, exclude string, now time.Time) *worker {
 
 func (r *Router) takeLocked(w *worker) {
 	w.inFlight++
-	r.cfg.Metrics.inFlight.WithLabelValues(w.Model).Inc()
+	w.m.inFlight.Inc()
 	r.loadChangedLocked(w)
 }
 
@@ -469,7 +474,7 @@ func (r *Router) release(w *worker, cause error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	w.inFlight--
-	r.cfg.Metrics.inFlight.WithLabelValues(w.Model).Dec()
+	w.m.inFlight.Dec()
 	if w.inFlight == 0 {
 		w.idleSince = now
 	}
@@ -499,7 +504,7 @@ func (r *Router) dispatchLocked(m *model, now time.Time) {
 		wt.done = true
 		r.takeLocked(w)
 		wt.ch <- grant{w: w, snap: w.Worker}
-		r.cfg.Metrics.queued.WithLabelValues(m.name).Set(float64(len(m.queue)))
+		m.queued.Set(float64(len(m.queue)))
 	}
 }
 
@@ -510,7 +515,7 @@ func (r *Router) failQueueLocked(m *model, err error) {
 		wt.ch <- grant{err: err}
 	}
 	m.queue = nil
-	r.cfg.Metrics.queued.WithLabelValues(m.name).Set(0)
+	m.queued.Set(0)
 }
 
 func (m *model) remove(wt *waiter) {
