@@ -33,11 +33,14 @@ func FromContext(ctx context.Context) string {
 	return id
 }
 
-// With returns ctx carrying job id id and a logger (from base) that names it.
-func With(ctx context.Context, base *zap.Logger, id string) context.Context {
+// With returns ctx carrying job id id and a logger (from base) that names it, and fields.
+func With(ctx context.Context, base *zap.Logger, id string, fields ...zap.Field) context.Context {
 	ctx = context.WithValue(ctx, key{}, id)
 	// WithLazy: most calls never log beyond their last line, and a heartbeat stream is open for
 	// every worker; an eager With encodes the field into a pooled buffer each stream would pin.
+	if len(fields) > 0 {
+		return narrate.WithLogger(ctx, base.WithLazy(append([]zap.Field{zap.String("job_id", id)}, fields...)...))
+	}
 	return narrate.WithLogger(ctx, base.WithLazy(zap.String("job_id", id)))
 }
 

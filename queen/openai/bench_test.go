@@ -22,7 +22,8 @@ func BenchmarkHop(b *testing.B) {
 	})
 	f := start(b, Config{}, router.Config{}, 0, worker)
 	body := `{"model":"m","messages":[{"role":"user","content":"hello"}],"max_tokens":16}`
-	client := &http.Client{Transport: NewTransport()}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16, DisableCompression: true}}
+	defer client.CloseIdleConnections()
 	run := func(b *testing.B, url string) {
 		for b.Loop() {
 			resp, err := client.Post(url+"/v1/chat/completions", "application/json", strings.NewReader(body))

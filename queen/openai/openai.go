@@ -11,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"sort"
 	"strconv"
@@ -48,10 +47,10 @@ type Config struct {
 	// message and Retry-After, and nothing is routed (a queen that does not lead: its registry is
 	// empty, so routing would fail obscurely or, worse, start workers it cannot account for).
 	Refuse func() error
-	// Transport reaches the workers (a keep-alive transport sized for many workers).
-	Transport http.RoundTripper
-	Metrics   *Metrics
-	Logger    *zap.Logger
+	// Upstream reaches the workers (NewUpstream's keep-alive pool).
+	Upstream *Upstream
+	Metrics  *Metrics
+	Logger   *zap.Logger
 }
 
 func (c Config) withDefaults() Config {
@@ -67,8 +66,8 @@ func (c Config) withDefaults() Config {
 	if c.FirstByteTimeout <= 0 {
 		c.FirstByteTimeout = 5 * time.Minute
 	}
-	if c.Transport == nil {
-		c.Transport = NewTransport()
+	if c.Upstream == nil {
+		c.Upstream = NewUpstream()
 	}
 	if c.Metrics == nil {
 		c.Metrics = NewMetrics(nil)
@@ -77,20 +76,6 @@ func (c Config) withDefaults() Config {
 		c.Logger = zap.NewNop()
 	}
 	return c
-}
-
-// NewTransport returns the transport the edge uses to reach workers: keep-alive connections
-// enough for hundreds of concurrent streams, no compression (bodies pass through unchanged), no
-// proxy from the environment (workers are reached directly).
-func NewTransport() *http.Transport {
-	return &http.Transport{
-		DialContext:         (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConns:        4096,
-		MaxIdleConnsPerHost: 1024,
-		IdleConnTimeout:     90 * time.Second,
-		DisableCompression:  true,
-		ForceAttemptHTTP2:   false,
-	}
 }
 
 // Server is the HTTP API.
@@ -108,8 +93,8 @@ func New(cfg Config, r Router) *Server {
 	s.sem = make(chan struct{}, s.cfg.MaxConcurrent)
 	s.mux = http.NewServeMux()
 	s.mux.HandleFunc("GET /v1/models", s.models)
-	for _, p := range []string{"/v1/chat/completions", "/v1/completions", "/v1/embeddings"} {
-		s.mux.HandleFunc("POST "+p, s.infer)
+	for p := range inferPaths {
+		s.mux.HandleFunc("POST "+p, func(w http.ResponseWriter, r *http.Request) { s.infer(w, r, jobid.FromContext(r.Context())) })
 	}
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "invalid_request_error", "", "unknown_url",
@@ -120,11 +105,14 @@ func New(cfg Config, r Router) *Server {
 
 // ServeHTTP authenticates, gives the request a job id and hands it to its handler.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	id := r.Header.Get(jobid.MetadataKey)
+	var id string
+	if v := r.Header[jobIDHeader]; len(v) > 0 {
+		id = v[0]
+	}
 	if !validJobID(id) {
 		id = jobid.New()
 	}
-	w.Header().Set(jobid.MetadataKey, id)
+	w.Header()[jobIDHeader] = []string{id}
 	if s.cfg.Keys != nil && !s.cfg.Keys.Check(r.Header.Get("Authorization")) {
 		s.cfg.Metrics.requests.WithLabelValues("", "401").Inc()
 		w.Header().Set("WWW-Authenticate", `Bearer realm="rbee"`)
@@ -140,9 +128,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	// The inference endpoints straight, without the mux's matching or a copy of the request for
+	// a new context: they are what the queen serves thousands of a second. Exactly the paths
+	// the mux would route to them (clean, no escaped slash); anything else goes through it.
+	if r.Method == http.MethodPost && r.URL.RawPath == "" && inferPaths[r.URL.Path] {
+		s.infer(w, r, id)
+		return
+	}
 	ctx := jobid.With(r.Context(), s.cfg.Logger, id)
 	s.mux.ServeHTTP(w, r.WithContext(ctx))
 }
+
+var inferPaths = map[string]bool{"/v1/chat/completions": true, "/v1/completions": true, "/v1/embeddings": true}
 
 // refuseRetryAfter is the Retry-After, in seconds, of a refused request: about how long an
 // election takes to settle.
@@ -180,9 +177,8 @@ func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
 	_ = json.NewEncoder(w).Encode(out)
 }
 
-func (s *Server) infer(w http.ResponseWriter, r *http.Request) {
+func (s *Server) infer(w http.ResponseWriter, r *http.Request, id string) {
 	t0 := time.Now()
-	ctx := r.Context()
 	select {
 	case s.sem <- struct{}{}:
 		defer func() { <-s.sem }()
@@ -215,10 +211,8 @@ func (s *Server) infer(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusBadRequest, "invalid_request_error", param, "", msg)
 		return
 	}
-	// WithLazy: the field is encoded only if the request logs something, which most never do.
-	log := narrate.Logger(ctx).WithLazy(zap.String("model", model))
-	ctx = narrate.WithLogger(ctx, log)
-	p := &proxy{s: s, w: w, r: r, ctx: ctx, body: body, model: model, stream: stream, t0: t0, log: log}
+	ctx := jobid.With(r.Context(), s.cfg.Logger, id, zap.String("model", model))
+	p := &proxy{s: s, w: w, r: r, ctx: ctx, jobID: id, body: body, model: model, stream: stream, t0: t0, log: narrate.Logger(ctx)}
 	code := p.run()
 	if p.mm != nil && code == http.StatusOK {
 		p.mm.ok.Inc()
@@ -306,10 +300,6 @@ func routeError(w http.ResponseWriter, err error) int {
 		return http.StatusInternalServerError
 	}
 }
-
-// hopHeaders are connection-level headers a proxy must not forward (RFC 9110 §7.6.1).
-var hopHeaders = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
-	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
 
 // copyHeader copies src's end-to-end headers to dst. The value slices are shared, not copied:
 // neither side changes them (src is a request or response already read, dst is written once).

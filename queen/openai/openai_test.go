@@ -63,15 +63,25 @@ type fixture struct {
 // start serves the API over a router that knows workers (id -> handler), each with concurrency conc.
 func start(t testing.TB, cfg Config, rcfg router.Config, conc int, workers ...http.Handler) fixture {
 	t.Helper()
+	var servers []*httptest.Server
+	for _, h := range workers {
+		ws := httptest.NewServer(h)
+		t.Cleanup(ws.Close)
+		servers = append(servers, ws)
+	}
+	return startOver(t, cfg, rcfg, conc, servers...)
+}
+
+// startOver is start with the workers' servers made by the caller.
+func startOver(t testing.TB, cfg Config, rcfg router.Config, conc int, workers ...*httptest.Server) fixture {
+	t.Helper()
 	reg := registry{events: make(chan router.Event, 64)}
 	rt := router.New(rcfg, reg, reg, reg)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { rt.Run(ctx); close(done) }()
 	var first string
-	for i, h := range workers {
-		ws := httptest.NewServer(h)
-		t.Cleanup(ws.Close)
+	for i, ws := range workers {
 		if i == 0 {
 			first = ws.URL
 		}
@@ -80,11 +90,14 @@ func start(t testing.TB, cfg Config, rcfg router.Config, conc int, workers ...ht
 	}
 	reg.events <- router.Event{Type: router.EventSynced}
 	<-rt.Synced()
-	tr := NewTransport()
-	cfg.Transport = tr
+	up := cfg.Upstream
+	if up == nil {
+		up = NewUpstream()
+		cfg.Upstream = up
+	}
 	api := New(cfg, rt)
 	s := httptest.NewServer(api)
-	t.Cleanup(func() { s.Close(); tr.CloseIdleConnections(); cancel(); <-done })
+	t.Cleanup(func() { s.Close(); up.CloseIdle(); cancel(); <-done })
 	return fixture{url: s.URL, workerURL: first, api: api, rt: rt}
 }
 
@@ -306,9 +319,9 @@ func TestUnreachableWorkerIsRetried(t *testing.T) {
 	reg.events <- router.Event{Type: router.EventAdded, Worker: router.Worker{ID: "ok", Model: "m", State: router.StateReady, URL: ok.URL}}
 	reg.events <- router.Event{Type: router.EventSynced}
 	<-rt.Synced()
-	tr := NewTransport()
-	defer tr.CloseIdleConnections()
-	s := httptest.NewServer(New(Config{Transport: tr}, rt))
+	up := NewUpstream()
+	defer up.CloseIdle()
+	s := httptest.NewServer(New(Config{Upstream: up}, rt))
 	defer s.Close()
 	for range 4 {
 		if resp, _, raw := post(t, s.URL, `{"model":"m"}`); resp.StatusCode != 200 {
@@ -401,13 +414,22 @@ func TestModelsAndUnknownPaths(t *testing.T) {
 	if list.Object != "list" || len(list.Data) != 1 || list.Data[0].ID != "m" || list.Data[0].Object != "model" {
 		t.Fatalf("models = %+v", list)
 	}
-	resp, err = http.Get(f.url + "/v1/files")
-	if err != nil {
-		t.Fatal(err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != 404 {
-		t.Fatalf("unknown path: %d", resp.StatusCode)
+	for _, c := range []struct{ method, path string }{
+		{"GET", "/v1/files"},
+		{"GET", "/v1/chat/completions"},    // the inference endpoints take POST only
+		{"POST", "/v1/chat%2Fcompletions"}, // an escaped slash is not a path separator
+		{"POST", "/v1/models"},
+	} {
+		req, _ := http.NewRequestWithContext(t.Context(), c.method, f.url+c.path, strings.NewReader(`{"model":"m"}`))
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != 404 || !strings.Contains(string(b), "unknown_url") || resp.Header.Get("x-job-id") == "" {
+			t.Fatalf("%s %s: %d %s, want 404 unknown_url", c.method, c.path, resp.StatusCode, b)
+		}
 	}
 }
 

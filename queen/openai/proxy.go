@@ -1,7 +1,6 @@
 package openai
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -10,7 +9,6 @@ import (
 	"net/http"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -30,6 +28,7 @@ type proxy struct {
 	r      *http.Request
 	ctx    context.Context
 	log    *zap.Logger
+	jobID  string
 	body   []byte
 	model  string
 	stream bool
@@ -40,8 +39,6 @@ type proxy struct {
 	// must see a cut connection rather than a body that looks complete.
 	abort bool
 }
-
-var errFirstByteTimeout = errors.New("the worker accepted the request but sent no response headers in time")
 
 // run places the request and relays it, retrying once on another worker (or a new one) when the
 // first could not be reached or did not answer before the response started. It returns the
@@ -64,9 +61,8 @@ func (p *proxy) run() int {
 		}
 		p.mm = p.s.cfg.Metrics.model(p.model)
 		wk := lease.Worker()
-		resp, cancel, err := p.roundTrip(wk)
+		resp, err := p.roundTrip(wk)
 		if err != nil {
-			cancel()
 			if p.ctx.Err() != nil {
 				lease.Release()
 				return statusClientGone
@@ -77,9 +73,7 @@ func (p *proxy) run() int {
 			exclude, lastErr = wk.ID, err
 			continue
 		}
-		code := p.relay(resp, lease, wk)
-		cancel()
-		return code
+		return p.relay(resp, lease, wk)
 	}
 	return p.upstreamError(lastErr)
 }
@@ -95,33 +89,33 @@ func (p *proxy) upstreamError(err error) int {
 	return http.StatusBadGateway
 }
 
-// roundTrip sends the request to wk and returns its response once the headers are in. cancel
-// ends the upstream request; call it when done with the response.
-func (p *proxy) roundTrip(wk router.Worker) (*http.Response, context.CancelFunc, error) {
-	actx, cancel := context.WithCancel(p.ctx)
-	req, err := http.NewRequestWithContext(actx, http.MethodPost, wk.URL+p.r.URL.RequestURI(), bytes.NewReader(p.body))
+// roundTrip sends the request to wk and returns its response once the headers are in. Close
+// the response's body when done with it; until then, the client going away cuts the worker's
+// request.
+func (p *proxy) roundTrip(wk router.Worker) (*http.Response, error) {
+	host, err := workerHost(wk.URL)
 	if err != nil {
-		return nil, cancel, err
+		return nil, err
 	}
-	copyHeader(req.Header, p.r.Header)
-	req.Header.Del("Authorization") // the client's API key is the queen's business, not the worker's
-	req.Header.Set(jobid.MetadataKey, p.w.Header().Get(jobid.MetadataKey))
-	req.ContentLength = int64(len(p.body))
-	var timedOut atomic.Bool
-	timer := time.AfterFunc(p.s.cfg.FirstByteTimeout, func() { timedOut.Store(true); cancel() })
-	resp, err := p.s.cfg.Transport.RoundTrip(req)
-	stopped := timer.Stop()
-	if timedOut.Load() || !stopped {
-		if resp != nil {
-			_ = resp.Body.Close()
-		}
-		return nil, cancel, fmt.Errorf("worker %s: %w", wk.ID, errFirstByteTimeout)
+	resp, err := p.s.cfg.Upstream.do(p.ctx, &upRequest{
+		host: host, method: p.r.Method, requestURI: p.r.URL.RequestURI(), header: p.r.Header,
+		skip:  skipToWorker, // the client's API key is the queen's business, not the worker's
+		extra: [][2]string{{jobIDHeader, p.jobID}},
+		body:  p.body, firstByte: p.s.cfg.FirstByteTimeout,
+	})
+	switch {
+	case errors.Is(err, errFirstByteTimeout):
+		return nil, fmt.Errorf("worker %s: %w", wk.ID, err)
+	case err != nil:
+		return nil, fmt.Errorf("worker %s at %s: %w", wk.ID, wk.URL, err)
 	}
-	if err != nil {
-		return nil, cancel, fmt.Errorf("worker %s at %s: %w", wk.ID, wk.URL, err)
-	}
-	return resp, cancel, nil
+	return resp, nil
 }
+
+var (
+	jobIDHeader  = http.CanonicalHeaderKey(jobid.MetadataKey)
+	skipToWorker = []string{"Authorization", jobIDHeader}
+)
 
 // 8 KiB: an event is a few hundred bytes, and 200 open streams should not hold 32 KiB each.
 var bufs = sync.Pool{New: func() any { b := make([]byte, 8<<10); return &b }}
