@@ -106,9 +106,11 @@ func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl qu
 	// An operator's DeleteWorker (and the router's own idle stops) drain the worker first: no new
 	// request goes to it while the hive's grace period lets those in flight finish.
 	fl.fl.BeforeDelete(rt.Drain)
+	// One pool of connections to the workers for the API and the console's chat.
+	upstream := openai.NewUpstream()
 	acfg := openai.Config{
 		Keys: h.keys, MaxBody: h.maxBody, BodyTimeout: h.bodyTimeout, MaxConcurrent: h.maxConcurrent,
-		FirstByteTimeout: h.firstByte, Refuse: refuse, Metrics: openai.NewMetrics(mreg), Logger: rlog,
+		FirstByteTimeout: h.firstByte, Refuse: refuse, Upstream: upstream, Metrics: openai.NewMetrics(mreg), Logger: rlog,
 	}
 	api := openai.New(acfg, rt)
 	// The web console at /, beside the API under /v1/. Its chat goes through the same edge and
@@ -170,6 +172,7 @@ func serveHTTP(ctx context.Context, h httpOptions, reg *registry.Registry, fl qu
 			_ = hs.Close()
 		}
 		<-serveDone
+		upstream.CloseIdle()
 		fl.fl.BeforeDelete(nil)
 		stopRouter()
 		<-routerDone
