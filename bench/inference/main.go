@@ -5,7 +5,8 @@
 // second. It can start its own `worker-stub --openai` servers (-workers N -bin bin). With
 // -compare it loads the workers straight (the ones it started, -direct URLs, or the READY
 // workers of -model the queen at -queen lists) and then -url, in one run, and prints what the
-// hop through -url adds.
+// hop through -url adds. -baseline URL adds a phase through another hop to the same workers (a
+// generic reverse proxy, bench/revproxy), between the two, as a yardstick.
 //
 //	go run ./bench/inference -bin bin -workers 1 -n 20000                                  # one stub, closed loop
 //	go run ./bench/inference -bin bin -workers 1 -stream -max-tokens 200 -concurrency 200 -n 1000

@@ -104,6 +104,29 @@ func TestCompareRunsBoth(t *testing.T) {
 	}
 }
 
+// TestCompareWithBaseline: -baseline adds a phase through that hop between the two, and a
+// comparison line for each hop.
+func TestCompareWithBaseline(t *testing.T) {
+	c := baseConfig()
+	c.workers, c.compare, c.url, c.baseline = 1, true, startStub(t), startStub(t)
+	var out strings.Builder
+	phases, err := run(t.Context(), c, &out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(phases) != 3 || phases[1].targets[0] != c.baseline || phases[2].targets[0] != c.url {
+		t.Fatalf("phases %v; want straight, then %s, then %s", phases, c.baseline, c.url)
+	}
+	for _, p := range phases {
+		if p.ok.Load() != 40 || p.failedTotal() != 0 {
+			t.Fatalf("%s: ok %d, failed %v; want 40 answered", p.name, p.ok.Load(), p.failed)
+		}
+	}
+	if n := strings.Count(out.String(), "added by the hop"); n != 2 {
+		t.Fatalf("%d comparisons, want 2:\n%s", n, out.String())
+	}
+}
+
 // TestCountsFailures: answers that are errors, and streams cut before [DONE], are failures by kind.
 func TestCountsFailures(t *testing.T) {
 	c := baseConfig()
