@@ -83,7 +83,7 @@ func (u *Upstream) get(host string, now time.Time) *upConn {
 			u.idle[host] = cs
 			return c
 		}
-		_ = c.nc.Close() // the oldest are below it: the janitor takes them
+		_ = c.nc.Close() // expired; those below it are older still
 	}
 	delete(u.idle, host)
 	return nil

@@ -47,11 +47,13 @@ func (cw *connWatcher) count() int {
 }
 
 // Requests one after another share one connection to the worker, whether its answers carry a
-// length or are chunked; an answer the client stops reading closes its connection, which is
-// what tells the worker to stop.
+// length or are chunked, until the worker says Connection: close.
 func TestWorkerConnectionsAreReused(t *testing.T) {
 	worker := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
+		if strings.Contains(r.URL.RawQuery, "close") {
+			w.Header().Set("Connection", "close")
+		}
 		if strings.Contains(r.URL.RawQuery, "chunked") {
 			fmt.Fprint(w, `{"part":1,`)
 			w.(http.Flusher).Flush() // no Content-Length: chunked
@@ -69,6 +71,9 @@ func TestWorkerConnectionsAreReused(t *testing.T) {
 			path += "?chunked=1"
 			want = `{"part":1,"part2":2}`
 		}
+		if i == 9 {
+			path += "&close=1" // the worker's last answer on this connection
+		}
 		resp, err := http.Post(f.url+path, "application/json", strings.NewReader(`{"model":"m"}`))
 		if err != nil {
 			t.Fatal(err)
@@ -79,8 +84,8 @@ func TestWorkerConnectionsAreReused(t *testing.T) {
 			t.Fatalf("request %d: %d %q, want %q", i, resp.StatusCode, b, want)
 		}
 	}
-	if n := cw.count(); n != 1 {
-		t.Fatalf("the worker saw %d connections for 20 requests in a row, want 1", n)
+	if n := cw.count(); n != 2 {
+		t.Fatalf("the worker saw %d connections for 20 requests in a row, want 2 (a new one after its Connection: close)", n)
 	}
 }
 
