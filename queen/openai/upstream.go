@@ -48,10 +48,13 @@ func NewUpstream() *Upstream {
 type upConn struct {
 	nc     net.Conn
 	br     *bufio.Reader
-	bw     *bufio.Writer
 	host   string
 	idleAt time.Time
 }
+
+// writers are the buffers requests are written through: a connection needs one only while it
+// writes a request, not while it waits for the answer, streams it or sits idle.
+var writers = sync.Pool{New: func() any { return bufio.NewWriterSize(nil, 4<<10) }}
 
 // CloseIdle closes the idle connections and keeps no more (the edge is shutting down).
 func (u *Upstream) CloseIdle() {
@@ -144,7 +147,7 @@ func (u *Upstream) dial(ctx context.Context, host string) (*upConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &upConn{nc: nc, br: bufio.NewReaderSize(nc, 4<<10), bw: bufio.NewWriterSize(nc, 4<<10), host: host}, nil
+	return &upConn{nc: nc, br: bufio.NewReaderSize(nc, 4<<10), host: host}, nil
 }
 
 // upRequest is what the edge sends a worker.
@@ -215,7 +218,12 @@ func (e staleError) Unwrap() error { return e.err }
 func (u *Upstream) exchange(ctx context.Context, c *upConn, req *upRequest, deadline time.Time) (*http.Response, error) {
 	_ = c.nc.SetDeadline(deadline)
 	stop := context.AfterFunc(ctx, func() { _ = c.nc.Close() })
-	if err := writeRequest(c.bw, req); err != nil {
+	bw := writers.Get().(*bufio.Writer)
+	bw.Reset(c.nc)
+	err := writeRequest(bw, req)
+	bw.Reset(nil)
+	writers.Put(bw)
+	if err != nil {
 		stop()
 		return nil, staleError{err}
 	}
