@@ -25,6 +25,7 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/hive/catalog"
+	"github.com/rbee-dev/rbee/hive/clock"
 	"github.com/rbee-dev/rbee/hive/devices"
 	"github.com/rbee-dev/rbee/hive/heartbeat"
 	"github.com/rbee-dev/rbee/hive/process"
@@ -197,6 +198,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 
 	var m *process.Manager
 	var beater *heartbeat.Beater
+	clk := clock.New()
 	if o.register {
 		queens, _ := validate.Addresses("--queen", o.queen) // checked above
 		target, qopts, err := rpcclient.QueenTarget(queens, rpcclient.HeartbeatService)
@@ -209,7 +211,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 		}
 		defer conn.Close()
 		ports := uint32(pcfg.PortHigh - pcfg.PortLow + 1)
-		beater = heartbeat.New(heartbeat.Config{Conn: conn, Logger: log, Describe: func() *rbeev1.Hive {
+		beater = heartbeat.New(heartbeat.Config{Conn: conn, Logger: log, Clock: clk.Reading, Describe: func() *rbeev1.Hive {
 			// Describe runs only once m is set (Run starts below).
 			return &rbeev1.Hive{HiveId: o.hiveID, Address: o.advertise, Version: version.Version(), Os: runtime.GOOS,
 				Devices: inv.Names(), DeviceInfo: deviceInfo(inv.List()), FreePorts: freeSlots(ports, o.maxWorkers, m.Live()),
@@ -233,7 +235,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	hs := server.New(server.Config{
 		HiveID: o.hiveID, Queen: o.queen, Grace: o.grace, Registerer: ms.Registry, Live: m.Live,
 		WorkerEnv: o.creds.TLS.Env(), WorkerAddress: workerAddress(o.workerHost), Devices: inv,
-		Catalog: o.catalog, Shim: o.shim, WorkerHost: o.workerHost,
+		Catalog: o.catalog, Shim: o.shim, WorkerHost: o.workerHost, Clock: clk,
 	}, m)
 	rbeev1.RegisterHiveServiceServer(srv.GRPC, hs)
 	srv.Health.SetServingStatus(rbeev1.HiveService_ServiceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)

@@ -26,7 +26,10 @@ type Config struct {
 	Conn grpc.ClientConnInterface
 	// Describe returns the hive's current descriptor.
 	Describe func() *rbeev1.Hive
-	Logger   *zap.Logger
+	// Clock, when set, is read as each beat is sent (HiveHeartbeatRequest.clock): the queen bounds
+	// its Spawns and Deletes in this clock.
+	Clock  func() *rbeev1.HiveClock
+	Logger *zap.Logger
 }
 
 // maxPending bounds the exits kept while the queen is unreachable; older ones are dropped (the
@@ -167,7 +170,12 @@ func (b *Beater) stream(ctx context.Context, client rbeev1.HeartbeatServiceClien
 	for {
 		hive := b.cfg.Describe()
 		exits, more := b.takePending(maxBatchBytes - proto.Size(hive))
-		if err := st.Send(&rbeev1.HiveHeartbeatRequest{Hive: hive, Exits: exits}); err != nil {
+		req := &rbeev1.HiveHeartbeatRequest{Hive: hive, Exits: exits}
+		if b.cfg.Clock != nil {
+			// Read last: the queen takes it as a lower bound of the hive's clock when the beat arrives.
+			req.Clock = b.cfg.Clock()
+		}
+		if err := st.Send(req); err != nil {
 			b.putBack(exits)
 			return answered, err
 		}

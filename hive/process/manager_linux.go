@@ -313,6 +313,10 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		defer errW.Close() // the child has its own copy once started
 	}
 
+	// The last point where the spawn can still be given up with nothing to undo.
+	if err := mayStart(ctx); err != nil {
+		return Spawned{}, err
+	}
 	attr := &syscall.SysProcAttr{Setsid: true} // own session and group; no Pdeathsig: workers outlive the hive
 	cgDir := ""
 	if m.useCg {
@@ -657,6 +661,12 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 	p, gone, err := m.prove(t)
 	if err != nil {
 		narrate.Warn(ctx, "hive", "worker_delete_refused", "refusing to signal process", append(fields, zap.Error(err))...)
+		return OutcomeUnknown, err
+	}
+	if err := mayStart(ctx); err != nil {
+		if !gone {
+			unix.Close(p.pidfd)
+		}
 		return OutcomeUnknown, err
 	}
 	if gone {

@@ -6,6 +6,7 @@
 package process
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"github.com/rbee-dev/rbee/internal/validate"
@@ -157,6 +158,7 @@ const (
 	KindStuck                   // the process did not die within a bounded wait after SIGKILL
 	KindUnsupported             // not available on this operating system
 	KindNotFound                // no such worker (log) on this hive
+	KindLate                    // the caller's bound for starting it had passed (WithStartCheck); nothing was done
 )
 
 func (k Kind) String() string {
@@ -177,6 +179,8 @@ func (k Kind) String() string {
 		return "unsupported"
 	case KindNotFound:
 		return "not_found"
+	case KindLate:
+		return "late"
 	}
 	return "internal"
 }
@@ -207,6 +211,28 @@ func KindOf(err error) Kind {
 		return e.Kind
 	}
 	return KindInternal
+}
+
+type startCheckKey struct{}
+
+// WithStartCheck returns ctx carrying check, which Spawn calls right before it creates the process
+// and Delete right before its first signal: a non-nil result abandons the call there, as KindLate,
+// with nothing done. The edge uses it for the queen's not-after bound, checked at the last moment
+// an action can still be abandoned rather than only when the request arrives.
+func WithStartCheck(ctx context.Context, check func() error) context.Context {
+	return context.WithValue(ctx, startCheckKey{}, check)
+}
+
+// mayStart runs ctx's start check, if any.
+func mayStart(ctx context.Context) error {
+	check, _ := ctx.Value(startCheckKey{}).(func() error)
+	if check == nil {
+		return nil
+	}
+	if err := check(); err != nil {
+		return errf(KindLate, err, "not started")
+	}
+	return nil
 }
 
 func errf(k Kind, cause error, format string, args ...any) error {

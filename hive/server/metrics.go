@@ -24,7 +24,7 @@ func newMetrics(reg prometheus.Registerer, live func() int) *metrics {
 			Name: "rbee_hive_deletes_total", Help: "Deletes that completed, by outcome (exited, killed, already_exited).",
 		}, []string{"outcome"}),
 		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "rbee_hive_delete_refusals_total", Help: "Deletes refused or failed, by reason (not_worker, invalid, stuck, ...); no signal was sent for not_worker and invalid.",
+			Name: "rbee_hive_delete_refusals_total", Help: "Deletes refused or failed, by reason (not_worker, invalid, late, stuck, ...); no signal was sent for not_worker, invalid and late.",
 		}, []string{"reason"}),
 	}
 	m.spawns.WithLabelValues("ok")
@@ -58,6 +58,8 @@ func reason(err error) string {
 		return "stuck"
 	case process.KindUnsupported:
 		return "unsupported"
+	case process.KindLate:
+		return "late"
 	}
 	return "internal"
 }

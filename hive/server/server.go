@@ -19,6 +19,7 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/hive/catalog"
+	"github.com/rbee-dev/rbee/hive/clock"
 	"github.com/rbee-dev/rbee/hive/devices"
 	"github.com/rbee-dev/rbee/hive/process"
 	"github.com/rbee-dev/rbee/internal/auth"
@@ -60,6 +61,9 @@ type Config struct {
 	Shim    string
 	// WorkerHost is the host servers bind (${HOST}, the hive's --worker-host); "" means 127.0.0.1.
 	WorkerHost string
+	// Clock is the clock the hive's heartbeats report, in which the queen bounds each Spawn and
+	// Delete (not_after); nil takes no bound into account.
+	Clock *clock.Clock
 }
 
 // DeviceSet is what the edge needs of the hive's device inventory.
@@ -122,8 +126,51 @@ func (h *Hive) fenced(ctx context.Context, op string, token uint64) error {
 	}
 }
 
+// inTime refuses a request that reaches the hive once its clock has passed the queen's bound for
+// it (not_after): a request the network held up (in a router, or in the queen's own neighbour
+// table while the hive's address did not resolve) may arrive after the queen told its caller it
+// failed, and with a fresh gRPC deadline, since gRPC sends deadlines as durations. The returned
+// context carries the same check for the process core, which makes it again right before it forks
+// or signals. A request without a bound (a queen that never had a heartbeat from this hive) passes.
+func (h *Hive) inTime(ctx context.Context, op, workerID string, na *rbeev1.HiveClock) (context.Context, error) {
+	if na == nil || h.cfg.Clock == nil {
+		return ctx, nil
+	}
+	refused := func(reason string, err error) {
+		narrate.Warn(ctx, "hive", "worker_"+op+"_late", fmt.Sprintf("Refused a %s of worker %s: %v; nothing was done", op, workerID, err),
+			zap.String("worker_id", workerID), zap.String("reason", reason))
+		if op == "spawn" {
+			h.metrics.spawns.WithLabelValues(reason).Inc()
+		} else {
+			h.metrics.refusals.WithLabelValues(reason).Inc()
+		}
+	}
+	if na.GetInstance() != h.cfg.Clock.Instance() {
+		err := fmt.Errorf("it is bounded in the clock of another process of this hive (instance %x; this one is %x): the hive restarted since the queen last heard from it",
+			na.GetInstance(), h.cfg.Clock.Instance())
+		refused("other_clock", err)
+		return ctx, status.Errorf(codes.FailedPrecondition, "%s of worker %s refused: %v; nothing was done: retry once the hive has sent a heartbeat", op, workerID, err)
+	}
+	bound := na.GetReading().AsDuration()
+	late := func() error {
+		if now := h.cfg.Clock.Now(); now >= bound {
+			return fmt.Errorf("it came %v after the queen's bound for starting it", (now - bound).Round(time.Millisecond))
+		}
+		return nil
+	}
+	if err := late(); err != nil {
+		refused("late", err)
+		return ctx, status.Errorf(codes.Aborted, "%s of worker %s refused: %v (held up in the network; the queen may have told its caller it failed); nothing was done", op, workerID, err)
+	}
+	return process.WithStartCheck(ctx, late), nil
+}
+
 // Spawn starts a worker process and answers its PID, port and start time.
 func (h *Hive) Spawn(ctx context.Context, req *rbeev1.SpawnRequest) (*rbeev1.SpawnResponse, error) {
+	ctx, err := h.inTime(ctx, "spawn", req.GetWorkerId(), req.GetNotAfter())
+	if err != nil {
+		return nil, err
+	}
 	if err := h.fenced(ctx, "spawn", req.GetFencingToken()); err != nil {
 		return nil, err
 	}
@@ -205,6 +252,10 @@ func (h *Hive) shimArgs(m *catalog.Model, workerID, device string) func(port int
 
 // Delete stops the named worker's process after proving the PID is that worker.
 func (h *Hive) Delete(ctx context.Context, req *rbeev1.DeleteRequest) (*rbeev1.DeleteResponse, error) {
+	ctx, err := h.inTime(ctx, "delete", req.GetWorkerId(), req.GetNotAfter())
+	if err != nil {
+		return nil, err
+	}
 	if err := h.fenced(ctx, "delete", req.GetFencingToken()); err != nil {
 		return nil, err
 	}
@@ -303,6 +354,8 @@ func toStatus(err error) error {
 		code = codes.Unimplemented
 	case process.KindNotFound:
 		code = codes.NotFound
+	case process.KindLate:
+		code = codes.Aborted
 	default:
 		code = codes.Internal
 		if errors.Is(err, context.DeadlineExceeded) {

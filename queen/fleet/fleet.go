@@ -16,6 +16,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
@@ -82,6 +84,17 @@ const hiveSpawnTimeout = 30 * time.Second
 // hiveDeleteSlack is how much longer than the grace period the queen waits for a hive's Delete.
 const hiveDeleteSlack = 15 * time.Second
 
+// hiveStartWindow is how long after the queen sends a Spawn or Delete the hive may still start it.
+// The request carries that bound in the hive's own clock (not_after), and the hive refuses what
+// reaches it later: a request held up in the network, or in a queue of either host, must not start
+// a process or signal one once the caller may have been told the call failed. A call that fails
+// while its request may still be on its way answers only once this window is over (see settle).
+const hiveStartWindow = 5 * time.Second
+
+// clockRateSlack is how far apart the rates of the queen's and a hive's clocks may be (monotonic
+// clocks, each slewed by NTP by at most 500 ppm, plus crystal error); the bound is shortened by it.
+const clockRateSlack = 0.002
+
 // loadTimeoutSlack is how much longer than a catalog model's load_timeout and grace a spawn waits
 // for READY, so that the supervisor's own verdict (with its reason) arrives first.
 const loadTimeoutSlack = 10 * time.Second
@@ -145,16 +158,19 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 	// registered worker or leaves nothing behind, never a process the queen half knows.
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hiveSpawnTimeout)
 	defer cancel()
-	sreq := &rbeev1.SpawnRequest{WorkerId: id, Model: spec.Model, Device: device, QueenAddress: f.cfg.Advertise, FencingToken: token}
+	b := startBound(sctx, hive)
+	sreq := &rbeev1.SpawnRequest{WorkerId: id, Model: spec.Model, Device: device, QueenAddress: f.cfg.Advertise, FencingToken: token, NotAfter: b.notAfter}
 	if f.cfg.Token != "" {
 		sreq.WorkerToken = auth.WorkerToken(f.cfg.Token, id)
 	}
-	resp, err := hc.Spawn(sctx, sreq)
+	var sent peer.Peer
+	resp, err := hc.Spawn(sctx, sreq, grpc.Peer(&sent))
 	if err != nil {
 		f.metrics.spawned("error", t0)
+		herr := f.abandonUnanswered(hive, hiveError(hive.ID, hive.Address, "spawn", err), b, sent.Addr != nil)
 		f.reg.Remove(id, err)
 		narrate.Warn(ctx, "queen", "worker_spawn_failed", "Hive could not spawn the worker", zap.Error(err))
-		return registry.Worker{}, f.abandonUnanswered(hive, hiveError(hive.ID, hive.Address, "spawn", err))
+		return registry.Worker{}, herr
 	}
 	w, err := f.reg.Started(id, resp.GetPid(), resp.GetPort(), resp.GetProcessStartTime(), resp.GetAddress())
 	if err != nil {
@@ -317,7 +333,8 @@ func (f *Fleet) cleanup(ctx context.Context, hive registry.Hive, id string, pid 
 		token, err = f.fence()
 	}
 	if err == nil {
-		_, err = hc.Delete(ctx, &rbeev1.DeleteRequest{WorkerId: id, Pid: pid, ProcessStartTime: start, GracePeriod: durationpb.New(0), FencingToken: token})
+		_, err = hc.Delete(ctx, &rbeev1.DeleteRequest{WorkerId: id, Pid: pid, ProcessStartTime: start, GracePeriod: durationpb.New(0), FencingToken: token,
+			NotAfter: startBound(ctx, hive).notAfter})
 	}
 	if err != nil {
 		narrate.Warn(ctx, "queen", "worker_cleanup_failed", "Could not stop a worker that was not kept", zap.Error(err))
@@ -410,12 +427,16 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (_ D
 	}
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	b := startBound(dctx, hive)
+	dreq.NotAfter = b.notAfter
 	t0 := time.Now()
-	resp, err := hc.Delete(dctx, dreq)
+	var sent peer.Peer
+	resp, err := hc.Delete(dctx, dreq, grpc.Peer(&sent))
 	if err != nil {
 		f.metrics.deleted("error", t0)
+		herr := f.abandonUnanswered(hive, hiveError(hive.ID, hive.Address, "delete", err), b, sent.Addr != nil)
 		narrate.Warn(ctx, "queen", "worker_delete_failed", "Hive did not delete the worker", zap.Error(err))
-		return Deleted{}, f.abandonUnanswered(hive, hiveError(hive.ID, hive.Address, "delete", err))
+		return Deleted{}, herr
 	}
 	f.metrics.deleted(strings.ToLower(strings.TrimPrefix(resp.GetOutcome().String(), "DELETE_OUTCOME_")), t0)
 	// The hive proved this process gone: forget it, and refuse a beat it sent before it died.
@@ -469,14 +490,54 @@ func (f *Fleet) StartTimedOut(w registry.Worker) {
 	}
 }
 
-// abandonUnanswered resets the connection to a hive whose call went unanswered (UNAVAILABLE,
-// deadline, cancelled): the request may still sit in the connection, held up by the network, and
-// must never arrive and act (start a process, signal one) once the caller has been told it failed.
-func (f *Fleet) abandonUnanswered(hive registry.Hive, herr *Error) *Error {
-	if herr.Kind == KindUnavailable || herr.Kind == KindCanceled {
-		if d, ok := f.cfg.Hives.(hiveDropper); ok {
-			d.Drop(hive.Address)
+// abandonUnanswered handles a hive call that went unanswered (UNAVAILABLE, deadline, cancelled):
+// the request may still be on its way, held up by the network, and must never arrive and act
+// (start a process, signal one) once the caller has been told it failed. The connection is reset,
+// which discards what the queen's socket still holds. That is not enough: a segment already handed
+// to the network stays there (a neighbour table waiting for the hive's address to resolve keeps the
+// packets it queued after the socket is gone, and delivers them when the link returns), so the
+// request carries its bound b in the hive's clock, past which the hive refuses it; when the call
+// failed before that bound and its request may have left (sent: it had a connection), the answer
+// waits until the bound is over, after which the hive can no longer start it.
+func (f *Fleet) abandonUnanswered(hive registry.Hive, herr *Error, b bound, sent bool) *Error {
+	if herr.Kind != KindUnavailable && herr.Kind != KindCanceled {
+		return herr // the hive's own answer: it decided
+	}
+	if d, ok := f.cfg.Hives.(hiveDropper); ok {
+		d.Drop(hive.Address)
+	}
+	if sent && !b.until.IsZero() {
+		if d := time.Until(b.until); d > 0 {
+			time.Sleep(d)
 		}
 	}
 	return herr
+}
+
+// bound is a hive call's bound for the hive to start it: notAfter in the hive's clock, as sent;
+// until by the queen's clock, from when on the hive can no longer start it. Both zero when the
+// queen has no reading of the hive's clock (it never had a heartbeat from it with one).
+type bound struct {
+	notAfter *rbeev1.HiveClock
+	until    time.Time
+}
+
+// startBound bounds a call to hive made now under ctx: the hive may start it within
+// hiveStartWindow, and never after ctx's deadline, when the caller is told it failed. The bound in
+// the hive's clock comes from its newest heartbeat: at Received its clock read at least Reading
+// (the beat was sent before), so by until it reads at least Reading + (until - Received), less the
+// rate slack. However long the network held the beat or holds the request, the hive's clock passes
+// notAfter no later than the queen's passes until.
+func startBound(ctx context.Context, hive registry.Hive) bound {
+	c := hive.Clock
+	if c.Instance == 0 {
+		return bound{}
+	}
+	until := time.Now().Add(hiveStartWindow)
+	if dl, ok := ctx.Deadline(); ok && dl.Before(until) {
+		until = dl
+	}
+	span := until.Sub(c.Received)
+	span -= time.Duration(float64(span) * clockRateSlack)
+	return bound{notAfter: &rbeev1.HiveClock{Instance: c.Instance, Reading: durationpb.New(c.Reading + span)}, until: until}
 }

@@ -43,6 +43,19 @@ type Hive struct {
 	Models []ModelOffer
 	// Workers is computed: the registry's workers whose HiveID is this hive.
 	Workers int
+	// Clock is the newest reading of the hive's own clock from its heartbeats; zero until a beat
+	// carried one (a hive that never beats, --register=false, or one older than the field).
+	Clock HiveClock
+}
+
+// HiveClock is a reading of a hive's clock and when this queen received it (by the queen's
+// monotonic clock). The beat was sent before it was received, so at Received the hive's clock read
+// at least Reading: a lower bound that holds whatever the network's delay, from which the fleet
+// bounds its calls to the hive in the hive's own clock.
+type HiveClock struct {
+	Instance uint64 // the hive process whose clock it is; 0: none
+	Reading  time.Duration
+	Received time.Time
 }
 
 // ModelOffer is one model of a hive's catalog.
@@ -143,6 +156,10 @@ func (r *Registry) HiveBeat(in Hive) (Hive, error) {
 	}
 	h.State, h.LastHeartbeat = HiveReady, now
 	h.Version, h.OS, h.FreePorts = in.Version, in.OS, in.FreePorts
+	if in.Clock.Instance != 0 {
+		// Received is taken here, after the beat arrived: later only makes the bound stricter.
+		h.Clock = HiveClock{Instance: in.Clock.Instance, Reading: in.Clock.Reading, Received: now}
+	}
 	e.placedSinceBeat = 0
 	if !slices.Equal(h.Devices, in.Devices) {
 		h.Devices = slices.Clone(in.Devices)

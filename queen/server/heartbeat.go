@@ -276,6 +276,13 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 					return invalid(&validate.Error{Field: "hive.hive_id", Rule: fmt.Sprintf("%q on a stream opened by hive %q", h.ID, id)})
 				}
 			}
+			h.Clock = registry.HiveClock{}
+			if c := req.GetClock(); c != nil && c.GetInstance() != 0 {
+				if err := c.GetReading().CheckValid(); err != nil || c.GetReading().AsDuration() < 0 {
+					return invalid(&validate.Error{Field: "clock.reading", Rule: "a duration of zero or more"})
+				}
+				h.Clock = registry.HiveClock{Instance: c.GetInstance(), Reading: c.GetReading().AsDuration()}
+			}
 			if _, err := q.reg.HiveBeat(h); err != nil {
 				return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
 			}

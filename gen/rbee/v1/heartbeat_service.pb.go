@@ -127,7 +127,11 @@ type HiveHeartbeatRequest struct {
 	Hive *Hive `protobuf:"bytes,1,opt,name=hive,proto3" json:"hive,omitempty"`
 	// Workers this hive started that exited on their own since the last beat, so that the queen can
 	// fail a pending spawn at once with the reason.
-	Exits         []*WorkerExit `protobuf:"bytes,2,rep,name=exits,proto3" json:"exits,omitempty"`
+	Exits []*WorkerExit `protobuf:"bytes,2,rep,name=exits,proto3" json:"exits,omitempty"`
+	// The hive's clock when it sent this beat. The queen keeps the newest reading with the time it
+	// received it, and bounds each Spawn and Delete in the hive's clock from them (not_after), so that
+	// a request held up in the network is refused when it arrives too late.
+	Clock         *HiveClock `protobuf:"bytes,3,opt,name=clock,proto3" json:"clock,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -172,6 +176,13 @@ func (x *HiveHeartbeatRequest) GetHive() *Hive {
 func (x *HiveHeartbeatRequest) GetExits() []*WorkerExit {
 	if x != nil {
 		return x.Exits
+	}
+	return nil
+}
+
+func (x *HiveHeartbeatRequest) GetClock() *HiveClock {
+	if x != nil {
+		return x.Clock
 	}
 	return nil
 }
@@ -232,15 +243,16 @@ var File_rbee_v1_heartbeat_service_proto protoreflect.FileDescriptor
 
 const file_rbee_v1_heartbeat_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1frbee/v1/heartbeat_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x14rbee/v1/worker.proto\"A\n" +
+	"\x1frbee/v1/heartbeat_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1arbee/v1/hive_service.proto\x1a\x14rbee/v1/worker.proto\"A\n" +
 	"\x16WorkerHeartbeatRequest\x12'\n" +
 	"\x06worker\x18\x01 \x01(\v2\x0f.rbee.v1.WorkerR\x06worker\"k\n" +
 	"\x17WorkerHeartbeatResponse\x12\x19\n" +
 	"\bqueen_id\x18\x01 \x01(\tR\aqueenId\x125\n" +
-	"\binterval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\binterval\"d\n" +
+	"\binterval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\binterval\"\x8e\x01\n" +
 	"\x14HiveHeartbeatRequest\x12!\n" +
 	"\x04hive\x18\x01 \x01(\v2\r.rbee.v1.HiveR\x04hive\x12)\n" +
-	"\x05exits\x18\x02 \x03(\v2\x13.rbee.v1.WorkerExitR\x05exits\"i\n" +
+	"\x05exits\x18\x02 \x03(\v2\x13.rbee.v1.WorkerExitR\x05exits\x12(\n" +
+	"\x05clock\x18\x03 \x01(\v2\x12.rbee.v1.HiveClockR\x05clock\"i\n" +
 	"\x15HiveHeartbeatResponse\x12\x19\n" +
 	"\bqueen_id\x18\x01 \x01(\tR\aqueenId\x125\n" +
 	"\binterval\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\binterval2\xc0\x01\n" +
@@ -271,22 +283,24 @@ var file_rbee_v1_heartbeat_service_proto_goTypes = []any{
 	(*durationpb.Duration)(nil),     // 5: google.protobuf.Duration
 	(*Hive)(nil),                    // 6: rbee.v1.Hive
 	(*WorkerExit)(nil),              // 7: rbee.v1.WorkerExit
+	(*HiveClock)(nil),               // 8: rbee.v1.HiveClock
 }
 var file_rbee_v1_heartbeat_service_proto_depIdxs = []int32{
 	4, // 0: rbee.v1.WorkerHeartbeatRequest.worker:type_name -> rbee.v1.Worker
 	5, // 1: rbee.v1.WorkerHeartbeatResponse.interval:type_name -> google.protobuf.Duration
 	6, // 2: rbee.v1.HiveHeartbeatRequest.hive:type_name -> rbee.v1.Hive
 	7, // 3: rbee.v1.HiveHeartbeatRequest.exits:type_name -> rbee.v1.WorkerExit
-	5, // 4: rbee.v1.HiveHeartbeatResponse.interval:type_name -> google.protobuf.Duration
-	0, // 5: rbee.v1.HeartbeatService.WorkerHeartbeat:input_type -> rbee.v1.WorkerHeartbeatRequest
-	2, // 6: rbee.v1.HeartbeatService.HiveHeartbeat:input_type -> rbee.v1.HiveHeartbeatRequest
-	1, // 7: rbee.v1.HeartbeatService.WorkerHeartbeat:output_type -> rbee.v1.WorkerHeartbeatResponse
-	3, // 8: rbee.v1.HeartbeatService.HiveHeartbeat:output_type -> rbee.v1.HiveHeartbeatResponse
-	7, // [7:9] is the sub-list for method output_type
-	5, // [5:7] is the sub-list for method input_type
-	5, // [5:5] is the sub-list for extension type_name
-	5, // [5:5] is the sub-list for extension extendee
-	0, // [0:5] is the sub-list for field type_name
+	8, // 4: rbee.v1.HiveHeartbeatRequest.clock:type_name -> rbee.v1.HiveClock
+	5, // 5: rbee.v1.HiveHeartbeatResponse.interval:type_name -> google.protobuf.Duration
+	0, // 6: rbee.v1.HeartbeatService.WorkerHeartbeat:input_type -> rbee.v1.WorkerHeartbeatRequest
+	2, // 7: rbee.v1.HeartbeatService.HiveHeartbeat:input_type -> rbee.v1.HiveHeartbeatRequest
+	1, // 8: rbee.v1.HeartbeatService.WorkerHeartbeat:output_type -> rbee.v1.WorkerHeartbeatResponse
+	3, // 9: rbee.v1.HeartbeatService.HiveHeartbeat:output_type -> rbee.v1.HiveHeartbeatResponse
+	8, // [8:10] is the sub-list for method output_type
+	6, // [6:8] is the sub-list for method input_type
+	6, // [6:6] is the sub-list for extension type_name
+	6, // [6:6] is the sub-list for extension extendee
+	0, // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_rbee_v1_heartbeat_service_proto_init() }
@@ -294,6 +308,7 @@ func file_rbee_v1_heartbeat_service_proto_init() {
 	if File_rbee_v1_heartbeat_service_proto != nil {
 		return
 	}
+	file_rbee_v1_hive_service_proto_init()
 	file_rbee_v1_worker_proto_init()
 	type x struct{}
 	out := protoimpl.TypeBuilder{

@@ -35,7 +35,11 @@ type SpawnRequest struct {
 	WorkerToken string `protobuf:"bytes,5,opt,name=worker_token,json=workerToken,proto3" json:"worker_token,omitempty"`
 	// The election revision of the queen that sends this (several queens on etcd); a hive refuses a
 	// call with a lower token than the highest it has seen. 0: no election.
-	FencingToken  uint64 `protobuf:"varint,6,opt,name=fencing_token,json=fencingToken,proto3" json:"fencing_token,omitempty"`
+	FencingToken uint64 `protobuf:"varint,6,opt,name=fencing_token,json=fencingToken,proto3" json:"fencing_token,omitempty"`
+	// The reading of the hive's own clock (HiveHeartbeatRequest.clock) from which on the hive must
+	// not start this request: the queen's answer to its caller may already say it failed. Unset: the
+	// queen has no reading of this hive's clock (the hive never beat to it), and the hive cannot tell.
+	NotAfter      *HiveClock `protobuf:"bytes,7,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -110,6 +114,13 @@ func (x *SpawnRequest) GetFencingToken() uint64 {
 		return x.FencingToken
 	}
 	return 0
+}
+
+func (x *SpawnRequest) GetNotAfter() *HiveClock {
+	if x != nil {
+		return x.NotAfter
+	}
+	return nil
 }
 
 type SpawnResponse struct {
@@ -192,7 +203,9 @@ type DeleteRequest struct {
 	// Unset: the hive's default (--grace).
 	GracePeriod *durationpb.Duration `protobuf:"bytes,4,opt,name=grace_period,json=gracePeriod,proto3" json:"grace_period,omitempty"`
 	// As in SpawnRequest.
-	FencingToken  uint64 `protobuf:"varint,5,opt,name=fencing_token,json=fencingToken,proto3" json:"fencing_token,omitempty"`
+	FencingToken uint64 `protobuf:"varint,5,opt,name=fencing_token,json=fencingToken,proto3" json:"fencing_token,omitempty"`
+	// As in SpawnRequest.
+	NotAfter      *HiveClock `protobuf:"bytes,6,opt,name=not_after,json=notAfter,proto3" json:"not_after,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -262,6 +275,68 @@ func (x *DeleteRequest) GetFencingToken() uint64 {
 	return 0
 }
 
+func (x *DeleteRequest) GetNotAfter() *HiveClock {
+	if x != nil {
+		return x.NotAfter
+	}
+	return nil
+}
+
+// HiveClock is a reading of a hive process's clock, which runs at the rate of real time (suspend
+// included) from an origin of its own; instance names the process, and so the origin: readings of
+// two processes are not comparable.
+type HiveClock struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Instance      uint64                 `protobuf:"varint,1,opt,name=instance,proto3" json:"instance,omitempty"`
+	Reading       *durationpb.Duration   `protobuf:"bytes,2,opt,name=reading,proto3" json:"reading,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *HiveClock) Reset() {
+	*x = HiveClock{}
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *HiveClock) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*HiveClock) ProtoMessage() {}
+
+func (x *HiveClock) ProtoReflect() protoreflect.Message {
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use HiveClock.ProtoReflect.Descriptor instead.
+func (*HiveClock) Descriptor() ([]byte, []int) {
+	return file_rbee_v1_hive_service_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *HiveClock) GetInstance() uint64 {
+	if x != nil {
+		return x.Instance
+	}
+	return 0
+}
+
+func (x *HiveClock) GetReading() *durationpb.Duration {
+	if x != nil {
+		return x.Reading
+	}
+	return nil
+}
+
 type DeleteResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Outcome       DeleteOutcome          `protobuf:"varint,1,opt,name=outcome,proto3,enum=rbee.v1.DeleteOutcome" json:"outcome,omitempty"`
@@ -271,7 +346,7 @@ type DeleteResponse struct {
 
 func (x *DeleteResponse) Reset() {
 	*x = DeleteResponse{}
-	mi := &file_rbee_v1_hive_service_proto_msgTypes[3]
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -283,7 +358,7 @@ func (x *DeleteResponse) String() string {
 func (*DeleteResponse) ProtoMessage() {}
 
 func (x *DeleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_rbee_v1_hive_service_proto_msgTypes[3]
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -296,7 +371,7 @@ func (x *DeleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteResponse.ProtoReflect.Descriptor instead.
 func (*DeleteResponse) Descriptor() ([]byte, []int) {
-	return file_rbee_v1_hive_service_proto_rawDescGZIP(), []int{3}
+	return file_rbee_v1_hive_service_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DeleteResponse) GetOutcome() DeleteOutcome {
@@ -320,7 +395,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_rbee_v1_hive_service_proto_msgTypes[4]
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -332,7 +407,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_rbee_v1_hive_service_proto_msgTypes[4]
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -345,7 +420,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_rbee_v1_hive_service_proto_rawDescGZIP(), []int{4}
+	return file_rbee_v1_hive_service_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *LogsRequest) GetWorkerId() string {
@@ -379,7 +454,7 @@ type LogsResponse struct {
 
 func (x *LogsResponse) Reset() {
 	*x = LogsResponse{}
-	mi := &file_rbee_v1_hive_service_proto_msgTypes[5]
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -391,7 +466,7 @@ func (x *LogsResponse) String() string {
 func (*LogsResponse) ProtoMessage() {}
 
 func (x *LogsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_rbee_v1_hive_service_proto_msgTypes[5]
+	mi := &file_rbee_v1_hive_service_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -404,7 +479,7 @@ func (x *LogsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsResponse.ProtoReflect.Descriptor instead.
 func (*LogsResponse) Descriptor() ([]byte, []int) {
-	return file_rbee_v1_hive_service_proto_rawDescGZIP(), []int{5}
+	return file_rbee_v1_hive_service_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *LogsResponse) GetData() []byte {
@@ -418,25 +493,30 @@ var File_rbee_v1_hive_service_proto protoreflect.FileDescriptor
 
 const file_rbee_v1_hive_service_proto_rawDesc = "" +
 	"\n" +
-	"\x1arbee/v1/hive_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x14rbee/v1/worker.proto\"\xc6\x01\n" +
+	"\x1arbee/v1/hive_service.proto\x12\arbee.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x14rbee/v1/worker.proto\"\xf7\x01\n" +
 	"\fSpawnRequest\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x14\n" +
 	"\x05model\x18\x02 \x01(\tR\x05model\x12\x16\n" +
 	"\x06device\x18\x03 \x01(\tR\x06device\x12#\n" +
 	"\rqueen_address\x18\x04 \x01(\tR\fqueenAddress\x12!\n" +
 	"\fworker_token\x18\x05 \x01(\tR\vworkerToken\x12#\n" +
-	"\rfencing_token\x18\x06 \x01(\x04R\ffencingToken\"}\n" +
+	"\rfencing_token\x18\x06 \x01(\x04R\ffencingToken\x12/\n" +
+	"\tnot_after\x18\a \x01(\v2\x12.rbee.v1.HiveClockR\bnotAfter\"}\n" +
 	"\rSpawnResponse\x12\x10\n" +
 	"\x03pid\x18\x01 \x01(\x05R\x03pid\x12\x12\n" +
 	"\x04port\x18\x02 \x01(\rR\x04port\x12,\n" +
 	"\x12process_start_time\x18\x03 \x01(\x04R\x10processStartTime\x12\x18\n" +
-	"\aaddress\x18\x04 \x01(\tR\aaddress\"\xcf\x01\n" +
+	"\aaddress\x18\x04 \x01(\tR\aaddress\"\x80\x02\n" +
 	"\rDeleteRequest\x12\x1b\n" +
 	"\tworker_id\x18\x01 \x01(\tR\bworkerId\x12\x10\n" +
 	"\x03pid\x18\x02 \x01(\x05R\x03pid\x12,\n" +
 	"\x12process_start_time\x18\x03 \x01(\x04R\x10processStartTime\x12<\n" +
 	"\fgrace_period\x18\x04 \x01(\v2\x19.google.protobuf.DurationR\vgracePeriod\x12#\n" +
-	"\rfencing_token\x18\x05 \x01(\x04R\ffencingToken\"B\n" +
+	"\rfencing_token\x18\x05 \x01(\x04R\ffencingToken\x12/\n" +
+	"\tnot_after\x18\x06 \x01(\v2\x12.rbee.v1.HiveClockR\bnotAfter\"\\\n" +
+	"\tHiveClock\x12\x1a\n" +
+	"\binstance\x18\x01 \x01(\x04R\binstance\x123\n" +
+	"\areading\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\areading\"B\n" +
 	"\x0eDeleteResponse\x120\n" +
 	"\aoutcome\x18\x01 \x01(\x0e2\x16.rbee.v1.DeleteOutcomeR\aoutcome\"a\n" +
 	"\vLogsRequest\x12\x1b\n" +
@@ -464,31 +544,35 @@ func file_rbee_v1_hive_service_proto_rawDescGZIP() []byte {
 	return file_rbee_v1_hive_service_proto_rawDescData
 }
 
-var file_rbee_v1_hive_service_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_rbee_v1_hive_service_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
 var file_rbee_v1_hive_service_proto_goTypes = []any{
 	(*SpawnRequest)(nil),        // 0: rbee.v1.SpawnRequest
 	(*SpawnResponse)(nil),       // 1: rbee.v1.SpawnResponse
 	(*DeleteRequest)(nil),       // 2: rbee.v1.DeleteRequest
-	(*DeleteResponse)(nil),      // 3: rbee.v1.DeleteResponse
-	(*LogsRequest)(nil),         // 4: rbee.v1.LogsRequest
-	(*LogsResponse)(nil),        // 5: rbee.v1.LogsResponse
-	(*durationpb.Duration)(nil), // 6: google.protobuf.Duration
-	(DeleteOutcome)(0),          // 7: rbee.v1.DeleteOutcome
+	(*HiveClock)(nil),           // 3: rbee.v1.HiveClock
+	(*DeleteResponse)(nil),      // 4: rbee.v1.DeleteResponse
+	(*LogsRequest)(nil),         // 5: rbee.v1.LogsRequest
+	(*LogsResponse)(nil),        // 6: rbee.v1.LogsResponse
+	(*durationpb.Duration)(nil), // 7: google.protobuf.Duration
+	(DeleteOutcome)(0),          // 8: rbee.v1.DeleteOutcome
 }
 var file_rbee_v1_hive_service_proto_depIdxs = []int32{
-	6, // 0: rbee.v1.DeleteRequest.grace_period:type_name -> google.protobuf.Duration
-	7, // 1: rbee.v1.DeleteResponse.outcome:type_name -> rbee.v1.DeleteOutcome
-	0, // 2: rbee.v1.HiveService.Spawn:input_type -> rbee.v1.SpawnRequest
-	2, // 3: rbee.v1.HiveService.Delete:input_type -> rbee.v1.DeleteRequest
-	4, // 4: rbee.v1.HiveService.Logs:input_type -> rbee.v1.LogsRequest
-	1, // 5: rbee.v1.HiveService.Spawn:output_type -> rbee.v1.SpawnResponse
-	3, // 6: rbee.v1.HiveService.Delete:output_type -> rbee.v1.DeleteResponse
-	5, // 7: rbee.v1.HiveService.Logs:output_type -> rbee.v1.LogsResponse
-	5, // [5:8] is the sub-list for method output_type
-	2, // [2:5] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	3, // 0: rbee.v1.SpawnRequest.not_after:type_name -> rbee.v1.HiveClock
+	7, // 1: rbee.v1.DeleteRequest.grace_period:type_name -> google.protobuf.Duration
+	3, // 2: rbee.v1.DeleteRequest.not_after:type_name -> rbee.v1.HiveClock
+	7, // 3: rbee.v1.HiveClock.reading:type_name -> google.protobuf.Duration
+	8, // 4: rbee.v1.DeleteResponse.outcome:type_name -> rbee.v1.DeleteOutcome
+	0, // 5: rbee.v1.HiveService.Spawn:input_type -> rbee.v1.SpawnRequest
+	2, // 6: rbee.v1.HiveService.Delete:input_type -> rbee.v1.DeleteRequest
+	5, // 7: rbee.v1.HiveService.Logs:input_type -> rbee.v1.LogsRequest
+	1, // 8: rbee.v1.HiveService.Spawn:output_type -> rbee.v1.SpawnResponse
+	4, // 9: rbee.v1.HiveService.Delete:output_type -> rbee.v1.DeleteResponse
+	6, // 10: rbee.v1.HiveService.Logs:output_type -> rbee.v1.LogsResponse
+	8, // [8:11] is the sub-list for method output_type
+	5, // [5:8] is the sub-list for method input_type
+	5, // [5:5] is the sub-list for extension type_name
+	5, // [5:5] is the sub-list for extension extendee
+	0, // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_rbee_v1_hive_service_proto_init() }
@@ -503,7 +587,7 @@ func file_rbee_v1_hive_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_rbee_v1_hive_service_proto_rawDesc), len(file_rbee_v1_hive_service_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   6,
+			NumMessages:   7,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
