@@ -36,6 +36,11 @@ func New() *Clock {
 	}
 }
 
+// NewFrom is a clock with a given instance over now (tests, simulations).
+func NewFrom(instance uint64, now func() time.Duration) *Clock {
+	return &Clock{instance: instance, origin: now(), now: now}
+}
+
 // Instance names this clock's origin.
 func (c *Clock) Instance() uint64 { return c.instance }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -58,8 +59,11 @@ func TestExitsAreSentAtOnce(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer conn.Close()
+	var readings atomic.Int64 // the hive's clock: each beat reads it anew
 	b := New(Config{Conn: conn, Logger: zap.NewNop(), Describe: func() *rbeev1.Hive {
 		return &rbeev1.Hive{HiveId: "h1", Address: "127.0.0.1:7835"}
+	}, Clock: func() *rbeev1.HiveClock {
+		return &rbeev1.HiveClock{Instance: 3, Reading: durationpb.New(time.Duration(readings.Add(1)) * time.Second)}
 	}})
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan struct{})
@@ -70,12 +74,18 @@ func TestExitsAreSentAtOnce(t *testing.T) {
 	if first.GetHive().GetHiveId() != "h1" || len(first.GetExits()) != 0 {
 		t.Fatalf("first beat %v: want the descriptor and no exits", first)
 	}
+	if c := first.GetClock(); c.GetInstance() != 3 || c.GetReading().AsDuration() != time.Second {
+		t.Fatalf("first beat's clock %v: want the hive's reading", c)
+	}
 	b.ReportExit(process.Exit{WorkerID: "w1", PID: 42, StartTime: 7, ExitCode: 3, LogTail: "boom", Time: time.Now()})
 	select {
 	case got := <-fq.beats:
 		e := got.GetExits()
 		if len(e) != 1 || e[0].GetWorkerId() != "w1" || e[0].GetExitCode() != 3 || e[0].GetLogTail() != "boom" || got.GetHive().GetHiveId() != "h1" {
 			t.Fatalf("beat after the exit: %v", got)
+		}
+		if got.GetClock().GetReading().AsDuration() != 2*time.Second {
+			t.Fatalf("beat after the exit carries clock %v: want a reading taken for it", got.GetClock())
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the exit was not sent at once (the queen asked for hourly beats)")

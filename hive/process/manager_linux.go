@@ -314,7 +314,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	}
 
 	// The last point where the spawn can still be given up with nothing to undo.
-	if err := mayStart(ctx); err != nil {
+	if err := CheckStart(ctx); err != nil {
 		return Spawned{}, err
 	}
 	attr := &syscall.SysProcAttr{Setsid: true} // own session and group; no Pdeathsig: workers outlive the hive
@@ -663,7 +663,7 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 		narrate.Warn(ctx, "hive", "worker_delete_refused", "refusing to signal process", append(fields, zap.Error(err))...)
 		return OutcomeUnknown, err
 	}
-	if err := mayStart(ctx); err != nil {
+	if err := CheckStart(ctx); err != nil {
 		if !gone {
 			unix.Close(p.pidfd)
 		}

@@ -223,8 +223,8 @@ func WithStartCheck(ctx context.Context, check func() error) context.Context {
 	return context.WithValue(ctx, startCheckKey{}, check)
 }
 
-// mayStart runs ctx's start check, if any.
-func mayStart(ctx context.Context) error {
+// CheckStart runs ctx's start check (WithStartCheck), if any: nil, or a KindLate error.
+func CheckStart(ctx context.Context) error {
 	check, _ := ctx.Value(startCheckKey{}).(func() error)
 	if check == nil {
 		return nil

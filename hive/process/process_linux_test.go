@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -1047,6 +1048,34 @@ func TestDeleteGoneWorkerKillsItsLeftovers(t *testing.T) {
 		}
 		if out, err := h.m.Delete(t.Context(), Target{WorkerID: id, PID: live.PID, StartTime: live.StartTime}, 0); err != nil || out != Killed {
 			t.Fatalf("Delete of the live worker = %v, %v", out, err)
+		}
+	})
+}
+
+// A start check that fails (the queen's bound for the request has passed) stops a Spawn before any
+// process exists and a Delete before any signal: KindLate, and nothing done. One that passes
+// changes nothing.
+func TestStartCheckAbandonsLateRequests(t *testing.T) {
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		late := WithStartCheck(t.Context(), func() error { return errors.New("past the bound") })
+		_, err := h.m.Spawn(late, SpawnSpec{WorkerID: "late", Model: "m", Device: "cpu", QueenAddress: "127.0.0.1:1",
+			Env: []string{envFake + "=worker"}})
+		wantKind(t, err, KindLate, "past the bound")
+		if n := h.m.Live(); n != 0 {
+			t.Fatalf("a late Spawn left %d live workers", n)
+		}
+
+		s, _, _ := h.spawnReady("kept")
+		fd := watch(t, s.PID)
+		_, err = h.m.Delete(late, Target{WorkerID: "kept", PID: s.PID, StartTime: s.StartTime}, 0)
+		wantKind(t, err, KindLate, "past the bound")
+		if !alive(fd) {
+			t.Fatal("a late Delete signalled the worker")
+		}
+		inTime := WithStartCheck(t.Context(), func() error { return nil })
+		if out, err := h.m.Delete(inTime, Target{WorkerID: "kept", PID: s.PID, StartTime: s.StartTime}, 0); err != nil || out != Killed {
+			t.Fatalf("Delete in time = %v, %v; want killed", out, err)
 		}
 	})
 }

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/hive/clock"
 	"github.com/rbee-dev/rbee/hive/process"
 )
 
@@ -23,9 +24,11 @@ type fakeProcs struct {
 	spawned []process.SpawnSpec
 	deleted []process.Target
 	grace   []time.Duration
+	ctx     context.Context // of the last call that reached the core
 }
 
-func (f *fakeProcs) Spawn(_ context.Context, s process.SpawnSpec) (process.Spawned, error) {
+func (f *fakeProcs) Spawn(ctx context.Context, s process.SpawnSpec) (process.Spawned, error) {
+	f.ctx = ctx
 	f.spawned = append(f.spawned, s)
 	if f.err != nil {
 		return process.Spawned{}, f.err
@@ -33,7 +36,8 @@ func (f *fakeProcs) Spawn(_ context.Context, s process.SpawnSpec) (process.Spawn
 	return process.Spawned{PID: 1234, Port: 9100, StartTime: 99}, nil
 }
 
-func (f *fakeProcs) Delete(_ context.Context, t process.Target, g time.Duration) (process.Outcome, error) {
+func (f *fakeProcs) Delete(ctx context.Context, t process.Target, g time.Duration) (process.Outcome, error) {
+	f.ctx = ctx
 	f.deleted = append(f.deleted, t)
 	f.grace = append(f.grace, g)
 	if f.err != nil {
@@ -236,5 +240,60 @@ func TestFencingRefusesDeposedQueens(t *testing.T) {
 		if n := len(f.spawned) + len(f.deleted); n != s.calls {
 			t.Fatalf("%s: %d calls reached the process core, want %d", s.name, n, s.calls)
 		}
+	}
+}
+
+// A Spawn or Delete that reaches the hive once its clock has passed the queen's bound (not_after)
+// is refused, ABORTED, before anything is done: the network held it up and the queen may already
+// have told its caller it failed. One bounded in another process's clock (the hive restarted) is
+// refused too; one in time reaches the core with the same check for its last moment; one without a
+// bound (a queen with no reading of this hive's clock) passes as before.
+func TestRequestsPastTheQueensBoundAreRefused(t *testing.T) {
+	now := 9 * time.Second
+	f := &fakeProcs{}
+	h := New(Config{HiveID: "h", Queen: "127.0.0.1:7833", Clock: clock.NewFrom(7, func() time.Duration { return now })}, f)
+	bound := func(instance uint64, at time.Duration) *rbeev1.HiveClock {
+		return &rbeev1.HiveClock{Instance: instance, Reading: durationpb.New(at)}
+	}
+	del := func(na *rbeev1.HiveClock) error {
+		_, err := h.Delete(t.Context(), &rbeev1.DeleteRequest{WorkerId: "w", Pid: 4321, NotAfter: na})
+		return err
+	}
+	spawn := func(na *rbeev1.HiveClock) error {
+		_, err := h.Spawn(t.Context(), &rbeev1.SpawnRequest{WorkerId: "w", Model: "m", NotAfter: na})
+		return err
+	}
+
+	// The clock reads 0 at New: bounds are in time since then.
+	if err := del(bound(7, 2*time.Second)); err != nil {
+		t.Fatalf("Delete within its bound: %v", err)
+	}
+	if err := process.CheckStart(f.ctx); err != nil {
+		t.Fatalf("the core's start check fails before the bound: %v", err)
+	}
+	now += 2 * time.Second // the bound passes while the core would still be on its way
+	if err := process.CheckStart(f.ctx); process.KindOf(err) != process.KindLate {
+		t.Fatalf("the core's start check once the bound passed = %v, want KindLate", err)
+	}
+	for _, tc := range []struct {
+		name string
+		call func() error
+		want codes.Code
+		text string
+	}{
+		{"late delete", func() error { return del(bound(7, time.Second)) }, codes.Aborted, "nothing was done"},
+		{"late spawn", func() error { return spawn(bound(7, 2*time.Second)) }, codes.Aborted, "after the queen's bound"},
+		{"delete timed in another process's clock", func() error { return del(bound(8, time.Hour)) }, codes.FailedPrecondition, "another process of this hive"},
+	} {
+		err := tc.call()
+		if status.Code(err) != tc.want || !strings.Contains(err.Error(), tc.text) {
+			t.Errorf("%s = %v; want %v mentioning %q", tc.name, err, tc.want, tc.text)
+		}
+	}
+	if len(f.deleted) != 1 || len(f.spawned) != 0 {
+		t.Fatalf("refused requests reached the core: %d deletes, %d spawns", len(f.deleted), len(f.spawned))
+	}
+	if err := del(nil); err != nil || len(f.deleted) != 2 {
+		t.Fatalf("Delete without a bound = %v (core calls %d); want it carried out", err, len(f.deleted))
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -479,6 +480,101 @@ func TestDeleteDrainsFirstAndUndoesOnFailure(t *testing.T) {
 		f.BeforeDelete(nil)
 		if _, err := f.Delete(t.Context(), "w1", time.Second); KindOf(err) != KindNotFound {
 			t.Fatalf("second Delete: %v, want not found", err)
+		}
+	})
+}
+
+// refusingHive fails every call UNAVAILABLE after it had a connection (the peer is set), as a
+// hive whose connection broke mid-call does: the request may have left.
+type refusingHive struct{ fakeHive }
+
+func (r *refusingHive) Hive(string) (rbeev1.HiveServiceClient, error) { return r, nil }
+
+func (r *refusingHive) Delete(_ context.Context, in *rbeev1.DeleteRequest, opts ...grpc.CallOption) (*rbeev1.DeleteResponse, error) {
+	r.mu.Lock()
+	r.deletes = append(r.deletes, in)
+	r.mu.Unlock()
+	for _, o := range opts {
+		if p, ok := o.(grpc.PeerCallOption); ok {
+			p.PeerAddr.Addr = &net.TCPAddr{IP: net.IPv4(10, 0, 0, 2), Port: 7835}
+		}
+	}
+	return nil, status.Error(codes.Unavailable, "connection reset by peer")
+}
+
+// Each Delete carries its bound in the hive's clock, from the newest heartbeat's reading: the
+// reading plus the time from the beat's arrival to the end of the start window (5 s, or the
+// caller's deadline if sooner), less the rate slack. A hive with no reading gets no bound.
+func TestDeleteBoundInTheHivesClock(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		fh := &fakeHive{}
+		f, reg := fleetWithHive(t, fh)
+		if _, err := f.Delete(t.Context(), "w1", time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if na := fh.deletes[0].GetNotAfter(); na != nil {
+			t.Fatalf("a hive that never reported its clock got a bound %v", na)
+		}
+
+		if _, err := reg.HiveBeat(registry.Hive{ID: "h2", Address: "10.0.0.2:7835", Clock: registry.HiveClock{Instance: 5, Reading: 100 * time.Second}}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := reg.Beat(registry.Worker{ID: "w2", HiveID: "h2", Model: "m", Device: "cpu", PID: 43, Port: 9101, State: registry.StateReady}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Second) // the beat is 2 s old when the Delete is sent
+		if _, err := f.Delete(t.Context(), "w2", time.Second); err != nil {
+			t.Fatal(err)
+		}
+		span := 7 * time.Second // from the beat's arrival to 5 s after sending
+		want := 100*time.Second + span - time.Duration(float64(span)*clockRateSlack)
+		if na := fh.deletes[1].GetNotAfter(); na.GetInstance() != 5 || na.GetReading().AsDuration() != want {
+			t.Errorf("bound %v, want instance 5 at %v", na, want)
+		}
+
+		ctx, cancel := context.WithTimeout(t.Context(), time.Second) // the caller gives up sooner
+		defer cancel()
+		if _, err := reg.Beat(registry.Worker{ID: "w3", HiveID: "h2", Model: "m", Device: "cpu", PID: 44, Port: 9102, State: registry.StateReady}); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := f.Delete(ctx, "w3", time.Second); err != nil {
+			t.Fatal(err)
+		}
+		span = 3 * time.Second
+		want = 100*time.Second + span - time.Duration(float64(span)*clockRateSlack)
+		if got := fh.deletes[2].GetNotAfter().GetReading().AsDuration(); got != want {
+			t.Errorf("bound with a 1 s caller deadline %v, want %v", got, want)
+		}
+	})
+}
+
+// A Delete that fails while its request may still be on its way (the call had a connection)
+// answers only once the hive can no longer start it: at the end of the start window, not before.
+// One that never had a connection answers at once.
+func TestDeleteFailedInFlightAnswersAfterTheBound(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		rh := &refusingHive{}
+		f, reg := fleetWithHive(t, rh)
+		if _, err := reg.HiveBeat(registry.Hive{ID: "h2", Address: "10.0.0.2:7835", Clock: registry.HiveClock{Instance: 5, Reading: time.Minute}}); err != nil {
+			t.Fatal(err)
+		}
+		t0 := time.Now()
+		_, err := f.Delete(t.Context(), "w1", time.Second)
+		if KindOf(err) != KindUnavailable {
+			t.Fatalf("Delete over a broken connection = %v, want UNAVAILABLE", err)
+		}
+		if d := time.Since(t0); d != hiveStartWindow {
+			t.Errorf("answered %v after sending, want at the end of the start window %v", d, hiveStartWindow)
+		}
+
+		uh := &unreachableHive{} // fails without a connection
+		f, reg = fleetWithHive(t, uh)
+		if _, err := reg.HiveBeat(registry.Hive{ID: "h2", Address: "10.0.0.2:7835", Clock: registry.HiveClock{Instance: 5, Reading: time.Minute}}); err != nil {
+			t.Fatal(err)
+		}
+		t0 = time.Now()
+		if _, err := f.Delete(t.Context(), "w1", time.Second); KindOf(err) != KindUnavailable || time.Since(t0) != 0 {
+			t.Errorf("Delete that never left = %v after %v; want UNAVAILABLE at once", err, time.Since(t0))
 		}
 	})
 }

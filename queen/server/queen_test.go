@@ -419,3 +419,42 @@ func TestBeatFromAGoneProcessDoesNotResurrectIt(t *testing.T) {
 		})
 	}
 }
+
+// A hive's heartbeat reading of its clock is what the queen bounds its calls to that hive in: the
+// static hive h1, once it beats with a clock, gets Deletes carrying a not_after in that clock,
+// past the reading; a reading that is not a duration of zero or more ends the stream.
+func TestHiveClockReadingBoundsTheQueensCalls(t *testing.T) {
+	e := newEnv(t, Config{})
+	hb, err := e.beats.HiveHeartbeat(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	reading := &rbeev1.HiveClock{Instance: 99, Reading: durationpb.New(time.Hour)}
+	if err := hb.Send(&rbeev1.HiveHeartbeatRequest{Hive: &rbeev1.Hive{HiveId: "h1", Address: "127.0.0.1:1", FreePorts: 10}, Clock: reading}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hb.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.queen.SpawnWorker(t.Context(), &rbeev1.SpawnWorkerRequest{Model: "m", WorkerId: "b1"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.queen.DeleteWorker(t.Context(), &rbeev1.DeleteWorkerRequest{WorkerId: "b1"}); err != nil {
+		t.Fatal(err)
+	}
+	d := e.hive.deleted()
+	na := d[len(d)-1].GetNotAfter()
+	if na.GetInstance() != 99 || na.GetReading().AsDuration() <= time.Hour || na.GetReading().AsDuration() > time.Hour+5*time.Second {
+		t.Fatalf("Delete's bound %v; want instance 99, within 5 s past the reading of 1h", na)
+	}
+
+	bad, err := e.beats.HiveHeartbeat(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = bad.Send(&rbeev1.HiveHeartbeatRequest{Hive: &rbeev1.Hive{HiveId: "h1", Address: "127.0.0.1:1"},
+		Clock: &rbeev1.HiveClock{Instance: 99, Reading: durationpb.New(-time.Second)}})
+	if _, err := bad.Recv(); status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "clock.reading") {
+		t.Fatalf("a negative clock reading: %v, want INVALID_ARGUMENT naming clock.reading", err)
+	}
+}
