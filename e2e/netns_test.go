@@ -140,6 +140,15 @@ func (h *host) healOn(b int) {
 	ipCmd(h.f.t, "-n", h.f.prefix+"br", "link", "set", h.ports[b], "up")
 }
 
+// sysctl sets a network setting of the host's own (key relative to /proc/sys, e.g.
+// net/ipv4/neigh/eth0/base_reachable_time_ms): ip netns exec makes /proc/sys/net the namespace's.
+func (h *host) sysctl(key, value string) {
+	h.f.t.Helper()
+	if out, err := exec.Command("ip", "netns", "exec", h.ns, "sh", "-c", `printf %s "$1" > "/proc/sys/$2"`, "sh", value, key).CombinedOutput(); err != nil {
+		h.f.t.Fatalf("sysctl %s=%s in %s: %v: %s", key, value, h.ns, err, out)
+	}
+}
+
 // start runs binary name inside the host's namespace (ip netns exec execs it, so the PID is the
 // program's own and the usual clean-up by PID holds).
 func (h *host) start(name string, args ...string) *proc {

@@ -249,6 +249,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	log.Info("hive serving", zap.String("listen", lis.Addr().String()), zap.String("advertise", o.advertise),
 		zap.String("queen", o.queen), zap.String("worker_binary", pcfg.Binary), zap.String("log_dir", pcfg.LogDir), zap.String("worker_host", pcfg.ListenHost),
 		zap.String("models", o.models), zap.Strings("catalog", o.catalog.Names()), zap.String("worker_shim", o.shim),
+		zap.String("clock_instance", strconv.FormatUint(clk.Instance(), 16)),
 		zap.String("actor", "hive"), zap.String("action", "hive_start"))
 	err = srv.Serve(ctx, lis, hs.Drain)
 	<-done
