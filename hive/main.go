@@ -25,13 +25,13 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/hive/catalog"
-	"github.com/rbee-dev/rbee/hive/clock"
 	"github.com/rbee-dev/rbee/hive/devices"
 	"github.com/rbee-dev/rbee/hive/heartbeat"
 	"github.com/rbee-dev/rbee/hive/process"
 	"github.com/rbee-dev/rbee/hive/server"
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/cmdline"
+	"github.com/rbee-dev/rbee/internal/hiveclock"
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/metrics"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
@@ -198,7 +198,7 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 
 	var m *process.Manager
 	var beater *heartbeat.Beater
-	clk := clock.New()
+	clk := hiveclock.New()
 	if o.register {
 		queens, _ := validate.Addresses("--queen", o.queen) // checked above
 		target, qopts, err := rpcclient.QueenTarget(queens, rpcclient.HeartbeatService)
@@ -231,7 +231,10 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	srv := rpcserver.New(rpcserver.Options{Logger: log, Metrics: ms.GRPC, Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions()})
+	// Every unary answer, health checks included, carries a reading of the hive's clock: how a
+	// queen that has no heartbeat from this hive (--register=false) bounds its calls.
+	srv := rpcserver.New(rpcserver.Options{Logger: log, Metrics: ms.GRPC, Auth: o.creds.Verifier, ServerOptions: o.creds.ServerOptions(),
+		Unary: []grpc.UnaryServerInterceptor{clk.UnaryInterceptor()}})
 	hs := server.New(server.Config{
 		HiveID: o.hiveID, Queen: o.queen, Grace: o.grace, Registerer: ms.Registry, Live: m.Live,
 		WorkerEnv: o.creds.TLS.Env(), WorkerAddress: workerAddress(o.workerHost), Devices: inv,

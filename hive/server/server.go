@@ -19,10 +19,10 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/hive/catalog"
-	"github.com/rbee-dev/rbee/hive/clock"
 	"github.com/rbee-dev/rbee/hive/devices"
 	"github.com/rbee-dev/rbee/hive/process"
 	"github.com/rbee-dev/rbee/internal/auth"
+	"github.com/rbee-dev/rbee/internal/hiveclock"
 	"github.com/rbee-dev/rbee/internal/jobid"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/validate"
@@ -63,7 +63,7 @@ type Config struct {
 	WorkerHost string
 	// Clock is the clock the hive's heartbeats report, in which the queen bounds each Spawn and
 	// Delete (not_after); nil takes no bound into account.
-	Clock *clock.Clock
+	Clock *hiveclock.Clock
 }
 
 // DeviceSet is what the edge needs of the hive's device inventory.

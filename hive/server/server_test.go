@@ -14,8 +14,8 @@ import (
 	"google.golang.org/protobuf/types/known/durationpb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
-	"github.com/rbee-dev/rbee/hive/clock"
 	"github.com/rbee-dev/rbee/hive/process"
+	"github.com/rbee-dev/rbee/internal/hiveclock"
 )
 
 // fakeProcs records what reaches the process core and answers with a chosen error.
@@ -251,7 +251,7 @@ func TestFencingRefusesDeposedQueens(t *testing.T) {
 func TestRequestsPastTheQueensBoundAreRefused(t *testing.T) {
 	now := 9 * time.Second
 	f := &fakeProcs{}
-	h := New(Config{HiveID: "h", Queen: "127.0.0.1:7833", Clock: clock.NewFrom(7, func() time.Duration { return now })}, f)
+	h := New(Config{HiveID: "h", Queen: "127.0.0.1:7833", Clock: hiveclock.NewFrom(7, func() time.Duration { return now })}, f)
 	bound := func(instance uint64, at time.Duration) *rbeev1.HiveClock {
 		return &rbeev1.HiveClock{Instance: instance, Reading: durationpb.New(at)}
 	}

@@ -158,7 +158,11 @@ func (f *Fleet) Spawn(ctx context.Context, spec SpawnSpec) (registry.Worker, err
 	// registered worker or leaves nothing behind, never a process the queen half knows.
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), hiveSpawnTimeout)
 	defer cancel()
-	b := startBound(sctx, hive)
+	b, err := f.startBound(sctx, hive)
+	if err != nil {
+		f.reg.Remove(id, err)
+		return registry.Worker{}, err
+	}
 	sreq := &rbeev1.SpawnRequest{WorkerId: id, Model: spec.Model, Device: device, QueenAddress: f.cfg.Advertise, FencingToken: token, NotAfter: b.notAfter}
 	if f.cfg.Token != "" {
 		sreq.WorkerToken = auth.WorkerToken(f.cfg.Token, id)
@@ -333,8 +337,11 @@ func (f *Fleet) cleanup(ctx context.Context, hive registry.Hive, id string, pid 
 		token, err = f.fence()
 	}
 	if err == nil {
-		_, err = hc.Delete(ctx, &rbeev1.DeleteRequest{WorkerId: id, Pid: pid, ProcessStartTime: start, GracePeriod: durationpb.New(0), FencingToken: token,
-			NotAfter: startBound(ctx, hive).notAfter})
+		var b bound
+		if b, err = f.startBound(ctx, hive); err == nil {
+			_, err = hc.Delete(ctx, &rbeev1.DeleteRequest{WorkerId: id, Pid: pid, ProcessStartTime: start, GracePeriod: durationpb.New(0), FencingToken: token,
+				NotAfter: b.notAfter})
+		}
 	}
 	if err != nil {
 		narrate.Warn(ctx, "queen", "worker_cleanup_failed", "Could not stop a worker that was not kept", zap.Error(err))
@@ -427,7 +434,10 @@ func (f *Fleet) Delete(ctx context.Context, id string, grace time.Duration) (_ D
 	}
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	b := startBound(dctx, hive)
+	b, err := f.startBound(dctx, hive)
+	if err != nil {
+		return Deleted{}, err
+	}
 	dreq.NotAfter = b.notAfter
 	t0 := time.Now()
 	var sent peer.Peer
@@ -522,16 +532,31 @@ type bound struct {
 	until    time.Time
 }
 
+// hiveClockReadTimeout bounds reading the clock of a hive that sends no heartbeat with one.
+const hiveClockReadTimeout = 5 * time.Second
+
 // startBound bounds a call to hive made now under ctx: the hive may start it within
 // hiveStartWindow, and never after ctx's deadline, when the caller is told it failed. The bound in
-// the hive's clock comes from its newest heartbeat: at Received its clock read at least Reading
-// (the beat was sent before), so by until it reads at least Reading + (until - Received), less the
-// rate slack. However long the network held the beat or holds the request, the hive's clock passes
-// notAfter no later than the queen's passes until.
-func startBound(ctx context.Context, hive registry.Hive) bound {
+// the hive's clock comes from its newest heartbeat (or, for a hive that sends this queen none, a
+// reading asked of it now): at Received its clock read at least Reading (the reading was taken
+// before it arrived), so by until it reads at least Reading + (until - Received), less the rate
+// slack. However long the network held the reading or holds the request, the hive's clock passes
+// notAfter no later than the queen's passes until. The error, when a hive without a heartbeat
+// reading does not answer, is UNAVAILABLE with nothing sent.
+func (f *Fleet) startBound(ctx context.Context, hive registry.Hive) (bound, error) {
 	c := hive.Clock
+	if r, ok := f.cfg.Hives.(hiveClockReader); ok && c.Instance == 0 {
+		rctx, cancel := context.WithTimeout(ctx, hiveClockReadTimeout)
+		var err error
+		c, err = r.ReadClock(rctx, hive.Address)
+		cancel()
+		if err != nil {
+			return bound{}, &Error{Kind: KindUnavailable, Err: err, Unreachable: &HiveRef{hive.ID, hive.Address},
+				Msg: fmt.Sprintf("hive %s at %s did not answer (%v); nothing was sent, retry once it is back", hive.ID, hive.Address, err)}
+		}
+	}
 	if c.Instance == 0 {
-		return bound{}
+		return bound{}, nil // a hive that reports no clock (older than it): unbounded, as before
 	}
 	until := time.Now().Add(hiveStartWindow)
 	if dl, ok := ctx.Deadline(); ok && dl.Before(until) {
@@ -539,5 +564,5 @@ func startBound(ctx context.Context, hive registry.Hive) bound {
 	}
 	span := until.Sub(c.Received)
 	span -= time.Duration(float64(span) * clockRateSlack)
-	return bound{notAfter: &rbeev1.HiveClock{Instance: c.Instance, Reading: durationpb.New(c.Reading + span)}, until: until}
+	return bound{notAfter: &rbeev1.HiveClock{Instance: c.Instance, Reading: durationpb.New(c.Reading + span)}, until: until}, nil
 }

@@ -5,13 +5,18 @@ import (
 	"fmt"
 	"net"
 	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/hiveclock"
 	"github.com/rbee-dev/rbee/internal/jobid"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
+	"github.com/rbee-dev/rbee/queen/registry"
 )
 
 // HiveDialer gives a client for the hive at an address.
@@ -73,17 +78,50 @@ func (p *HivePool) Drop(address string) {
 
 // Hive returns the client for address.
 func (p *HivePool) Hive(address string) (rbeev1.HiveServiceClient, error) {
+	c, err := p.conn(address)
+	if err != nil {
+		return nil, err
+	}
+	return rbeev1.NewHiveServiceClient(c), nil
+}
+
+func (p *HivePool) conn(address string) (*grpc.ClientConn, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if c, ok := p.conns[address]; ok {
-		return rbeev1.NewHiveServiceClient(c), nil
+		return c, nil
 	}
 	c, err := grpc.NewClient(address, p.opts...)
 	if err != nil {
 		return nil, fmt.Errorf("hive address %q: %w", address, err)
 	}
 	p.conns[address] = c
-	return rbeev1.NewHiveServiceClient(c), nil
+	return c, nil
+}
+
+// hiveClockReader is a HiveDialer that can read a hive's clock itself (HivePool), for a hive whose
+// heartbeats carry no reading because it sends none to this queen.
+type hiveClockReader interface {
+	ReadClock(ctx context.Context, address string) (registry.HiveClock, error)
+}
+
+// ReadClock asks the hive at address for a reading of its clock: a health check, whose answer
+// carries it in a header (hiveclock.Header). Instance 0: the hive reports none (it predates it).
+func (p *HivePool) ReadClock(ctx context.Context, address string) (registry.HiveClock, error) {
+	c, err := p.conn(address)
+	if err != nil {
+		return registry.HiveClock{}, err
+	}
+	var md metadata.MD
+	if _, err := healthpb.NewHealthClient(c).Check(ctx, &healthpb.HealthCheckRequest{}, grpc.Header(&md)); err != nil {
+		return registry.HiveClock{}, fmt.Errorf("reading the clock of hive %s: %w", address, err)
+	}
+	received := time.Now() // after the answer arrived: the hive's clock read at least this much then
+	instance, reading, ok, err := hiveclock.ParseHeader(md)
+	if err != nil || !ok {
+		return registry.HiveClock{}, err
+	}
+	return registry.HiveClock{Instance: instance, Reading: reading, Received: received}, nil
 }
 
 // Close closes every connection.

@@ -1,10 +1,10 @@
-// Package clock is the hive's own clock for the queen's not-after bounds: a reading that runs at
+// Package hiveclock is the hive's own clock for the queen's not-after bounds: a reading that runs at
 // the rate of real time, suspend included, from an origin of this process, named by a random
 // instance. The hive sends a reading with every heartbeat; the queen bounds each Spawn and Delete in
 // this clock (SpawnRequest.not_after, DeleteRequest.not_after), and the hive refuses a request it
 // receives once its clock has passed that bound: a request the network held up past the point
 // where the queen may already have told its caller it failed is never carried out.
-package clock
+package hiveclock
 
 import (
 	"crypto/rand"
