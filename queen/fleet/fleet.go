@@ -88,7 +88,8 @@ const hiveDeleteSlack = 15 * time.Second
 // The request carries that bound in the hive's own clock (not_after), and the hive refuses what
 // reaches it later: a request held up in the network, or in a queue of either host, must not start
 // a process or signal one once the caller may have been told the call failed. A call that fails
-// while its request may still be on its way answers only once this window is over (see settle).
+// while its request may still be on its way answers only once this window is over (see
+// abandonUnanswered).
 const hiveStartWindow = 5 * time.Second
 
 // clockRateSlack is how far apart the rates of the queen's and a hive's clocks may be (monotonic
