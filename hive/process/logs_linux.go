@@ -68,11 +68,22 @@ type logFile struct {
 	adopted bool // a worker of an earlier hive: untracked once its lock is free
 }
 
-// logs is the Manager's log bookkeeping: the files of live workers only.
+// logs is the Manager's log bookkeeping: the files of live workers, and the logs of exited
+// workers in the order they exited, so that a worker's exit removes the oldest log beyond
+// LogKeepExited without listing the directory: a full scan opens and locks every log kept (100 by
+// default), which cost a quarter of the hive's CPU in a Spawn/Delete loop and ran on every exit,
+// next to the Spawn that follows.
 type logs struct {
 	mu      sync.Mutex
 	tracked map[string]*logFile
-	sweep   chan struct{} // a worker exited: look for logs to remove
+	exited  []exitedLog     // oldest first
+	isExit  map[string]bool // the paths in exited
+}
+
+// exitedLog is the log of an exited worker and when it was last written (or its worker exited).
+type exitedLog struct {
+	path string
+	at   time.Time
 }
 
 func (m *Manager) track(path string, adopted bool) *logFile {
@@ -93,24 +104,43 @@ func (m *Manager) tracked(path string) *logFile {
 }
 
 // untrack caps path one last time and stops watching it: its worker is gone, nothing writes it.
+// The log joins the exited workers' logs, and the oldest of those beyond LogKeepExited goes.
 func (m *Manager) untrack(path string) {
 	if lf := m.tracked(path); lf != nil {
 		m.capTracked(path, lf)
 	}
 	m.logs.mu.Lock()
 	delete(m.logs.tracked, path)
-	m.logs.mu.Unlock()
-	select {
-	case m.logs.sweep <- struct{}{}:
-	default:
+	if path != "" && !m.logs.isExit[path] {
+		m.logs.exited = append(m.logs.exited, exitedLog{path: path, at: time.Now()})
+		m.logs.isExit[path] = true
 	}
+	var drop []string
+	for len(m.logs.exited) > m.cfg.LogKeepExited {
+		drop = append(drop, m.logs.exited[0].path)
+		delete(m.logs.isExit, m.logs.exited[0].path)
+		m.logs.exited = m.logs.exited[1:]
+	}
+	m.logs.mu.Unlock()
+	for _, p := range drop {
+		m.removeExitedLog(p)
+	}
+}
+
+// removeExitedLog removes the log of an exited worker, unless something still writes it.
+func (m *Manager) removeExitedLog(path string) {
+	if err := removeDeadLog(path); err != nil {
+		m.log.Warn("remove exited worker's log", zap.String("path", path), zap.Error(err))
+		return
+	}
+	m.log.Debug("removed exited worker's log", zap.String("path", path))
 }
 
 // startLogs adopts the logs of live workers an earlier hive spawned (their files are still locked),
 // removes expired ones and starts the housekeeping goroutine.
 func (m *Manager) startLogs() {
 	m.logs.tracked = make(map[string]*logFile)
-	m.logs.sweep = make(chan struct{}, 1)
+	m.logs.isExit = make(map[string]bool)
 	for _, e := range m.scanLogs() {
 		if e.live {
 			m.track(e.path, true)
@@ -121,8 +151,10 @@ func (m *Manager) startLogs() {
 	go m.logsLoop()
 }
 
-// logsLoop caps the logs of live workers every LogCheckEvery and removes the logs of exited ones
-// past their bound when a worker exits and every LogKeepFor/10 (at most 10 minutes, at least 1s).
+// logsLoop caps the logs of live workers every LogCheckEvery and, every LogKeepFor/10 (at most 10
+// minutes, at least 1s), removes the logs of exited workers past their bounds, also those it does
+// not know of (another hive's sharing the directory). A worker's exit trims the count at once
+// (untrack).
 func (m *Manager) logsLoop() {
 	defer m.bg.Done()
 	capT := time.NewTicker(m.cfg.LogCheckEvery)
@@ -135,8 +167,6 @@ func (m *Manager) logsLoop() {
 			return
 		case <-capT.C:
 			m.capLogs()
-		case <-m.logs.sweep:
-			m.sweepLogs()
 		case <-sweepT.C:
 			m.sweepLogs()
 		}
@@ -250,16 +280,38 @@ func (m *Manager) sweepLogs() {
 		dead = append(dead, e)
 	}
 	slices.SortFunc(dead, func(a, b logEntry) int { return b.mtime.Compare(a.mtime) }) // newest first
+	kept := make(map[string]time.Time, len(dead))
 	for i, e := range dead {
 		if i < m.cfg.LogKeepExited && now.Sub(e.mtime) < m.cfg.LogKeepFor {
+			kept[e.path] = e.mtime
 			continue
 		}
 		if err := removeDeadLog(e.path); err != nil {
 			m.log.Warn("remove exited worker's log", zap.String("path", e.path), zap.Error(err))
+			kept[e.path] = e.mtime
 			continue
 		}
 		m.log.Debug("removed exited worker's log", zap.String("path", e.path), zap.String("worker_id", e.workerID))
 	}
+	// What the directory holds now is the list exits trim, with the logs of workers that exited
+	// during the scan (which it saw as live), oldest first.
+	m.logs.mu.Lock()
+	defer m.logs.mu.Unlock()
+	list := make([]exitedLog, 0, len(kept)+len(m.logs.exited))
+	for p, at := range kept {
+		list = append(list, exitedLog{path: p, at: at})
+	}
+	for _, e := range m.logs.exited {
+		if _, ok := kept[e.path]; !ok && e.at.After(now) {
+			list = append(list, e)
+		}
+	}
+	slices.SortFunc(list, func(a, b exitedLog) int { return a.at.Compare(b.at) })
+	clear(m.logs.isExit)
+	for _, e := range list {
+		m.logs.isExit[e.path] = true
+	}
+	m.logs.exited = list
 }
 
 // removeDeadLog unlinks path while holding its exclusive lock, so a log that came alive (cannot

@@ -759,6 +759,42 @@ func TestLogRetention(t *testing.T) {
 	}
 }
 
+// TestLogRetentionOnExit: each exit removes the oldest exited workers' logs beyond LogKeepExited
+// by itself, without a scan of the directory, and never a live worker's log or a file not ours.
+func TestLogRetentionOnExit(t *testing.T) {
+	exits := make(chan Exit, 1)
+	dir := t.TempDir()
+	h := newHarness(t, CgroupOff, func(c *Config) {
+		c.LogDir, c.LogKeepExited, c.LogKeepFor = dir, 2, time.Hour // no timed sweep in this test
+		c.OnExit = func(e Exit) { exits <- e }
+	})
+	has := func(id string) bool {
+		ents, _ := os.ReadDir(dir)
+		return slices.ContainsFunc(ents, func(e os.DirEntry) bool { return strings.HasPrefix(e.Name(), logPrefix+id+".") })
+	}
+	os.WriteFile(filepath.Join(dir, "rbee-worker-mine.log"), []byte("not ours\n"), 0o644)
+	h.spawnReady("live", "FAKE_LINES=1")
+	ids := []string{"e1", "e2", "e3", "e4", "e5"}
+	for i, id := range ids {
+		h.spawnReady(id, "FAKE_LINES=1", "FAKE_EXIT=0")
+		if e := <-exits; e.WorkerID != id {
+			t.Fatalf("exit of %s, want %s", e.WorkerID, id)
+		}
+		// The exit was reported after its log joined the exited ones: the count holds already.
+		for j, prev := range ids[:i+1] {
+			if want := j >= i-1; has(prev) != want {
+				t.Fatalf("after %s exited: log of %s present %v, want %v", id, prev, has(prev), want)
+			}
+		}
+	}
+	if !has("live") {
+		t.Error("a live worker's log was removed")
+	}
+	if _, err := os.Stat(filepath.Join(dir, "rbee-worker-mine.log")); err != nil {
+		t.Errorf("a file not named as the hive's was removed: %v", err)
+	}
+}
+
 func TestLogNames(t *testing.T) {
 	at := time.Date(2026, 11, 28, 13, 4, 5, 6, time.UTC)
 	n := logName("w-1", at)
