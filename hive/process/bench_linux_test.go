@@ -53,20 +53,18 @@ func benchHarness(b *testing.B, mode CgroupMode, tm ...trampolineMode) (*Manager
 }
 
 // BenchmarkSpawn measures Spawn: from the call to the answer (the trampoline runs). Each way of
-// starting a worker: from a spare trampoline (the default), by forking the native trampoline, and
-// by forking the hive's own binary (the fallback, and the only way before).
+// starting a worker: cloned by the zygote (the default), by forking the native trampoline, and by
+// forking the hive's own binary (the fallback, and the only way before).
 func BenchmarkSpawn(b *testing.B) {
 	benchModes(b, func(b *testing.B, mode CgroupMode) {
-		for _, tm := range []trampolineMode{viaSpare, viaFork, viaHiveBinary} {
-			b.Run([]string{"spare", "fork", "hive-binary"}[tm], func(b *testing.B) {
+		for _, tm := range []trampolineMode{viaZygote, viaFork, viaHiveBinary} {
+			b.Run([]string{"zygote", "fork", "hive-binary"}[tm], func(b *testing.B) {
 				m, q := benchHarness(b, mode, tm)
+				if tm == viaZygote {
+					awaitZygote(b, m)
+				}
 				var d []time.Duration
 				for i := 0; b.Loop(); i++ {
-					if tm == viaSpare {
-						b.StopTimer()
-						<-m.spareReady
-						b.StartTimer()
-					}
 					id := "b" + strconv.Itoa(i)
 					start := time.Now()
 					s, err := m.Spawn(b.Context(), SpawnSpec{WorkerID: id, Env: []string{envFake + "=worker", "FAKE_REPORT=" + q.path}})
@@ -88,13 +86,16 @@ func BenchmarkSpawn(b *testing.B) {
 }
 
 // BenchmarkSpawnToReady measures Spawn until the worker binary runs its own code: through the
-// native trampoline (spare or forked), through the hive's own binary, and exec'd directly (no
+// native trampoline (from the zygote), through the hive's own binary, and exec'd directly (no
 // LISTEN_PID), to show what each trampoline costs the worker's start.
 func BenchmarkSpawnToReady(b *testing.B) {
 	for _, name := range []string{"native", "hive-binary", "direct"} {
 		b.Run(name, func(b *testing.B) {
-			tm := map[string]trampolineMode{"native": viaSpare, "hive-binary": viaHiveBinary, "direct": viaFork}[name]
+			tm := map[string]trampolineMode{"native": viaZygote, "hive-binary": viaHiveBinary, "direct": viaFork}[name]
 			m, q := benchHarness(b, CgroupAuto, tm)
+			if tm == viaZygote {
+				awaitZygote(b, m)
+			}
 			m.direct = name == "direct"
 			var d []time.Duration
 			for i := 0; b.Loop(); i++ {

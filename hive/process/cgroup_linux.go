@@ -283,7 +283,7 @@ func (r cgroupRoot) orphaned(hiveID, workerID string) []string {
 // workerMarked says whether the environment env of process pid marks it as a worker itself rather
 // than something it forked: LISTEN_PID naming itself (both trampolines set it, with or without a
 // socket to hand over), the native trampoline's LISTEN_PID slot before it writes its PID there,
-// the Go trampoline's variable, or a spare's.
+// the Go trampoline's variable, or the zygote's (a child it cloned, before the worker's exec).
 func workerMarked(env []byte, pid string) bool {
 	return hasEnv(env, envListenPID+"="+pid) || hasEnv(env, listenPIDSlot) ||
 		hasEnvKey(env, envTrampoline) || hasEnvKey(env, envSpare)

@@ -48,8 +48,8 @@ func notWorker(pid int, format string, args ...any) error {
 //     worker id is the one it was spawned with.
 //  2. Any process in a worker cgroup (.../rbee-<hive>/w-<id>@<nonce>) must be in one of this
 //     worker id's; only the worker and what it forked are placed there. Such a process whose
-//     environment cannot be read (an exec in progress), or that is still the spare trampoline
-//     the worker is about to be (spare_linux.go), is proven by the cgroup; one whose
+//     environment cannot be read (an exec in progress), or that is still the zygote's child the
+//     worker is about to be (zygote_linux.go), is proven by the cgroup; one whose
 //     environment can be read must carry the worker id marker.
 //  3. Otherwise (no cgroups) the marker RBEE_WORKER_ID=<id> in its environment, re-read while an
 //     exec hides it (bounded by execWindow).
@@ -117,8 +117,8 @@ func (m *Manager) prove(t Target) (p proven, gone bool, err error) {
 	inWorkerCg := cg != "" && isRbeeCgroup(cg)
 
 	if workerID, cgroup, found := m.child(pid, st.StartTime); found && workerID != "" {
-		// Proof 1: the hive's own child, by PID and start time. (A spare not yet given to a
-		// Spawn has no worker id, and is no worker.)
+		// Proof 1: the hive's own child, by PID and start time. (The zygote has no worker id,
+		// and is no worker.)
 		if workerID != t.WorkerID {
 			return fail(notWorker(pid, "it is worker %s's process, spawned by this hive", workerID))
 		}
@@ -135,8 +135,8 @@ func (m *Manager) prove(t Target) (p proven, gone bool, err error) {
 		case hasEnv(env, envWorkerID+"="+t.WorkerID):
 			// Proof 2 or 3: the marker (and, in a worker cgroup, the cgroup).
 		case inWorkerCg && (len(env) == 0 || errors.Is(err, unix.ESRCH) || hasEnv(env, envSpare+"=1")):
-			// Proof 2: in this worker id's cgroup and inside an exec, or a spare trampoline that
-			// a Spawn moved there and that has not yet exec'd the worker.
+			// Proof 2: in this worker id's cgroup and inside an exec, or the zygote's child that
+			// was cloned there and has not yet exec'd the worker.
 		case errors.Is(err, errExecWindow):
 			return fail(notWorker(pid, "its environment, which must hold %s=%s, is %v", envWorkerID, t.WorkerID, err))
 		case err != nil && !errors.Is(err, unix.ESRCH):

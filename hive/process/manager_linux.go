@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -62,14 +63,15 @@ type Manager struct {
 	given   map[int]time.Time
 	pending atomic.Int64 // Spawns between the max-workers check and a countable process
 
-	mu          sync.Mutex
-	spare       *spare // a trampoline waiting for a Spawn (spare_linux.go)
-	makingSpare bool
-	spareReady  chan struct{}      // a token each time a spare becomes ready (for tests)
-	children    map[int]*child     // by PID, until reaped
-	flights     map[target]*flight // Deletes in progress
-	closed      bool
-	parents     sync.Map // rbee-<hive-id> cgroup directories used by Spawn
+	mu           sync.Mutex
+	zyg          *zygote // the trampoline that clones workers (zygote_linux.go)
+	makingZygote bool
+	zygoteReady  chan struct{}      // a token each time a zygote becomes ready (for tests)
+	zygoteSpawns atomic.Int64       // workers the zygote started (for tests)
+	children     map[int]*child     // by PID, until reaped
+	flights      map[target]*flight // Deletes in progress
+	closed       bool
+	parents      sync.Map // rbee-<hive-id> cgroup directories used by Spawn
 
 	logs logs // the log files of live workers, for the cap and for followers
 
@@ -92,7 +94,7 @@ type child struct {
 	// logReady is closed once the trampoline has opened and locked the log (or failed to: then
 	// logErr says why, in the trampoline's words).
 	logReady chan struct{}
-	spare    bool // started as a spare trampoline (spare_linux.go)
+	zygote   bool // the zygote itself (zygote_linux.go), never a worker
 	logErr   string
 }
 
@@ -123,13 +125,13 @@ func New(cfg Config) (*Manager, error) {
 		return nil, errf(KindInternal, err, "find the hive's own executable for the trampoline")
 	}
 	m := &Manager{
-		cfg:        cfg,
-		log:        cfg.Logger,
-		self:       self,
-		children:   make(map[int]*child),
-		flights:    make(map[target]*flight),
-		stop:       make(chan struct{}),
-		spareReady: make(chan struct{}, 1),
+		cfg:         cfg,
+		log:         cfg.Logger,
+		self:        self,
+		children:    make(map[int]*child),
+		flights:     make(map[target]*flight),
+		stop:        make(chan struct{}),
+		zygoteReady: make(chan struct{}, 1),
 	}
 	if err := m.setListenHost(cfg.ListenHost); err != nil {
 		return nil, err
@@ -157,7 +159,7 @@ func New(cfg Config) (*Manager, error) {
 	m.log.Info("process manager ready", zap.Bool("cgroups", m.useCg), zap.Bool("native_trampoline", m.native != ""),
 		zap.String("cgroup_root", filepath.Join(m.cg.mount, m.cg.own)), zap.String("log_dir", cfg.LogDir))
 	m.startLogs()
-	m.refillSpares()
+	m.startZygote()
 	return m, nil
 }
 
@@ -199,7 +201,7 @@ func (m *Manager) Close() error {
 	m.closed = true
 	m.mu.Unlock()
 	close(m.stop)
-	m.closeSpare()
+	m.closeZygote()
 	m.bg.Wait()
 	m.tidying.Wait()
 	m.devnull.Close()
@@ -223,7 +225,7 @@ func (m *Manager) Live() int {
 	m.mu.Lock()
 	own := make(map[int]bool, len(m.children))
 	for pid, c := range m.children {
-		if !c.exited && c.workerID != "" { // not a spare
+		if !c.exited && c.workerID != "" { // not the zygote
 			own[pid] = true
 		}
 	}
@@ -318,7 +320,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		return Spawned{}, err
 	}
 	attr := &syscall.SysProcAttr{Setsid: true} // own session and group; no Pdeathsig: workers outlive the hive
-	cgDir := ""
+	cgDir, cgFD := "", -1
 	if m.useCg {
 		nonce := strconv.FormatUint(uint64(time.Now().UnixNano()), 36) + strconv.FormatUint(uint64(rand.Uint32()), 36)
 		dir, fd, err := m.cg.create(hiveID, s.WorkerID, nonce)
@@ -327,7 +329,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		}
 		defer unix.Close(fd)
 		m.parents.Store(filepath.Dir(dir), true)
-		cgDir = dir
+		cgDir, cgFD = dir, fd
 		attr.UseCgroupFD, attr.CgroupFD = true, fd
 	}
 
@@ -338,7 +340,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		more, env := s.Extra(port)
 		args = append(args, more...)
 		s.Env = append(slices.Clip(s.Env), env...)
-		// A NUL would cut an argument short, and split a spare's instructions into other strings.
+		// A NUL would cut an argument short, and split the zygote's request into other strings.
 		if i := slices.IndexFunc(append(slices.Clip(more), env...), func(v string) bool { return strings.IndexByte(v, 0) >= 0 }); i >= 0 {
 			if cgDir != "" {
 				removeCgroup(cgDir)
@@ -368,28 +370,43 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		cmd.Path, cmd.Args = m.self, args
 		cmd.Env = append(env, envTrampoline+"="+binary, envTrampolineLog+"="+logPath)
 	}
-	if sp := m.takeSpare(); sp != nil && errW != nil {
-		if msg, fits := spareMsg(logPath, binary, args, append(env, listenPIDSlot)); fits &&
-			m.useSpare(sp, msg, errR, errW, firstOrNil(inherit), cgDir, child{workerID: s.WorkerID, logPath: logPath, cgroup: cgDir}) {
-			narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", s.WorkerID, sp.pid, port),
-				zap.String("worker_id", s.WorkerID), zap.Int("pid", sp.pid), zap.Int("port", port),
-				zap.Uint64("start_time", sp.c.startTime), zap.String("cgroup", cgDir), zap.Bool("spare", true))
-			return Spawned{PID: sp.pid, Port: port, StartTime: sp.c.startTime, Cgroup: cgDir}, nil
+	var pid int
+	wait := cmdWait(cmd)
+	if z := m.readyZygote(); z != nil && errW != nil {
+		// The zygote exists only with the native trampoline, whose arguments and environment
+		// (with the LISTEN_PID slot) cmd holds.
+		if msg, fits := zygoteMsg(logPath, binary, args, cmd.Env, cgFD >= 0, !noHandoff); fits {
+			lisFD := -1
+			if !noHandoff {
+				lisFD = int(lis.Fd())
+			}
+			p, err := z.spawn(msg, int(errW.Fd()), cgFD, lisFD)
+			switch {
+			case err == nil:
+				pid, wait = p, pidWait(p)
+				m.zygoteSpawns.Add(1)
+			case errors.Is(err, errZygoteRefused):
+				m.log.Warn("the zygote trampoline started no worker; forking the trampoline", zap.String("worker_id", s.WorkerID), zap.Error(err))
+			default:
+				m.abandonZygote(z, cgDir, err)
+			}
 		}
 	}
-	if err := cmd.Start(); err != nil {
-		if cgDir != "" {
-			removeCgroup(cgDir)
+	if pid == 0 {
+		if err := cmd.Start(); err != nil {
+			if cgDir != "" {
+				removeCgroup(cgDir)
+			}
+			if errR != nil {
+				errR.Close()
+			}
+			return Spawned{}, errf(KindInternal, err, "start worker")
 		}
-		if errR != nil {
-			errR.Close()
-		}
-		return Spawned{}, errf(KindInternal, err, "start worker")
+		pid = cmd.Process.Pid
 	}
 	if errW != nil {
 		errW.Close() // now only the trampoline holds the write end: EOF once it has the log
 	}
-	pid := cmd.Process.Pid
 	// The child is not reaped before the reaper below runs, so its PID is still its own here.
 	startTime, err := procstat.StartTime(pid)
 	if err != nil {
@@ -406,19 +423,12 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	m.children[pid] = c
 	m.mu.Unlock()
 	m.reapers.Add(1)
-	go m.reap(cmd, pid, c, errR)
+	go m.reap(wait, pid, c, errR)
 
 	narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", s.WorkerID, pid, port),
 		zap.String("worker_id", s.WorkerID), zap.Int("pid", pid), zap.Int("port", port),
 		zap.Uint64("start_time", startTime), zap.String("cgroup", cgDir))
 	return Spawned{PID: pid, Port: port, StartTime: startTime, Cgroup: cgDir}, nil
-}
-
-func firstOrNil(fs []*os.File) *os.File {
-	if len(fs) == 0 {
-		return nil
-	}
-	return fs[0]
 }
 
 // workerEnv is the hive's environment plus the spec's extras plus the contract variables, which
@@ -458,8 +468,8 @@ func workerEnv(s SpawnSpec, hiveID, host string, handoff bool) []string {
 	return dedupEnv(env)
 }
 
-// dedupEnv keeps the last entry of each variable, as os/exec does before an exec: a spare
-// trampoline gets the list as it is, and a program reading the first of two entries would see
+// dedupEnv keeps the last entry of each variable, as os/exec does before an exec: the zygote
+// passes the list on as it is, and a program reading the first of two entries would see
 // the hive's value instead of the spec's.
 func dedupEnv(env []string) []string {
 	last := make(map[string]int, len(env))
@@ -557,20 +567,17 @@ func (m *Manager) readTrampolineErr(c *child, trampolineErr *os.File) {
 	close(c.logReady)
 }
 
-func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child, trampolineErr *os.File) {
+func (m *Manager) reap(wait func() *os.ProcessState, pid int, c *child, trampolineErr *os.File) {
 	defer m.reapers.Done()
-	if !c.spare { // a spare's Spawn reads its trampoline's errors (readTrampolineErr)
+	if !c.zygote {
 		m.readTrampolineErr(c, trampolineErr)
 	}
-	_ = cmd.Wait() // the status is in ProcessState; a non-zero exit is not an error here
+	st := wait()
 	at := time.Now()
 	m.mu.Lock()
 	delete(m.children, pid)
-	deleting, closed := c.deleting || c.workerID == "", m.closed // a spare that never became a worker
+	deleting, closed := c.deleting || c.zygote, m.closed
 	m.mu.Unlock()
-	if c.spare && !deleting {
-		<-c.logReady // c.logErr, read by its Spawn's goroutine: it has ended or ends now (EOF)
-	}
 	close(c.reaped)
 	if deleting {
 		if c.pidfd >= 0 {
@@ -601,7 +608,9 @@ func (m *Manager) reap(cmd *exec.Cmd, pid int, c *child, trampolineErr *os.File)
 		// no log to show.
 		ex.LogTail = strings.TrimSpace(c.logErr + "\n" + ex.LogTail)
 	}
-	if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok {
+	if st == nil {
+		m.log.Warn("wait for worker", zap.Int("pid", pid)) // its exit status is unknown
+	} else if ws, ok := st.Sys().(syscall.WaitStatus); ok {
 		switch {
 		case ws.Exited():
 			ex.ExitCode = ws.ExitStatus()

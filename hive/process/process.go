@@ -64,8 +64,8 @@ type Config struct {
 	LogKeepExited int
 
 	// Tests: start workers through the hive's own binary (as where no native trampoline exists),
-	// or through a freshly forked native trampoline (no spare).
-	hiveTrampoline, noSpares bool
+	// or through a freshly forked native trampoline (no zygote).
+	hiveTrampoline, noZygote bool
 }
 
 const (

@@ -7,26 +7,30 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/rbee-dev/rbee/internal/procstat"
 )
 
 // trampolineMode is how a test's workers are started.
 type trampolineMode int
 
 const (
-	viaSpare      trampolineMode = iota // a native trampoline started ahead, waiting for the Spawn
+	viaZygote     trampolineMode = iota // cloned by the zygote, the native trampoline serving Spawns
 	viaFork                             // a native trampoline forked by the Spawn
 	viaHiveBinary                       // the hive's own binary (where there is no native one)
 )
 
 func (tm trampolineMode) edit(c *Config) {
-	c.noSpares = tm == viaFork
+	c.noZygote = tm == viaFork
 	c.hiveTrampoline = tm == viaHiveBinary
 }
 
 // forTrampolines runs f for each way of starting a worker this machine has.
 func forTrampolines(t *testing.T, f func(t *testing.T, tm trampolineMode)) {
-	for _, tm := range []trampolineMode{viaSpare, viaFork, viaHiveBinary} {
-		t.Run([]string{"spare", "fork", "hive-binary"}[tm], func(t *testing.T) {
+	for _, tm := range []trampolineMode{viaZygote, viaFork, viaHiveBinary} {
+		t.Run([]string{"zygote", "fork", "hive-binary"}[tm], func(t *testing.T) {
 			if _, err := nativeTrampoline(); err != nil && tm != viaHiveBinary {
 				t.Skipf("no native trampoline: %v", err)
 			}
@@ -39,26 +43,33 @@ func forTrampolines(t *testing.T, f func(t *testing.T, tm trampolineMode)) {
 // whether it did.
 func expectPath(t *testing.T, m *Manager, tm trampolineMode) (check func(pid int)) {
 	t.Helper()
-	if tm != viaSpare {
-		return func(pid int) {
-			m.mu.Lock()
-			defer m.mu.Unlock()
-			if m.spare != nil && m.spare.pid == pid {
-				t.Fatalf("pid %d is a spare", pid)
-			}
+	if tm == viaZygote {
+		awaitZygote(t, m)
+	}
+	before := m.zygoteSpawns.Load()
+	return func(pid int) {
+		t.Helper()
+		if got := m.zygoteSpawns.Load() - before; got != map[bool]int64{true: 1, false: 0}[tm == viaZygote] {
+			t.Fatalf("pid %d: %d Spawns through the zygote, want the path %d", pid, got, tm)
 		}
 	}
-	select {
-	case <-m.spareReady:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no spare trampoline ready after 10s")
-	}
-	m.mu.Lock()
-	want := m.spare.pid
-	m.mu.Unlock()
-	return func(pid int) {
-		if pid != want {
-			t.Fatalf("worker pid %d is not the spare's %d", pid, want)
+}
+
+// awaitZygote waits until m's zygote is ready.
+func awaitZygote(t testing.TB, m *Manager) *zygote {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		m.mu.Lock()
+		z := m.zyg
+		m.mu.Unlock()
+		if z != nil && !z.dead() {
+			return z
+		}
+		select {
+		case <-m.zygoteReady:
+		case <-deadline:
+			t.Fatal("no zygote ready after 10s")
 		}
 	}
 }
@@ -125,46 +136,76 @@ func TestTrampolineExecFailure(t *testing.T) {
 	})
 }
 
-// TestSpare: a worker started from a spare trampoline is in its own cgroup, a spare is not a
-// worker (Live, Delete), and Close ends the spare but not the workers.
-func TestSpare(t *testing.T) {
+// TestZygote: a worker the zygote starts is born in its own cgroup, in its own session, as the
+// hive's child (reaped and reported by the hive); the zygote is no worker (Live, Delete); a zygote
+// that dies is replaced and the Spawn that finds it dead still starts its worker; Close ends the
+// zygote but not the workers.
+func TestZygote(t *testing.T) {
 	if _, err := nativeTrampoline(); err != nil {
 		t.Skipf("no native trampoline: %v", err)
 	}
 	forModes(t, func(t *testing.T, mode CgroupMode) {
-		h := newHarness(t, mode, nil)
-		check := expectPath(t, h.m, viaSpare)
-		s, _, _ := h.spawnReady("sp1")
+		exits := make(chan Exit, 1)
+		h := newHarness(t, mode, func(c *Config) { c.OnExit = func(e Exit) { exits <- e } })
+		check := expectPath(t, h.m, viaZygote)
+		s, _, _ := h.spawnReady("z1")
 		check(s.PID)
+		st, err := procstat.Read(s.PID)
+		if err != nil || st.PPID != os.Getpid() || st.SID != s.PID {
+			t.Fatalf("worker stat %+v, %v: want parent %d (the hive) and its own session", st, err, os.Getpid())
+		}
 		if s.Cgroup != "" {
 			if cg, err := ownCgroup(s.PID); err != nil || h.m.cg2mount+cg != s.Cgroup {
 				t.Fatalf("worker in cgroup %q (%v), want %s", cg, err, s.Cgroup)
 			}
 		}
-		expectPath(t, h.m, viaSpare) // the next one is ready
-		h.m.mu.Lock()
-		next := h.m.spare.pid
-		h.m.mu.Unlock()
-		nextFD := watch(t, next)
+		z := awaitZygote(t, h.m)
+		zfd := watch(t, z.pid)
 		if live := h.m.Live(); live != 1 {
-			t.Fatalf("Live() = %d with one worker and a spare, want 1", live)
+			t.Fatalf("Live() = %d with one worker and the zygote, want 1", live)
 		}
-		_, err := h.m.Delete(t.Context(), Target{WorkerID: "sp1", PID: next}, 0)
+		_, err = h.m.Delete(t.Context(), Target{WorkerID: "z1", PID: z.pid}, 0)
 		wantKind(t, err, KindNotWorker, "")
-		worker := watch(t, s.PID)
+
+		// A worker that exits on its own is reaped and reported by the hive, its parent.
+		check = expectPath(t, h.m, viaZygote)
+		s2, _, _ := h.spawnReady("z2", "FAKE_EXIT=3")
+		check(s2.PID)
+		if e := <-exits; e.PID != s2.PID || e.ExitCode != 3 {
+			t.Fatalf("Exit = %+v, want pid %d code 3", e, s2.PID)
+		}
+
+		// A dead zygote: the next Spawn forks its trampoline, and a new zygote serves the one after.
+		unix.PidfdSendSignal(zfd, unix.SIGKILL, nil, 0)
+		if !waitExit(zfd, 5*time.Second) {
+			t.Fatal("the zygote survived SIGKILL")
+		}
+		<-z.c.reaped
+		s3, _, _ := h.spawnReady("z3")
+		check = expectPath(t, h.m, viaZygote)
+		s4, _, _ := h.spawnReady("z4")
+		check(s4.PID)
+
+		z = awaitZygote(t, h.m)
+		zfd = watch(t, z.pid)
+		workers := []int{watch(t, s.PID), watch(t, s3.PID), watch(t, s4.PID)}
 		h.m.Close()
-		if !waitExit(nextFD, 5*time.Second) {
-			t.Fatal("the spare outlived Close")
+		if !waitExit(zfd, 5*time.Second) {
+			t.Fatal("the zygote outlived Close")
 		}
-		if !alive(worker) {
-			t.Fatal("Close ended a worker")
+		for _, w := range workers {
+			if !alive(w) {
+				t.Fatal("Close ended a worker")
+			}
 		}
-		if _, err := h.m.Delete(t.Context(), Target{WorkerID: "sp1", PID: s.PID, StartTime: s.StartTime}, time.Second); err != nil {
-			t.Fatal(err)
+		for _, sp := range []Spawned{s, s3, s4} {
+			if _, err := h.m.Delete(t.Context(), Target{WorkerID: "z" + map[int]string{s.PID: "1", s3.PID: "3", s4.PID: "4"}[sp.PID], PID: sp.PID, StartTime: sp.StartTime}, time.Second); err != nil {
+				t.Fatal(err)
+			}
 		}
 		if s.Cgroup != "" {
 			h.m.tidying.Wait()
-			os.Remove(filepath.Dir(s.Cgroup)) // Close ran while the worker still used it
+			os.Remove(filepath.Dir(s.Cgroup)) // Close ran while the workers still used it
 		}
 	})
 }

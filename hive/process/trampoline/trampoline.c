@@ -7,11 +7,19 @@
 //   envp    the worker's environment; an entry "LISTEN_PID=" followed by at least 10 bytes is
 //           rewritten to "LISTEN_PID=<pid>"
 //
-// As a spare (argv[1] "-spare"), started before any Spawn asks for it, it waits on the socket
-// that is its fd 3 for one SOCK_SEQPACKET message holding the same, so that a Spawn need not wait
-// for a fork to be scheduled: u32 argc, u32 envc, then NUL-terminated strings: log file, worker
-// binary, argc arguments, envc environment entries; with SCM_RIGHTS, the pipe that is its stderr
-// until it has the log, then the socket the worker gets as fd 3, if any. End of file (the hive closed its end or died) ends the spare with exit code 0.
+// As the zygote (argv[1] "-zygote"), started once by the hive, it serves Spawns on the socket that
+// is its fd 3, so that a Spawn waits neither for the hive's fork to be scheduled nor for the move of
+// a process into a cgroup (a write to cgroup.procs takes a lock that waits for an RCU grace
+// period, ~11 ms here, when no other move happened in the last few milliseconds). Each
+// SOCK_SEQPACKET request holds u32 argc, u32 envc, u32 flags (1: a cgroup, 2: a socket), then
+// NUL-terminated strings: log file, worker binary, argc arguments, envc environment entries; with
+// SCM_RIGHTS, the pipe that is the worker's stderr until it has the log, the worker cgroup's
+// directory if flag 1, and the socket the worker gets as fd 3 if flag 2. The zygote clones a child
+// straight into that cgroup (CLONE_INTO_CGROUP) as the hive's child (CLONE_PARENT: the hive reaps
+// it and it keeps the PID the hive is told), answers with its PID as one 8-byte message (a
+// negative errno when the clone or the request failed), and waits for the next. The child starts
+// its own session and does what the trampoline does. End of file (the hive closed its end or died)
+// ends the zygote with exit code 0.
 //
 // Exit codes (the hive reports them through OnExit, with the log's last lines):
 //   0 when started with no arguments (the hive's start-up probe), 2 for a malformed call,
@@ -34,6 +42,13 @@ typedef unsigned long u64;
 #define SYS_mkdir 83
 #define SYS_recvmsg 47
 #define SYS_fcntl 72
+#define SYS_setsid 112
+#define SYS_clone3 435
+#define CLONE_PARENT 0x8000
+#define CLONE_INTO_CGROUP 0x200000000UL
+#define MSG_CMSG_CLOEXEC 0x40000000
+#define EINTR 4
+#define EINVAL 22
 #define F_DUPFD_CLOEXEC 1030
 #define MSG_TRUNC 0x20
 #define MSG_CTRUNC 0x08
@@ -57,11 +72,15 @@ struct cmsghdr {
 	u64 len;
 	int level;
 	int type;
-	int fd[2]; // SCM_RIGHTS: the worker's stderr until it has its log, then its socket, if any
+	int fd[3]; // SCM_RIGHTS: the worker's stderr until it has its log, its cgroup, its socket
+};
+struct clone_args {
+	u64 flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid,
+		set_tid_size, cgroup;
 };
 
-// A spare's instructions: no allocator here, so fixed room (the hive sends larger ones through
-// the fork path instead).
+// A request: no allocator here, so fixed room (the hive sends larger ones through the fork path
+// instead).
 static char msg[1 << 17];
 static char *vec[4096];
 
@@ -121,44 +140,71 @@ static unsigned int u32at(const char *p) {
 	return u[0] | u[1] << 8 | u[2] << 16 | (unsigned int)u[3] << 24;
 }
 
-// spare waits for its instructions and lays them out as argv (log, binary, arguments) and envp.
-static void spare(char ***argvp, char ***envpp) {
-	long ctrl = sys3(SYS_fcntl, 3, F_DUPFD_CLOEXEC, 100); // fd 3 is the worker's socket's place
-	if (ctrl < 0) quit(2);
-	sys3(SYS_close, 3, 0, 0);
-	struct iovec iov = {msg, sizeof msg};
-	struct cmsghdr cm = {0, 0, 0, {-1, -1}};
-	struct msghdr mh = {0, 0, &iov, 1, &cm, sizeof cm, 0};
-	long n = sys3(SYS_recvmsg, ctrl, (long)&mh, 0);
-	if (n == 0) quit(0);
-	if (n < 8 || (mh.flags & (MSG_TRUNC | MSG_CTRUNC))) quit(2);
-	sys3(SYS_close, ctrl, 0, 0);
-	// The descriptors arrive as the lowest free ones (3, 4) without close-on-exec: the pipe to
-	// the hive becomes stderr, the socket fd 3.
-	if (mh.controllen < 16 + 4 || cm.level != SOL_SOCKET || cm.type != SCM_RIGHTS) quit(2);
-	long e = cm.fd[0], s = cm.len >= 16 + 8 ? cm.fd[1] : -1;
-	if (sys3(SYS_dup3, e, 2, 0) < 0) quit(2);
-	if (s >= 0 && s != 3) {
-		if (sys3(SYS_dup3, s, 3, 0) < 0) quit(2);
-		sys3(SYS_close, s, 0, 0);
-	}
-	if (e != 3 || s < 0) sys3(SYS_close, e, 0, 0);
+// parse lays out a request of n bytes as argv (log, binary, arguments) and envp; 0 when malformed.
+static int parse(long n, char ***argvp, char ***envpp) {
 	u64 argc = u32at(msg), envc = u32at(msg + 4);
-	if (argc + envc + 4 > sizeof vec / sizeof vec[0]) quit(2);
-	char *p = msg + 8, *end = msg + n;
+	if (argc + envc + 4 > sizeof vec / sizeof vec[0]) return 0;
+	char *p = msg + 12, *end = msg + n;
 	u64 k = 0;
 	vec[k++] = "rbee-trampoline";
 	for (u64 i = 0; i < 2 + argc + envc; i++) {
-		if (p >= end) quit(2);
+		if (p >= end) return 0;
 		vec[k++] = p;
 		while (p < end && *p) p++;
-		if (p == end) quit(2);
+		if (p == end) return 0;
 		p++;
 		if (i == 1 + argc) vec[k++] = 0; // after the last argument
 	}
 	vec[k] = 0;
 	*argvp = vec;
 	*envpp = vec + 3 + argc + 1;
+	return 1;
+}
+
+// zygote serves requests until end of file; it returns only in a child, with its argv and envp.
+static void zygote(char ***argvp, char ***envpp) {
+	long ctrl = sys3(SYS_fcntl, 3, F_DUPFD_CLOEXEC, 100); // fd 3 is the worker's socket's place
+	if (ctrl < 0) quit(2);
+	sys3(SYS_close, 3, 0, 0);
+	for (;;) {
+		struct iovec iov = {msg, sizeof msg};
+		struct cmsghdr cm = {0, 0, 0, {-1, -1, -1}};
+		struct msghdr mh = {0, 0, &iov, 1, &cm, sizeof cm, 0};
+		// The descriptors arrive close-on-exec, as the lowest free ones (3 and up).
+		long n = sys3(SYS_recvmsg, ctrl, (long)&mh, MSG_CMSG_CLOEXEC);
+		if (n == -EINTR) continue;
+		if (n <= 0) quit(0);
+		long nfd = 0;
+		if (mh.controllen >= 16 + 4 && cm.len >= 16 + 4 && cm.level == SOL_SOCKET && cm.type == SCM_RIGHTS)
+			nfd = (cm.len - 16) / 4;
+		unsigned int flags = n >= 12 ? u32at(msg + 8) : 0;
+		long reply = -EINVAL;
+		if (n >= 12 && !(mh.flags & (MSG_TRUNC | MSG_CTRUNC)) && flags < 4 &&
+		    nfd == 1 + (flags & 1) + (flags >> 1) && parse(n, argvp, envpp)) {
+			// In the order sent, so e < cg < s; fds 0-2 are open and ctrl is far above, so the
+			// first is 3.
+			long e = cm.fd[0], cg = flags & 1 ? cm.fd[1] : -1, s = flags & 2 ? cm.fd[nfd - 1] : -1;
+			struct clone_args ca = {CLONE_PARENT, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+			if (cg >= 0) {
+				ca.flags |= CLONE_INTO_CGROUP;
+				ca.cgroup = cg;
+			}
+			reply = sys3(SYS_clone3, (long)&ca, sizeof ca, 0);
+			if (reply == 0) {
+				// The child: its own session, the pipe as stderr, the socket as fd 3; the cgroup's
+				// descriptor is close-on-exec.
+				sys3(SYS_close, ctrl, 0, 0);
+				sys3(SYS_setsid, 0, 0, 0);
+				if (sys3(SYS_dup3, e, 2, 0) < 0) quit(2);
+				if (s >= 0 && sys3(SYS_dup3, s, 3, 0) < 0) quit(2);
+				if (s >= 0) sys3(SYS_close, s, 0, 0);
+				if (s < 0) sys3(SYS_close, e, 0, 0); // else fd 3 is the socket now
+				return;
+			}
+		}
+		for (long i = 0; i < nfd && i < 3; i++) sys3(SYS_close, cm.fd[i], 0, 0);
+		if (sys3(SYS_write, ctrl, (long)&reply, sizeof reply) != sizeof reply) quit(0);
+	}
 }
 
 __attribute__((used)) static void tmain(long *sp) {
@@ -166,7 +212,7 @@ __attribute__((used)) static void tmain(long *sp) {
 	char **argv = (char **)(sp + 1);
 	char **envp = argv + argc + 1;
 	if (argc == 1) quit(0);
-	if (argc == 2 && argv[1][0] == '-' && argv[1][1] == 's') spare(&argv, &envp);
+	if (argc == 2 && argv[1][0] == '-' && argv[1][1] == 'z') zygote(&argv, &envp);
 	else if (argc < 4) quit(2);
 	if (argv[1][0]) {
 		// As the hive's openWorkerLog: O_WRONLY|O_CREAT|O_APPEND|O_CLOEXEC|O_NOFOLLOW, the log
