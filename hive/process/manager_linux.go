@@ -321,16 +321,25 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	}
 	attr := &syscall.SysProcAttr{Setsid: true} // own session and group; no Pdeathsig: workers outlive the hive
 	cgDir, cgFD := "", -1
-	if m.useCg {
+	newCgroup := func() error {
 		nonce := strconv.FormatUint(uint64(time.Now().UnixNano()), 36) + strconv.FormatUint(uint64(rand.Uint32()), 36)
 		dir, fd, err := m.cg.create(hiveID, s.WorkerID, nonce)
 		if err != nil {
-			return Spawned{}, errf(KindInternal, err, "create worker cgroup")
+			return errf(KindInternal, err, "create worker cgroup")
 		}
-		defer unix.Close(fd)
 		m.parents.Store(filepath.Dir(dir), true)
 		cgDir, cgFD = dir, fd
 		attr.UseCgroupFD, attr.CgroupFD = true, fd
+		return nil
+	}
+	if m.useCg {
+		if err := newCgroup(); err != nil {
+			if errR != nil {
+				errR.Close()
+			}
+			return Spawned{}, err
+		}
+		defer func() { unix.Close(cgFD) }()
 	}
 
 	args := []string{binary,
@@ -389,6 +398,18 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 				m.log.Warn("the zygote trampoline started no worker; forking the trampoline", zap.String("worker_id", s.WorkerID), zap.Error(err))
 			default:
 				m.abandonZygote(z, cgDir, err)
+				if cgDir != "" {
+					// A cgroup that had cgroup.kill written kills what is later cloned into it
+					// (its kill_seq moved on): the fork needs a fresh one.
+					unix.Close(cgFD)
+					removeCgroup(cgDir)
+					if err := newCgroup(); err != nil {
+						if errR != nil {
+							errR.Close()
+						}
+						return Spawned{}, err
+					}
+				}
 			}
 		}
 	}

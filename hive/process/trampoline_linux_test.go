@@ -1,8 +1,10 @@
 package process
 
 import (
+	"errors"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -206,6 +208,106 @@ func TestZygote(t *testing.T) {
 		if s.Cgroup != "" {
 			h.m.tidying.Wait()
 			os.Remove(filepath.Dir(s.Cgroup)) // Close ran while the workers still used it
+		}
+	})
+}
+
+// TestZygoteRefusesMalformed: a request the zygote cannot use starts nothing and is answered, and
+// the zygote serves the next Spawn.
+func TestZygoteRefusesMalformed(t *testing.T) {
+	if _, err := nativeTrampoline(); err != nil {
+		t.Skipf("no native trampoline: %v", err)
+	}
+	h := newHarness(t, CgroupOff, nil)
+	z := awaitZygote(t, h.m)
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	good, _ := zygoteMsg("/nonexistent/log", "/bin/true", []string{"true"}, []string{listenPIDSlot}, false, false)
+	for name, tc := range map[string]struct {
+		msg []byte
+		fds []int
+	}{
+		"cgroup flag without its descriptor": {msg: func() []byte { m, _ := zygoteMsg("l", "/bin/true", nil, nil, true, false); return m }(), fds: nil},
+		"strings cut short":                  {msg: good[:len(good)-3]},
+		"too short":                          {msg: []byte{1, 0, 0}},
+	} {
+		_, err := z.spawn(tc.msg, p[1], -1, -1)
+		if !errors.Is(err, errZygoteRefused) {
+			t.Fatalf("%s: %v, want the zygote's refusal", name, err)
+		}
+	}
+	check := expectPath(t, h.m, viaZygote)
+	s, _, _ := h.spawnReady("after-refusals")
+	check(s.PID)
+	if _, err := h.m.Delete(t.Context(), Target{WorkerID: "after-refusals", PID: s.PID, StartTime: s.StartTime}, time.Second); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestZygoteDiesDuringSpawn: a zygote that dies while a Spawn waits for its answer leaves the
+// Spawn to fork its trampoline into the same cgroup; the worker starts, and a new zygote serves
+// the Spawns after.
+func TestZygoteDiesDuringSpawn(t *testing.T) {
+	if _, err := nativeTrampoline(); err != nil {
+		t.Skipf("no native trampoline: %v", err)
+	}
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		h := newHarness(t, mode, nil)
+		z := awaitZygote(t, h.m)
+		zfd := watch(t, z.pid)
+		// Stopped, it reads no request; the hive, its parent, learns when it is.
+		if err := unix.PidfdSendSignal(zfd, unix.SIGSTOP, nil, 0); err != nil {
+			t.Fatal(err)
+		}
+		var info unix.Siginfo
+		if err := unix.Waitid(unix.P_PIDFD, zfd, &info, unix.WSTOPPED|unix.WNOWAIT, nil); err != nil {
+			t.Fatal(err)
+		}
+		type result struct {
+			s   Spawned
+			r   report
+			err error
+		}
+		q := newFIFO(t)
+		done := make(chan result, 1)
+		go func() {
+			s, err := h.m.Spawn(t.Context(), SpawnSpec{WorkerID: "orphaned-request", Env: []string{envFake + "=worker", "FAKE_REPORT=" + q.path}})
+			done <- result{s: s, err: err}
+		}()
+		// Once the Spawn holds the zygote's lock it is sending its request or waiting for the
+		// answer; either way the zygote's death is what it meets.
+		for z.mu.TryLock() {
+			z.mu.Unlock()
+			runtime.Gosched()
+		}
+		unix.PidfdSendSignal(zfd, unix.SIGKILL, nil, 0)
+		res := <-done
+		if res.err != nil {
+			t.Fatalf("Spawn: %v", res.err)
+		}
+		r := q.next(t)
+		if r.ListenPID != strconv.Itoa(res.s.PID) {
+			t.Fatalf("worker reported LISTEN_PID %s, want %d", r.ListenPID, res.s.PID)
+		}
+		if h.m.zygoteSpawns.Load() != 0 {
+			t.Fatal("the Spawn counts as the zygote's")
+		}
+		if res.s.Cgroup != "" {
+			if cg, err := ownCgroup(res.s.PID); err != nil || h.m.cg2mount+cg != res.s.Cgroup {
+				t.Fatalf("worker in cgroup %q (%v), want %s", cg, err, res.s.Cgroup)
+			}
+		}
+		check := expectPath(t, h.m, viaZygote)
+		s2, _, _ := h.spawnReady("next")
+		check(s2.PID)
+		for id, s := range map[string]Spawned{"orphaned-request": res.s, "next": s2} {
+			if _, err := h.m.Delete(t.Context(), Target{WorkerID: id, PID: s.PID, StartTime: s.StartTime}, time.Second); err != nil {
+				t.Fatal(err)
+			}
 		}
 	})
 }

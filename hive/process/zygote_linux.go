@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -48,12 +49,13 @@ const maxZygoteMsg = 1 << 17
 const zygoteWait = 10 * time.Second
 
 type zygote struct {
-	pid  int
-	ctrl int // the hive's end of its socket
-	c    *child
+	pid int
+	c   *child
 
-	mu   sync.Mutex // one request at a time; held by close too
-	gone bool       // its socket is closed or unusable
+	mu    sync.Mutex  // one request at a time; held by close too
+	ctrl  int         // the hive's end of its socket
+	pidfd int         // its own (the reaper closes c.pidfd); -1 once closed
+	gone  atomic.Bool // ctrl is closed (set under mu)
 }
 
 // errZygoteRefused is the zygote's answer that it started nothing (a malformed request, or the
@@ -123,12 +125,16 @@ func (m *Manager) forkZygote() (*zygote, error) {
 		pidfd = -1
 	}
 	c := &child{startTime: startTime, pidfd: pidfd, reaped: make(chan struct{}), logReady: make(chan struct{}), zygote: true}
+	own, err := unix.PidfdOpen(pid, 0)
+	if err != nil {
+		own = -1
+	}
 	m.mu.Lock()
 	m.children[pid] = c
 	m.mu.Unlock()
 	m.reapers.Add(1)
 	go m.reap(cmdWait(cmd), pid, c, nil)
-	return &zygote{pid: pid, ctrl: fds[0], c: c}, nil
+	return &zygote{pid: pid, ctrl: fds[0], pidfd: own, c: c}, nil
 }
 
 // readyZygote returns the running zygote, or nil (and starts one) when there is none.
@@ -138,10 +144,14 @@ func (m *Manager) readyZygote() *zygote {
 	}
 	m.mu.Lock()
 	z := m.zyg
+	var dead *zygote
 	if z != nil && z.dead() {
-		m.zyg, z = nil, nil
+		m.zyg, z, dead = nil, nil, z
 	}
 	m.mu.Unlock()
+	if dead != nil {
+		dead.close()
+	}
 	if z == nil {
 		m.startZygote()
 	}
@@ -155,18 +165,24 @@ func (z *zygote) dead() bool {
 		return true
 	default:
 	}
-	z.mu.Lock()
-	defer z.mu.Unlock()
-	return z.gone
+	return z.gone.Load()
 }
 
-// close lets the zygote exit: it reads end of file.
+// close lets the zygote exit (it reads end of file) and closes the hive's descriptors of it.
 func (z *zygote) close() {
 	z.mu.Lock()
 	defer z.mu.Unlock()
-	if !z.gone {
-		z.gone = true
+	z.closeLocked()
+}
+
+func (z *zygote) closeLocked() {
+	if !z.gone.Load() {
+		z.gone.Store(true)
 		unix.Close(z.ctrl)
+	}
+	if z.pidfd >= 0 {
+		unix.Close(z.pidfd)
+		z.pidfd = -1
 	}
 }
 
@@ -224,15 +240,15 @@ func (z *zygote) spawn(msg []byte, errFD, cgFD, lisFD int) (int, error) {
 	}
 	z.mu.Lock()
 	defer z.mu.Unlock()
-	if z.gone {
+	if z.gone.Load() {
 		return 0, errors.New("the zygote is closed")
 	}
 	fail := func(err error) (int, error) {
-		z.gone = true
+		z.gone.Store(true) // abandonZygote kills it and closes the rest
 		unix.Close(z.ctrl)
 		return 0, err
 	}
-	if err := unix.Sendmsg(z.ctrl, msg, unix.UnixRights(fds...), nil, 0); err != nil {
+	if err := unix.Sendmsg(z.ctrl, msg, unix.UnixRights(fds...), nil, unix.MSG_NOSIGNAL); err != nil {
 		return fail(fmt.Errorf("send to the zygote: %w", err)) // nothing sent: nothing started
 	}
 	deadline := time.Now().Add(zygoteWait)
@@ -275,11 +291,14 @@ func (m *Manager) abandonZygote(z *zygote, cgDir string, why error) {
 		m.zyg = nil
 	}
 	m.mu.Unlock()
-	z.close()
-	if z.c.pidfd >= 0 {
-		unix.PidfdSendSignal(z.c.pidfd, unix.SIGKILL, nil, 0)
-		waitExit(z.c.pidfd, killWait)
+	z.mu.Lock()
+	if z.pidfd >= 0 {
+		unix.PidfdSendSignal(z.pidfd, unix.SIGKILL, nil, 0)
+		waitExit(z.pidfd, killWait) // from then on it clones nothing
 	}
+	z.closeLocked()
+	z.mu.Unlock()
+	m.startZygote()
 	if cgDir == "" {
 		return
 	}
