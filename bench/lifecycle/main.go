@@ -33,14 +33,15 @@ func main() {
 	n := flag.Int("n", 200, "cycles per measurement (at most 5000)")
 	queenN := flag.Int("queen-n", 20, "cycles of SpawnWorker(wait_ready)+DeleteWorker through the queen (at most 1000)")
 	supervisor := flag.Bool("supervisord", true, "also measure supervisord starting and stopping the same program, when supervisord is on PATH (bench/install-supervisor.sh)")
+	flag.DurationVar(&pause, "pause", 0, "idle time before each measured Spawn/start and Delete/stop, here and in supervisord (0: back to back); a hive spawns and deletes seconds apart in production, and an idle machine takes slower paths (sleeping CPUs and threads, cold caches, the kernel's deferred work), which back-to-back cycles never show")
 	flag.StringVar(&hiveWorker, "hive-worker", "sleep", "worker for the hive figures: sleep (a process that exits at once on SIGTERM, as the targets assume) or stub (worker-stub, which shuts down gracefully)")
 	flag.Parse()
 	if hiveWorker != "sleep" && hiveWorker != "stub" {
 		fmt.Fprintln(os.Stderr, "lifecycle: -hive-worker is sleep or stub")
 		os.Exit(2)
 	}
-	if *n < 1 || *n > 5000 || *queenN < 0 || *queenN > 1000 {
-		fmt.Fprintln(os.Stderr, "lifecycle: -n must be 1..5000 and -queen-n 0..1000")
+	if *n < 1 || *n > 5000 || *queenN < 0 || *queenN > 1000 || pause < 0 || pause > time.Second {
+		fmt.Fprintln(os.Stderr, "lifecycle: -n must be 1..5000, -queen-n 0..1000 and -pause 0..1s")
 		os.Exit(2)
 	}
 	if err := run(*bin, *n, *queenN, *supervisor); err != nil {
@@ -49,7 +50,10 @@ func main() {
 	}
 }
 
-var hiveWorker string
+var (
+	hiveWorker string
+	pause      time.Duration
+)
 
 func run(bin string, n, queenN int, supervisor bool) error {
 	dir, err := os.MkdirTemp("", "rbee-bench-")
@@ -88,6 +92,7 @@ func run(bin string, n, queenN int, supervisor bool) error {
 	for i := 0; i < n; i++ {
 		for _, grace := range []time.Duration{time.Second, 0} {
 			id := fmt.Sprintf("b%d-%d", i, grace/time.Second)
+			idle()
 			t0 := time.Now()
 			sp, err := hc.Spawn(ctx, &rbeev1.SpawnRequest{WorkerId: id, Model: "bench", Device: "cpu", QueenAddress: "127.0.0.1:1"})
 			if err != nil {
@@ -98,6 +103,7 @@ func run(bin string, n, queenN int, supervisor bool) error {
 			if err := awaitUp(sp.GetPid(), sp.GetPort()); err != nil {
 				return err
 			}
+			idle()
 			t0 = time.Now()
 			d, err := hc.Delete(ctx, &rbeev1.DeleteRequest{WorkerId: id, Pid: sp.GetPid(), ProcessStartTime: sp.GetProcessStartTime(), GracePeriod: durationpb.New(grace)})
 			took := time.Since(t0)
@@ -117,7 +123,7 @@ func run(bin string, n, queenN int, supervisor bool) error {
 			}
 		}
 	}
-	fmt.Printf("hive over gRPC, %d cycles each, worker %s (machine: %d CPUs)\n", n, hiveWorker, numCPU())
+	fmt.Printf("hive over gRPC, %d cycles each, worker %s, pause %v (machine: %d CPUs)\n", n, hiveWorker, pause, numCPU())
 	report("Spawn (RPC in, PID out)", spawn)
 	report("Delete graceful (exits at once on SIGTERM)", graceful)
 	report("Delete grace 0 (SIGKILL)", force)
@@ -192,6 +198,13 @@ func report(name string, ds []time.Duration) {
 	pct := func(p float64) time.Duration { return ds[min(len(ds)-1, int(p*float64(len(ds))))] }
 	fmt.Printf("  %-52s p50 %8.3fms  p99 %8.3fms  min %8.3fms  max %8.3fms\n", name,
 		ms(pct(0.50)), ms(pct(0.99)), ms(ds[0]), ms(ds[len(ds)-1]))
+}
+
+// idle waits -pause before a measured call.
+func idle() {
+	if pause > 0 {
+		time.Sleep(pause)
+	}
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }

@@ -61,6 +61,7 @@ redirect_stderr=true
 	}
 	var start, stop []time.Duration
 	for i := 0; i < n; i++ {
+		idle()
 		t0 := time.Now()
 		if _, err := xmlrpc(url, "supervisor.startProcess", "w", "1"); err != nil {
 			return err
@@ -78,6 +79,7 @@ redirect_stderr=true
 		if err := awaitUp(int32(pid), 0); err != nil {
 			return err
 		}
+		idle()
 		t0 = time.Now()
 		if _, err := xmlrpc(url, "supervisor.stopProcess", "w", "1"); err != nil {
 			return err
@@ -85,7 +87,7 @@ redirect_stderr=true
 		stop = append(stop, time.Since(t0))
 	}
 	out, _ := exec.Command("supervisord", "--version").Output()
-	fmt.Printf("supervisord %s over XML-RPC on loopback, %d cycles, the same program\n", bytes.TrimSpace(out), n)
+	fmt.Printf("supervisord %s over XML-RPC on loopback, %d cycles, the same program, pause %v\n", bytes.TrimSpace(out), n, pause)
 	report("startProcess (call in, RUNNING out)", start)
 	report("stopProcess (exits at once on SIGTERM)", stop)
 	return nil
