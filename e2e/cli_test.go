@@ -259,7 +259,7 @@ func TestCLIWorkerLifecycle(t *testing.T) {
 			}
 		}
 		// Without --wait the answer shows the state the queen has then: STARTING, or READY when
-		// the worker (started from a spare trampoline) beat before the answer was composed.
+		// the worker (cloned by the zygote trampoline) beat before the answer was composed.
 		if !strings.Contains(r.stdout, "STARTING") && !strings.Contains(r.stdout, "READY") {
 			t.Errorf("spawn shows neither STARTING nor READY: %v", r)
 		}
