@@ -135,17 +135,18 @@ func isRbeeCgroup(p string) bool {
 func (r cgroupRoot) create(hiveID, workerID, nonce string) (string, int, error) {
 	parent := filepath.Join(r.mount, r.own, hiveCgroupPrefix+hiveID)
 	dir := filepath.Join(parent, workerCgroupName(workerID)+nonce)
-	// The parent is never removed by this package, but an operator (or a test) may remove it
-	// between the two mkdirs; one retry covers that.
+	// The parent is made when the leaf's mkdir says it is missing: the first Spawn of a hive id,
+	// or after an operator (or a test) removed it, also between the two mkdirs (hence the loop).
+	// Most Spawns so make one directory, not two.
 	for try := 0; ; try++ {
-		if err := os.Mkdir(parent, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
-			return "", -1, err
-		}
 		err := os.Mkdir(dir, 0o755)
 		if err == nil {
 			break
 		}
-		if !errors.Is(err, os.ErrNotExist) || try > 0 {
+		if !errors.Is(err, os.ErrNotExist) || try > 1 {
+			return "", -1, err
+		}
+		if err := os.Mkdir(parent, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 			return "", -1, err
 		}
 	}

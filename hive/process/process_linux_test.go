@@ -1115,3 +1115,26 @@ func TestStartCheckAbandonsLateRequests(t *testing.T) {
 		}
 	})
 }
+
+// TestCgroupParentMadeAgain: the rbee-<hive-id> cgroup is made by the first Spawn, and made again
+// by the next Spawn when it was removed meanwhile (an operator tidying up).
+func TestCgroupParentMadeAgain(t *testing.T) {
+	if _, ok := findCgroup2(); !ok {
+		t.Skip("no writable cgroup v2 hierarchy")
+	}
+	h := newHarness(t, CgroupAuto, nil)
+	for i := range 2 {
+		id := "p" + strconv.Itoa(i)
+		s, _, _ := h.spawnReady(id)
+		if cg, err := ownCgroup(s.PID); err != nil || s.Cgroup == "" || h.m.cg2mount+cg != s.Cgroup {
+			t.Fatalf("spawn %d: worker in cgroup %q (%v), want %q", i, cg, err, s.Cgroup)
+		}
+		if _, err := h.m.Delete(t.Context(), Target{WorkerID: id, PID: s.PID, StartTime: s.StartTime}, time.Second); err != nil {
+			t.Fatal(err)
+		}
+		h.m.tidying.Wait()
+		if err := os.Remove(filepath.Dir(s.Cgroup)); err != nil {
+			t.Fatalf("remove the hive's cgroup after spawn %d: %v", i, err)
+		}
+	}
+}
