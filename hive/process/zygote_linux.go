@@ -62,7 +62,7 @@ type zygote struct {
 // clone failed, for example EMFILE or a cgroup's pids.max): the Spawn forks its trampoline instead.
 var errZygoteRefused = errors.New("the zygote refused the request")
 
-// startZygotes starts the zygote in the background unless it runs or is being started.
+// startZygote starts the zygote in the background unless it runs or is being started.
 func (m *Manager) startZygote() {
 	if m.native == "" || m.cfg.noZygote {
 		return
@@ -278,9 +278,9 @@ func (z *zygote) spawn(msg []byte, errFD, cgFD, lisFD int) (int, error) {
 	return int(pid), nil
 }
 
-// abandonZygote gives up on a zygote that failed a request: it is killed, and once it is gone
-// whatever it may have started in cgDir (a child cloned before it died) is killed and reaped, so
-// that the Spawn can start the worker by fork in the same cgroup. Without a cgroup such a child
+// abandonZygote gives up on a zygote that failed a request: it is killed, a new one is started, and
+// once the old one is gone whatever it may have started in cgDir (a child cloned before it died) is
+// killed and reaped; the Spawn then forks its trampoline into a fresh cgroup. Without a cgroup such a child
 // cannot be told from the hive's other children and is left to run (a zygote killed by hand
 // in the microseconds of a clone).
 func (m *Manager) abandonZygote(z *zygote, cgDir string, why error) {
