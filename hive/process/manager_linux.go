@@ -317,6 +317,9 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 
 	// The last point where the spawn can still be given up with nothing to undo.
 	if err := CheckStart(ctx); err != nil {
+		if errR != nil {
+			errR.Close()
+		}
 		return Spawned{}, err
 	}
 	attr := &syscall.SysProcAttr{Setsid: true} // own session and group; no Pdeathsig: workers outlive the hive
