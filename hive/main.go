@@ -205,13 +205,9 @@ func serve(o options, pcfg process.Config, log *zap.Logger) error {
 		if err != nil {
 			return fmt.Errorf("--queen %q: %w", o.queen, err)
 		}
-		conn, err := grpc.NewClient(target, append(append(rpcclient.Options(), o.creds.Dial...), qopts...)...)
-		if err != nil {
-			return fmt.Errorf("--queen %q: %w", o.queen, err)
-		}
-		defer conn.Close()
 		ports := uint32(pcfg.PortHigh - pcfg.PortLow + 1)
-		beater = heartbeat.New(heartbeat.Config{Conn: conn, Logger: log, Clock: clk.Reading, Describe: func() *rbeev1.Hive {
+		dial := append(append([]grpc.DialOption{}, o.creds.Dial...), qopts...)
+		beater = heartbeat.New(heartbeat.Config{Target: target, DialOptions: dial, Logger: log, Clock: clk.Reading, Describe: func() *rbeev1.Hive {
 			// Describe runs only once m is set (Run starts below).
 			return &rbeev1.Hive{HiveId: o.hiveID, Address: o.advertise, Version: version.Version(), Os: runtime.GOOS,
 				Devices: inv.Names(), DeviceInfo: deviceInfo(inv.List()), FreePorts: freeSlots(ports, o.maxWorkers, m.Live()),

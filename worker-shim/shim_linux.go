@@ -26,7 +26,6 @@ import (
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/procstat"
-	"github.com/rbee-dev/rbee/internal/rpcclient"
 	"github.com/rbee-dev/rbee/worker/heartbeat"
 )
 
@@ -432,5 +431,6 @@ func dialOptions() ([]grpc.DialOption, error) {
 	if err != nil {
 		return nil, err
 	}
-	return append(append(rpcclient.Options(), creds), auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
+	// The heartbeat client adds its own connect and keepalive settings (rpcclient.HeartbeatOptions).
+	return append([]grpc.DialOption{creds}, auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
 }

@@ -21,7 +21,6 @@ import (
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/procstat"
-	"github.com/rbee-dev/rbee/internal/rpcclient"
 	"github.com/rbee-dev/rbee/internal/version"
 	"github.com/rbee-dev/rbee/worker/heartbeat"
 	"go.uber.org/zap"
@@ -105,7 +104,8 @@ func dialOptions() ([]grpc.DialOption, error) {
 	if err != nil {
 		return nil, err
 	}
-	return append(append(rpcclient.Options(), creds), auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
+	// The heartbeat client adds its own connect and keepalive settings (rpcclient.HeartbeatOptions).
+	return append([]grpc.DialOption{creds}, auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
 }
 
 // listen returns the socket inherited from the hive (LISTEN_FDS=1 on fd 3) or, without one, a new

@@ -150,7 +150,11 @@ func run(c config) error {
 		if err != nil {
 			return nil, err
 		}
-		return grpc.NewClient(target, append(append(rpcclient.Options(), grpc.WithTransportCredentials(insecure.NewCredentials())), opts...)...)
+		base := rpcclient.Options()
+		if service == rpcclient.HeartbeatService {
+			base = rpcclient.HeartbeatOptions(c.interval) // as real workers dial
+		}
+		return grpc.NewClient(target, append(append(base, grpc.WithTransportCredentials(insecure.NewCredentials())), opts...)...)
 	}
 	qconn, err := dial(rpcclient.QueenService)
 	if err != nil {
@@ -330,6 +334,7 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, reconnects 
 	}}
 	resp := new(rbeev1.WorkerHeartbeatResponse)
 	for attempt := 0; ctx.Err() == nil; attempt++ {
+		start, answered := time.Now(), false
 		stream, err := client.WorkerHeartbeat(ctx)
 		for err == nil && ctx.Err() == nil {
 			if err = stream.Send(req); err != nil {
@@ -338,12 +343,15 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, reconnects 
 			if err = stream.RecvMsg(resp); err != nil {
 				break
 			}
-			attempt = 0
+			attempt, answered = 0, true
 			select {
 			case <-ctx.Done():
 				return
 			case <-time.After(c.interval):
 			}
+		}
+		if answered {
+			start = time.Now() // the next attempt counts from the break, as a real worker's
 		}
 		if ctx.Err() != nil {
 			return
@@ -352,7 +360,7 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, reconnects 
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(rpcclient.Backoff(attempt, rpcclient.BackoffBase, rpcclient.BackoffCap)):
+		case <-time.After(rpcclient.ReconnectDelay(attempt, c.interval) - time.Since(start)):
 		}
 	}
 }

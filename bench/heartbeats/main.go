@@ -124,7 +124,7 @@ func run(c config) error {
 	for i := range conns {
 		// The simulated workers dial like real ones (rpcclient), so reconnection after a queen
 		// restart is measured as the fleet would see it.
-		cc, err := grpc.NewClient(addr, append(rpcclient.Options(), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+		cc, err := grpc.NewClient(addr, append(rpcclient.HeartbeatOptions(c.interval), grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 		if err != nil {
 			return err
 		}
@@ -290,6 +290,7 @@ func listReport(queen rbeev1.QueenServiceClient, want int) error {
 // restart kills the queen with SIGKILL, starts a new one on the same address and measures how long
 // until it knows every worker again, checking for duplicates.
 func restart(c config, qp *queenProc, queen rbeev1.QueenServiceClient, st *stats) error {
+	a0 := st.attempts.Load()
 	qp.stop(syscall.SIGKILL)
 	t0 := time.Now()
 	nq, err := startQueen(c, qp.addr)
@@ -309,6 +310,9 @@ func restart(c config, qp *queenProc, queen rbeev1.QueenServiceClient, st *stats
 				took := time.Since(t0)
 				fmt.Printf("  restart           all %d workers known again %v after SIGKILL (%.1f intervals); %d duplicates\n",
 					c.workers, took.Round(time.Millisecond), took.Seconds()/c.interval.Seconds(), len(ws)-len(ids))
+				n := st.attempts.Load() - a0
+				fmt.Printf("  reconnects        %d stream attempts meanwhile: %.2f per worker per second (interval %v)\n",
+					n, float64(n)/float64(c.workers)/took.Seconds(), c.interval)
 				return listReport(queen, c.workers)
 			}
 		}
@@ -350,6 +354,8 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, st *stats) 
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
 	for attempt := 0; ctx.Err() == nil; attempt++ {
+		start, answered := time.Now(), false
+		st.attempts.Add(1)
 		stream, err := client.WorkerHeartbeat(ctx)
 		if err == nil {
 			if first {
@@ -398,18 +404,21 @@ func beat(ctx context.Context, c config, cc *grpc.ClientConn, i int, st *stats) 
 					break
 				}
 				st.lat.Add(time.Since(t0))
-				attempt = 0
+				attempt, answered = 0, true
 			}
+		}
+		if answered {
+			start = time.Now() // the next attempt counts from the break, as a real worker's
 		}
 		if ctx.Err() != nil {
 			return
 		}
 		st.errors.Add(1)
-		// The same reconnect backoff as a real worker's.
+		// The same reconnect pacing as a real worker's, at the interval the queen was given.
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(rpcclient.Backoff(attempt, rpcclient.BackoffBase, rpcclient.BackoffCap)):
+		case <-time.After(rpcclient.ReconnectDelay(attempt, c.interval) - time.Since(start)):
 		}
 	}
 }
@@ -418,6 +427,7 @@ type stats struct {
 	lat       measure.Histogram
 	errors    atomic.Int64
 	connected atomic.Int64
+	attempts  atomic.Int64 // streams opened or tried
 }
 
 func (s *stats) reset() { s.lat.Reset(); s.errors.Store(0) }

@@ -1,10 +1,11 @@
 // Package heartbeat keeps the hive registered with the queen: one HiveHeartbeat stream carrying
 // the hive's descriptor every interval, and at once the exits of workers that died on their own,
-// reconnecting with capped, jittered backoff when the queen goes away.
+// reconnecting about once per interval, jittered, when the queen goes away.
 package heartbeat
 
 import (
 	"context"
+	"fmt"
 	"strings"
 	"sync"
 	"time"
@@ -22,8 +23,12 @@ import (
 
 // Config configures a Beater.
 type Config struct {
-	// Conn is the client connection to the queen.
-	Conn grpc.ClientConnInterface
+	// Target is the queen's dial target (rpcclient.QueenTarget), and DialOptions go to
+	// grpc.NewClient after rpcclient.HeartbeatOptions (credentials, the queens' resolver). Every
+	// stream gets a connection of its own, dialled with the interval known then, so that a connect
+	// into a cut gives up within about an interval.
+	Target      string
+	DialOptions []grpc.DialOption
 	// Describe returns the hive's current descriptor.
 	Describe func() *rbeev1.Hive
 	// Clock, when set, is read as each beat is sent (HiveHeartbeatRequest.clock): the queen bounds
@@ -46,17 +51,21 @@ const (
 	maxBatchBytes   = 512 << 10
 )
 
+// defaultInterval paces beats and reconnection until the queen names its interval.
+const defaultInterval = time.Second
+
 // Beater is the hive's heartbeat client.
 type Beater struct {
-	cfg     Config
-	mu      sync.Mutex
-	pending []*rbeev1.WorkerExit
-	wake    chan struct{}
+	cfg      Config
+	mu       sync.Mutex
+	pending  []*rbeev1.WorkerExit
+	wake     chan struct{}
+	interval time.Duration // the queen's latest; only Run's goroutine touches it
 }
 
 // New returns a Beater; call Run.
 func New(cfg Config) *Beater {
-	return &Beater{cfg: cfg, wake: make(chan struct{}, 1)}
+	return &Beater{cfg: cfg, wake: make(chan struct{}, 1), interval: defaultInterval}
 }
 
 // ReportExit queues a worker's exit for the queen and wakes the stream to send it now.
@@ -132,18 +141,21 @@ func (b *Beater) putBack(exits []*rbeev1.WorkerExit) {
 
 // Run keeps a heartbeat stream open until ctx is done.
 func (b *Beater) Run(ctx context.Context) {
-	client := rbeev1.NewHeartbeatServiceClient(b.cfg.Conn)
 	attempt := 0
 	for ctx.Err() == nil {
-		beat, err := b.stream(ctx, client)
+		start := time.Now()
+		beat, err := b.session(ctx)
 		if ctx.Err() != nil {
 			return
 		}
 		if beat {
-			attempt = 0
+			// The stream worked until now: the next attempt counts from the break.
+			attempt, start = 0, time.Now()
 		}
-		// Full jitter: a fleet of hives reconnecting to a restarted queen spreads out.
-		d := rpcclient.Backoff(attempt, rpcclient.BackoffBase, rpcclient.BackoffCap)
+		// About once per interval, jittered, counted from the attempt's start: a fleet of hives
+		// reconnecting to a restarted queen spreads out, and a hive whose link returns is back
+		// within one and a half intervals.
+		d := max(0, rpcclient.ReconnectDelay(attempt, b.interval)-time.Since(start))
 		attempt++
 		b.cfg.Logger.Info("heartbeat stream to the queen broke; reconnecting", zap.Error(err), zap.Duration("backoff", d),
 			zap.String("actor", "hive"), zap.String("action", "hive_heartbeat_reconnect"))
@@ -157,6 +169,16 @@ func (b *Beater) Run(ctx context.Context) {
 	}
 }
 
+// session dials the queen and runs one heartbeat stream on that connection.
+func (b *Beater) session(ctx context.Context) (answered bool, err error) {
+	conn, err := grpc.NewClient(b.cfg.Target, append(rpcclient.HeartbeatOptions(b.interval), b.cfg.DialOptions...)...)
+	if err != nil {
+		return false, fmt.Errorf("dial queen %s: %w", b.cfg.Target, err)
+	}
+	defer conn.Close()
+	return b.stream(ctx, rbeev1.NewHeartbeatServiceClient(conn))
+}
+
 // stream runs one heartbeat stream; it reports whether the queen answered at least once.
 func (b *Beater) stream(ctx context.Context, client rbeev1.HeartbeatServiceClient) (answered bool, err error) {
 	ctx, cancel := context.WithCancel(ctx)
@@ -165,7 +187,6 @@ func (b *Beater) stream(ctx context.Context, client rbeev1.HeartbeatServiceClien
 	if err != nil {
 		return false, err
 	}
-	interval := time.Second
 	queenID := ""
 	for {
 		hive := b.cfg.Describe()
@@ -180,7 +201,7 @@ func (b *Beater) stream(ctx context.Context, client rbeev1.HeartbeatServiceClien
 			return answered, err
 		}
 		// A queen that does not answer within three intervals is gone: cut the stream.
-		watchdog := time.AfterFunc(3*interval, cancel)
+		watchdog := time.AfterFunc(3*b.interval, cancel)
 		resp, err := st.Recv()
 		watchdog.Stop()
 		if err != nil {
@@ -194,12 +215,12 @@ func (b *Beater) stream(ctx context.Context, client rbeev1.HeartbeatServiceClien
 				zap.String("actor", "hive"), zap.String("action", "hive_registered"))
 		}
 		if d := resp.GetInterval().AsDuration(); d > 0 {
-			interval = d
+			b.interval = max(d, 10*time.Millisecond)
 		}
 		if more {
 			continue // the rest of a burst of exits, in the next beat at once
 		}
-		t := time.NewTimer(interval)
+		t := time.NewTimer(b.interval)
 		select {
 		case <-ctx.Done():
 			t.Stop()

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -29,7 +30,8 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // beat after the first must have been woken by an exit.
 type fakeQueen struct {
 	rbeev1.UnimplementedHeartbeatServiceServer
-	beats chan *rbeev1.HiveHeartbeatRequest
+	beats    chan *rbeev1.HiveHeartbeatRequest
+	interval time.Duration // an hour when zero
 }
 
 func (f *fakeQueen) HiveHeartbeat(st rbeev1.HeartbeatService_HiveHeartbeatServer) error {
@@ -39,9 +41,21 @@ func (f *fakeQueen) HiveHeartbeat(st rbeev1.HeartbeatService_HiveHeartbeatServer
 			return nil
 		}
 		f.beats <- req
-		if err := st.Send(&rbeev1.HiveHeartbeatResponse{QueenId: "q1", Interval: durationpb.New(time.Hour)}); err != nil {
+		iv := f.interval
+		if iv == 0 {
+			iv = time.Hour
+		}
+		if err := st.Send(&rbeev1.HiveHeartbeatResponse{QueenId: "q1", Interval: durationpb.New(iv)}); err != nil {
 			return err
 		}
+	}
+}
+
+// bufDial reaches the fake queen listening on lis.
+func bufDial(lis *bufconn.Listener) []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
 	}
 }
 
@@ -52,15 +66,8 @@ func TestExitsAreSentAtOnce(t *testing.T) {
 	lis := bufconn.Listen(1 << 16)
 	go func() { _ = srv.Serve(lis) }()
 	defer srv.Stop()
-	conn, err := grpc.NewClient("passthrough:///buf",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
 	var readings atomic.Int64 // the hive's clock: each beat reads it anew
-	b := New(Config{Conn: conn, Logger: zap.NewNop(), Describe: func() *rbeev1.Hive {
+	b := New(Config{Target: "passthrough:///buf", DialOptions: bufDial(lis), Logger: zap.NewNop(), Describe: func() *rbeev1.Hive {
 		return &rbeev1.Hive{HiveId: "h1", Address: "127.0.0.1:7835"}
 	}, Clock: func() *rbeev1.HiveClock {
 		return &rbeev1.HiveClock{Instance: 3, Reading: durationpb.New(time.Duration(readings.Add(1)) * time.Second)}
@@ -117,14 +124,7 @@ func TestBurstOfExitsFitsTheQueensLimit(t *testing.T) {
 	lis := bufconn.Listen(1 << 16)
 	go func() { _ = srv.Serve(lis) }()
 	defer srv.Stop()
-	conn, err := grpc.NewClient("passthrough:///buf",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	b := New(Config{Conn: conn, Logger: zap.NewNop(), Describe: func() *rbeev1.Hive {
+	b := New(Config{Target: "passthrough:///buf", DialOptions: bufDial(lis), Logger: zap.NewNop(), Describe: func() *rbeev1.Hive {
 		return &rbeev1.Hive{HiveId: "h1", Address: "127.0.0.1:7835"}
 	}})
 	const workers = 80
@@ -184,5 +184,83 @@ func TestTruncateTail(t *testing.T) {
 		if got := truncateTail(tc.in, tc.max); got != tc.want || len(got) > tc.max {
 			t.Errorf("truncateTail(%q, %d) = %q, want %q", tc.in, tc.max, got, tc.want)
 		}
+	}
+}
+
+// While the queen is down the hive tries about once per interval the queen named (no burst, no
+// gap that would delay healing), and its first beat reaches the returned queen within one and a
+// half intervals.
+func TestReconnectPacedByInterval(t *testing.T) {
+	const iv = 300 * time.Millisecond
+	var (
+		mu       sync.Mutex
+		attempts []time.Time
+		lis      = bufconn.Listen(1 << 16)
+	)
+	dial := grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+		mu.Lock()
+		attempts = append(attempts, time.Now())
+		l := lis
+		mu.Unlock()
+		return l.DialContext(ctx)
+	})
+	serve := func(l *bufconn.Listener) (*fakeQueen, func()) {
+		fq := &fakeQueen{beats: make(chan *rbeev1.HiveHeartbeatRequest, 64), interval: iv}
+		srv := grpc.NewServer()
+		rbeev1.RegisterHeartbeatServiceServer(srv, fq)
+		done := make(chan struct{})
+		go func() { defer close(done); _ = srv.Serve(l) }()
+		return fq, func() { srv.Stop(); <-done }
+	}
+	next := func(fq *fakeQueen) {
+		t.Helper()
+		select {
+		case <-fq.beats:
+		case <-time.After(10 * time.Second):
+			t.Fatal("no beat")
+		}
+	}
+	fq, stop := serve(lis)
+	b := New(Config{Target: "passthrough:///buf", DialOptions: []grpc.DialOption{dial, grpc.WithTransportCredentials(insecure.NewCredentials())},
+		Logger: zap.NewNop(), Describe: func() *rbeev1.Hive { return &rbeev1.Hive{HiveId: "h1"} }})
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan struct{})
+	go func() { defer close(done); b.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	next(fq)
+	next(fq) // answered: the hive knows the interval
+
+	stop()
+	down := time.Now()
+	mu.Lock()
+	attempts = nil
+	mu.Unlock()
+	const outage = 10 * iv
+	time.Sleep(outage) // the outage's own length, observed by counting attempts
+	mu.Lock()
+	seen := append([]time.Time(nil), attempts...)
+	mu.Unlock()
+	if len(seen) == 0 || seen[0].Sub(down) > iv {
+		t.Fatalf("first reconnect %v after the break (%d attempts); want within an interval", seen, len(seen))
+	}
+	for i := 1; i < len(seen); i++ {
+		if gap := seen[i].Sub(seen[i-1]); gap < 2*iv/5 || gap > 3*iv/2+100*time.Millisecond {
+			t.Errorf("attempts %d and %d %v apart; want half to one and a half intervals (%v)", i-1, i, gap, iv)
+		}
+	}
+	if n := len(seen); n < 7 || n > 13 {
+		t.Errorf("%d connect attempts in %v of outage at interval %v; want about one an interval", n, outage, iv)
+	}
+
+	l2 := bufconn.Listen(1 << 16)
+	mu.Lock()
+	lis = l2
+	mu.Unlock()
+	back := time.Now()
+	fq2, stop2 := serve(l2)
+	defer stop2()
+	next(fq2)
+	if d := time.Since(back); d > 3*iv/2+100*time.Millisecond {
+		t.Errorf("first beat %v after the queen returned; want within one and a half intervals (%v)", d, iv)
 	}
 }

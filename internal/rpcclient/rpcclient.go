@@ -4,7 +4,9 @@
 package rpcclient
 
 import (
+	"context"
 	"math/rand/v2"
+	"net"
 	"time"
 
 	"google.golang.org/grpc"
@@ -47,4 +49,64 @@ func Backoff(n int, base, limit time.Duration) time.Duration {
 		}
 	}
 	return rand.N(envelope + 1)
+}
+
+// Heartbeat clients (workers, hives) pace their reconnection by the heartbeat interval the queen
+// names, not by a fixed backoff: the queen counts a worker STALE after a few missed intervals and
+// READY again at its first beat, so a client that comes back within about an interval of the link
+// heals within the same span, whatever the length of the cut. A fixed cap of seconds (the 5 s of
+// Options) made a 15 s partition heal 1.6 to 4.6 s after the link returned at a 500 ms interval.
+const (
+	// minConnectBound keeps a tiny interval (the queen accepts 10 ms) from making every TCP
+	// connect fail on a real network.
+	minConnectBound = 250 * time.Millisecond
+	// handshakeTimeout bounds the whole connect, TLS and HTTP/2 included, once the TCP connect
+	// succeeded. It stays long: a queen restarted under 10,000 workers completes handshakes late,
+	// and cutting them at an interval would throw that work away and repeat it (a storm).
+	handshakeTimeout = 3 * time.Second
+)
+
+// ConnectBound is how long a heartbeat client's TCP connect may take at the given interval: one
+// interval (at least 250 ms). A SYN lost in a cut then costs one interval, not the kernel's SYN
+// retransmission schedule (1 s, 3 s, 7 s) nor the handshake timeout.
+func ConnectBound(interval time.Duration) time.Duration {
+	return max(interval, minConnectBound)
+}
+
+// HeartbeatOptions returns the dial options of a heartbeat client that beats every interval:
+// keepalive as Options, a TCP connect bounded by ConnectBound, and gRPC's own reconnection (which
+// is what a connection to several queens relies on while it waits for a leader) paced by the
+// interval too: half an interval after the first failed attempt, then one interval, each with ±20%
+// jitter. Put them before the caller's options (credentials, token), which should not carry
+// connect parameters of their own.
+//
+// The connect dials TCP directly: HTTPS_PROXY and friends are not used for heartbeats, as for the
+// queen's calls to hives.
+func HeartbeatOptions(interval time.Duration) []grpc.DialOption {
+	bound := ConnectBound(interval)
+	return []grpc.DialOption{
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: PingInterval, PermitWithoutStream: true}),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: interval / 2, Multiplier: 2, Jitter: 0.2, MaxDelay: interval},
+			MinConnectTimeout: handshakeTimeout,
+		}),
+		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return (&net.Dialer{Timeout: bound}).DialContext(ctx, "tcp", addr)
+		}),
+	}
+}
+
+// ReconnectDelay returns how long after the start of its last failed attempt a heartbeat client
+// beating every interval makes reconnect attempt n (0-based; attempt 0 follows a stream that
+// broke after the queen had answered it, and counts from the break). The first waits half an
+// interval, later ones one interval, each drawn uniformly from half to one and a half times that:
+// a fleet whose queen restarted spreads over an interval instead of arriving at once, each client
+// tries about once per interval (never a storm, however long the queen is away), and a client
+// whose link returns is back within one and a half intervals of it.
+func ReconnectDelay(n int, interval time.Duration) time.Duration {
+	envelope := interval
+	if n == 0 {
+		envelope = interval / 2
+	}
+	return envelope/2 + rand.N(envelope+1)
 }

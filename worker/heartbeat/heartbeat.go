@@ -1,6 +1,6 @@
 // Package heartbeat is the worker's side of the WorkerHeartbeat stream: it keeps one stream open to
 // the queen, sends the worker's full descriptor at the interval the queen names, notices a silent
-// queen, and reconnects with capped exponential backoff and full jitter when the stream breaks.
+// queen, and reconnects about once per interval, jittered, when the stream breaks.
 package heartbeat
 
 import (
@@ -18,23 +18,16 @@ import (
 	"github.com/rbee-dev/rbee/internal/validate"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/backoff"
 )
 
 // Defaults for Config fields left zero.
 const (
 	DefaultInterval    = time.Second // until the queen names one
-	DefaultBackoffBase = rpcclient.BackoffBase
-	DefaultBackoffCap  = rpcclient.BackoffCap
 	DefaultSilentBeats = 3
 )
 
-const (
-	// minInterval guards against a queen (or a bug) asking for a busy loop.
-	minInterval = 10 * time.Millisecond
-	// connectTimeout bounds one connection attempt to the queen.
-	connectTimeout = 3 * time.Second
-)
+// minInterval guards against a queen (or a bug) asking for a busy loop.
+const minInterval = 10 * time.Millisecond
 
 // Narration fields of the lines this package logs.
 const (
@@ -56,16 +49,16 @@ type Config struct {
 	// Queen is the queen's address (host:port), or several queens' (A,B,C): the stream then goes
 	// to whichever leads and follows a failover (internal/rpcclient.QueenTarget).
 	Queen string
-	// DialOptions are passed to grpc.NewClient; the caller decides transport security here.
+	// DialOptions are passed to grpc.NewClient after rpcclient.HeartbeatOptions; the caller decides
+	// transport security here.
 	DialOptions []grpc.DialOption
 	// Descriptor returns the worker's current full descriptor; it is called for every beat.
 	Descriptor func() *rbeev1.Worker
 	// Logger receives connection changes; nil means zap.NewNop.
 	Logger *zap.Logger
-	// Interval is used until the queen names one (DefaultInterval when zero).
+	// Interval is used until the queen names one (DefaultInterval when zero). It paces the beats
+	// and the reconnection (rpcclient.ReconnectDelay).
 	Interval time.Duration
-	// BackoffBase and BackoffCap shape the reconnect delay (defaults when zero).
-	BackoffBase, BackoffCap time.Duration
 	// SilentBeats is how many intervals the oldest unanswered beat may wait before the queen is
 	// taken for gone (DefaultSilentBeats when zero).
 	SilentBeats int
@@ -93,12 +86,6 @@ type Client struct {
 func New(cfg Config) *Client {
 	if cfg.Interval <= 0 {
 		cfg.Interval = DefaultInterval
-	}
-	if cfg.BackoffBase <= 0 {
-		cfg.BackoffBase = DefaultBackoffBase
-	}
-	if cfg.BackoffCap <= 0 {
-		cfg.BackoffCap = DefaultBackoffCap
 	}
 	if cfg.SilentBeats <= 0 {
 		cfg.SilentBeats = DefaultSilentBeats
@@ -179,14 +166,18 @@ func (c *Client) Run(ctx context.Context) {
 		waiters []chan struct{} // Flush callers not yet answered, carried across sessions
 	)
 	for {
+		start := time.Now()
 		answered, err := c.session(ctx, &waiters)
 		if errors.Is(err, errClosing) || ctx.Err() != nil {
 			return
 		}
 		if answered {
-			attempt = 0
+			// The stream worked until now: the next attempt counts from the break.
+			attempt, start = 0, time.Now()
 		}
-		delay := c.backoff(attempt)
+		// Counted from the attempt's start: a connect that timed out in a cut has already spent
+		// its share of the wait.
+		delay := max(0, rpcclient.ReconnectDelay(attempt, c.currentInterval())-time.Since(start))
 		attempt++
 		narrate.Warn(narrate.WithLogger(ctx, c.log), actorWorker, actionReconnect, "heartbeat stream broke; reconnecting",
 			zap.Error(err), zap.Duration("delay", delay), zap.Int("attempt", attempt))
@@ -210,13 +201,6 @@ func (c *Client) Run(ctx context.Context) {
 	}
 }
 
-// backoff returns the delay before reconnect attempt n (0-based): full jitter over an exponential
-// envelope capped at BackoffCap, so that a fleet of workers does not reconnect in lockstep after a
-// queen restart.
-func (c *Client) backoff(n int) time.Duration {
-	return rpcclient.Backoff(n, c.cfg.BackoffBase, c.cfg.BackoffCap)
-}
-
 // pendingFlush is a Flush caller waiting for the response to beat number seq of the session.
 type pendingFlush struct {
 	seq int
@@ -226,12 +210,9 @@ type pendingFlush struct {
 // session runs one stream: it returns whether the queen answered at least one beat, and why the
 // stream ended.
 func (c *Client) session(ctx context.Context, carried *[]chan struct{}) (answered bool, err error) {
-	// A bounded connect attempt: an unreachable queen (a black-holed address) fails the stream in
-	// seconds rather than after gRPC's default 20s, and the backoff above takes over.
-	opts := append([]grpc.DialOption{grpc.WithConnectParams(grpc.ConnectParams{
-		Backoff:           backoff.DefaultConfig,
-		MinConnectTimeout: connectTimeout,
-	})}, c.cfg.DialOptions...)
+	// A connection per session, dialled with the interval known now: a connect into a cut (a SYN
+	// lost) fails within about an interval, and Run's pacing takes over.
+	opts := append(rpcclient.HeartbeatOptions(c.currentInterval()), c.cfg.DialOptions...)
 	target, qopts, err := queenTarget(c.cfg.Queen)
 	if err != nil {
 		return false, err

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -113,35 +114,6 @@ func runClient(t *testing.T, c *Client) {
 	})
 }
 
-func TestBackoffFullJitterCapped(t *testing.T) {
-	c := New(Config{BackoffBase: 100 * time.Millisecond, BackoffCap: 5 * time.Second})
-	tests := []struct {
-		attempt int
-		max     time.Duration
-	}{
-		{0, 100 * time.Millisecond},
-		{1, 200 * time.Millisecond},
-		{4, 1600 * time.Millisecond},
-		{6, 5 * time.Second},
-		{40, 5 * time.Second},
-		{1000, 5 * time.Second},
-	}
-	for _, tt := range tests {
-		var top time.Duration
-		for range 2000 {
-			d := c.backoff(tt.attempt)
-			if d < 0 || d > tt.max {
-				t.Fatalf("backoff(%d) = %v; want within [0, %v]", tt.attempt, d, tt.max)
-			}
-			top = max(top, d)
-		}
-		// Full jitter spreads over the whole envelope, not just its bottom.
-		if top < tt.max/2 {
-			t.Errorf("backoff(%d): largest of 2000 draws %v; want the spread to reach near %v", tt.attempt, top, tt.max)
-		}
-	}
-}
-
 // TestFollowsQueenInterval: the client beats at the interval the queen names, however long its own
 // starting interval is.
 func TestFollowsQueenInterval(t *testing.T) {
@@ -198,7 +170,6 @@ func TestSilentQueenReconnects(t *testing.T) {
 	q := &queen{silent: true}
 	opts := startQueen(t, q)
 	c := New(Config{Queen: "passthrough:///queen", DialOptions: opts, Interval: 20 * time.Millisecond,
-		BackoffBase: time.Millisecond, BackoffCap: 10 * time.Millisecond,
 		Descriptor: func() *rbeev1.Worker { return &rbeev1.Worker{WorkerId: "w", Pid: 42} }})
 	runClient(t, c)
 	for i := range 3 {
@@ -221,11 +192,11 @@ func TestSilentQueenReconnects(t *testing.T) {
 // TestFlushAcrossReconnect: a Flush issued while the stream is broken is answered by the new
 // stream, whose first beat carries the full descriptor.
 func TestFlushAcrossReconnect(t *testing.T) {
-	q := &queen{interval: time.Hour}
+	// The client reconnects within about an interval, so the queen names a short one.
+	q := &queen{interval: 50 * time.Millisecond}
 	q.breaks.Store(1)
 	opts := startQueen(t, q)
 	c := New(Config{Queen: "passthrough:///queen", DialOptions: opts,
-		BackoffBase: 50 * time.Millisecond, BackoffCap: 50 * time.Millisecond,
 		Descriptor: func() *rbeev1.Worker { return &rbeev1.Worker{WorkerId: "w", Pid: 42, ProcessStartTime: 7} }})
 	runClient(t, c)
 	q.nextBeat(t)
@@ -241,5 +212,80 @@ func TestFlushAcrossReconnect(t *testing.T) {
 	}
 	if w := q.nextBeat(t); w.GetPid() != 42 || w.GetProcessStartTime() != 7 {
 		t.Fatalf("first beat of the new stream = %v; want the full descriptor", w)
+	}
+}
+
+// TestReconnectPacedByInterval: while the queen is down, the client tries about once per interval
+// the queen named (never a burst, never a gap long enough to delay healing), however long the
+// outage; when the queen is back, its first beat arrives within one and a half intervals.
+func TestReconnectPacedByInterval(t *testing.T) {
+	const iv = 300 * time.Millisecond
+	var (
+		mu       sync.Mutex
+		attempts []time.Time
+		lis      = bufconn.Listen(1 << 16)
+	)
+	dial := grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) {
+		mu.Lock()
+		attempts = append(attempts, time.Now())
+		l := lis
+		mu.Unlock()
+		return l.DialContext(ctx)
+	})
+	serve := func(q *queen, l *bufconn.Listener) func() {
+		q.beats = make(chan *rbeev1.Worker, 1024)
+		q.opened = make(chan struct{}, 64)
+		q.ended = make(chan error, 64)
+		srv := grpc.NewServer()
+		rbeev1.RegisterHeartbeatServiceServer(srv, q)
+		done := make(chan struct{})
+		go func() { defer close(done); _ = srv.Serve(l) }()
+		return func() { srv.Stop(); <-done }
+	}
+	q1 := &queen{interval: iv}
+	stop := serve(q1, lis)
+	c := New(Config{Queen: "passthrough:///queen", DialOptions: []grpc.DialOption{dial, grpc.WithTransportCredentials(insecure.NewCredentials())},
+		Descriptor: func() *rbeev1.Worker { return &rbeev1.Worker{WorkerId: "w"} }})
+	runClient(t, c)
+	q1.nextBeat(t)
+	q1.nextBeat(t) // answered: the client knows the interval
+
+	stop() // the queen is gone; every connect is refused at once
+	down := time.Now()
+	mu.Lock()
+	attempts = nil
+	mu.Unlock()
+	const outage = 10 * iv
+	time.Sleep(outage) // the outage's own length, observed by counting attempts
+	mu.Lock()
+	seen := append([]time.Time(nil), attempts...)
+	mu.Unlock()
+
+	// Attempt 0 follows the break by a quarter to three quarters of an interval, later ones
+	// follow each other by half to one and a half.
+	if len(seen) == 0 || seen[0].Sub(down) > iv {
+		t.Fatalf("first reconnect %v after the break (%d attempts); want within an interval", seen, len(seen))
+	}
+	for i := 1; i < len(seen); i++ {
+		gap := seen[i].Sub(seen[i-1])
+		if gap < 2*iv/5 || gap > 3*iv/2+100*time.Millisecond {
+			t.Errorf("attempts %d and %d %v apart; want half to one and a half intervals (%v)", i-1, i, gap, iv)
+		}
+	}
+	// About one a interval: 10 expected; fewer than 7 means the backoff grows past the interval.
+	if n := len(seen); n < 7 || n > 13 {
+		t.Errorf("%d connect attempts in %v of outage at interval %v; want about one an interval", n, outage, iv)
+	}
+
+	q2 := &queen{interval: iv}
+	l2 := bufconn.Listen(1 << 16)
+	mu.Lock()
+	lis = l2
+	mu.Unlock()
+	back := time.Now()
+	defer serve(q2, l2)()
+	q2.nextBeat(t)
+	if d := time.Since(back); d > 3*iv/2+100*time.Millisecond {
+		t.Errorf("first beat %v after the queen returned; want within one and a half intervals (%v)", d, iv)
 	}
 }
