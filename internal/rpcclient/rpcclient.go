@@ -56,43 +56,80 @@ func Backoff(n int, base, limit time.Duration) time.Duration {
 // READY again at its first beat, so a client that comes back within about an interval of the link
 // heals within the same span, whatever the length of the cut. A fixed cap of seconds (the 5 s of
 // Options) made a 15 s partition heal 1.6 to 4.6 s after the link returned at a 500 ms interval.
-const (
-	// minConnectBound keeps a tiny interval (the queen accepts 10 ms) from making every TCP
-	// connect fail on a real network.
-	minConnectBound = 250 * time.Millisecond
-	// handshakeTimeout bounds the whole connect, TLS and HTTP/2 included, once the TCP connect
-	// succeeded. It stays long: a queen restarted under 10,000 workers completes handshakes late,
-	// and cutting them at an interval would throw that work away and repeat it (a storm).
-	handshakeTimeout = 3 * time.Second
-)
 
-// ConnectBound is how long a heartbeat client's TCP connect may take at the given interval: one
-// interval (at least 250 ms). A SYN lost in a cut then costs one interval, not the kernel's SYN
-// retransmission schedule (1 s, 3 s, 7 s) nor the handshake timeout.
-func ConnectBound(interval time.Duration) time.Duration {
-	return max(interval, minConnectBound)
-}
+// handshakeTimeout bounds one connect attempt of a heartbeat client: TCP, TLS and HTTP/2. It stays
+// long: a queen restarted under 10,000 workers completes handshakes late, and cutting them short
+// would throw that work away and repeat it (a storm); a link that flaps gets several chances per
+// attempt. A SYN lost in a cut does not hold the attempt up meanwhile (resendingDialer).
+const handshakeTimeout = 3 * time.Second
+
+// minResend keeps a tiny interval (the queen accepts 10 ms) from flooding a cut link with SYNs.
+const minResend = 100 * time.Millisecond
 
 // HeartbeatOptions returns the dial options of a heartbeat client that beats every interval:
-// keepalive as Options, a TCP connect bounded by ConnectBound, and gRPC's own reconnection (which
-// is what a connection to several queens relies on while it waits for a leader) paced by the
-// interval too: half an interval after the first failed attempt, then one interval, each with ±20%
-// jitter. Put them before the caller's options (credentials, token), which should not carry
-// connect parameters of their own.
+// keepalive as Options; a connect that sends a fresh SYN every interval while none is answered
+// (resendingDialer); and gRPC's own reconnection, which a connection to several queens relies on
+// while it waits for a leader, paced by the interval too (half an interval after the first failed
+// attempt, then one, each ±20%). Put them before the caller's options (credentials, token), which
+// should carry no connect parameters of their own.
 //
 // The connect dials TCP directly: HTTPS_PROXY and friends are not used for heartbeats, as for the
 // queen's calls to hives.
 func HeartbeatOptions(interval time.Duration) []grpc.DialOption {
-	bound := ConnectBound(interval)
 	return []grpc.DialOption{
 		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: PingInterval, PermitWithoutStream: true}),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff:           backoff.Config{BaseDelay: interval / 2, Multiplier: 2, Jitter: 0.2, MaxDelay: interval},
 			MinConnectTimeout: handshakeTimeout,
 		}),
-		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-			return (&net.Dialer{Timeout: bound}).DialContext(ctx, "tcp", addr)
-		}),
+		grpc.WithContextDialer(resendingDialer(max(interval, minResend))),
+	}
+}
+
+// resendingDialer returns a TCP dialer that starts a fresh connect every `every` while none has
+// succeeded, until one does (the others are closed), one is refused or unreachable (returned at
+// once: the peer answered), or ctx ends. The kernel retransmits a lost SYN only after 1 s, then
+// 3 s; a client whose first SYN went into a cut would wait that long after the link returned. With
+// a SYN every interval it waits at most an interval, and sends no more than one SYN an interval.
+func resendingDialer(every time.Duration) func(context.Context, string) (net.Conn, error) {
+	return func(ctx context.Context, addr string) (net.Conn, error) {
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		type result struct {
+			c   net.Conn
+			err error
+		}
+		results := make(chan result)
+		pending := 0
+		dial := func() {
+			pending++
+			go func() {
+				c, err := (&net.Dialer{}).DialContext(ctx, "tcp", addr)
+				results <- result{c, err}
+			}()
+		}
+		// Whatever is still in flight when this returns is collected and closed.
+		defer func() {
+			go func(n int) {
+				for range n {
+					if r := <-results; r.c != nil {
+						r.c.Close()
+					}
+				}
+			}(pending)
+		}()
+		dial()
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case r := <-results:
+				pending--
+				return r.c, r.err
+			case <-t.C:
+				dial()
+			}
+		}
 	}
 }
 
