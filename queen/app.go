@@ -102,7 +102,8 @@ func newApp(o options, log *zap.Logger) (*app, error) {
 		// Workers get every queen's address from their hive's --queen list, not this one's only.
 		advertise = ""
 		if a.elector, err = election.New(election.Config{
-			Endpoints: o.etcd, Name: o.advertise, TTL: o.electionTTL, Logger: log,
+			Endpoints: o.etcd, Name: o.advertise, TTL: o.electionTTL, Logger: log, Prefix: o.etcdClient.prefix,
+			TLS: o.etcdClient.tls, Username: o.etcdClient.username, Password: o.etcdClient.password,
 		}); err != nil {
 			_ = a.lis.Close()
 			return nil, err
@@ -155,7 +156,12 @@ func (a *app) Run(ctx context.Context) error {
 	}
 	a.log.Info("queen serving", zap.String("listen", lis.Addr().String()), zap.String("queen_id", a.queenID),
 		zap.Int("static_hives", len(a.o.hives)), zap.Duration("heartbeat_interval", a.o.interval),
-		zap.Strings("etcd", a.o.etcd), zap.String("actor", "queen"), zap.String("action", "queen_start"))
+		zap.Strings("etcd", a.o.etcd), zap.String("etcd_prefix", a.o.etcdClient.prefix), zap.Bool("etcd_tls", a.o.etcdClient.tls != nil),
+		zap.String("etcd_username", a.o.etcdClient.username), zap.String("actor", "queen"), zap.String("action", "queen_start"))
+	if a.o.etcdClient.username != "" && a.o.etcdClient.tls == nil && !allHTTPS(a.o.etcd) {
+		a.log.Warn("--etcd-username over http:// etcd URLs: the etcd password crosses the network in clear text; give https:// URLs and --etcd-tls-ca",
+			zap.String("actor", "queen"), zap.String("action", "etcd_password_in_clear"))
+	}
 	leadDone := make(chan error, 1)
 	go func() {
 		if a.elector == nil {
@@ -317,21 +323,25 @@ func (a *app) gateStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerI
 func registerHAFlags(fs *flag.FlagSet, o *options) {
 	fs.StringVar(&o.etcdFlag, "etcd", "", "etcd client URLs, comma separated: run as one of several queens, leading when elected (default: alone)")
 	fs.DurationVar(&o.electionTTL, "election-ttl", election.DefaultTTL, "with --etcd: lease TTL; a leader that dies is replaced after about this long")
+	o.etcdOpts.register(fs)
 	fs.DurationVar(&o.takeoverGrace, "takeover-grace", 0, "with --etcd: after taking over, nothing turns STALE, expires or times out for this long (default: --stale-after + 5s, the longest reconnect backoff)")
 }
 
 // checkHA checks the HA flags and fills in their defaults.
 func (o *options) checkHA() error {
-	if o.etcdFlag == "" {
-		return nil
-	}
-	for _, u := range strings.Split(o.etcdFlag, ",") {
-		u = strings.TrimSpace(u)
-		pu, err := url.Parse(u)
-		if err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
-			return fmt.Errorf("--etcd %q: want URLs like http://127.0.0.1:2379, comma separated", u)
+	if o.etcdFlag != "" {
+		for _, u := range strings.Split(o.etcdFlag, ",") {
+			u = strings.TrimSpace(u)
+			pu, err := url.Parse(u)
+			if err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
+				return fmt.Errorf("--etcd %q: want URLs like http://127.0.0.1:2379, comma separated", u)
+			}
+			o.etcd = append(o.etcd, u)
 		}
-		o.etcd = append(o.etcd, u)
+	}
+	var err error
+	if o.etcdClient, err = o.etcdOpts.check(o.etcd); err != nil || o.etcdFlag == "" {
+		return err
 	}
 	if o.electionTTL < 2*time.Second || o.electionTTL%time.Second != 0 {
 		return fmt.Errorf("--election-ttl %v: want whole seconds, at least 2s (etcd leases count in seconds)", o.electionTTL)

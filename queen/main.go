@@ -69,9 +69,12 @@ type options struct {
 	watchSendTimeout                                time.Duration
 	authFlags                                       auth.Flags
 	creds                                           *auth.Material
-	// Several queens (app.go): --etcd endpoints, the election lease TTL, the takeover grace.
+	// Several queens (app.go): --etcd endpoints, how to reach etcd (etcd.go), the election lease
+	// TTL, the takeover grace.
 	etcdFlag                   string
 	etcd                       []string
+	etcdOpts                   etcdFlags
+	etcdClient                 etcdClient
 	electionTTL, takeoverGrace time.Duration
 }
 

@@ -19,9 +19,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode"
 
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
@@ -37,14 +39,18 @@ type Config struct {
 	Endpoints []string
 	// Name is what this candidate publishes while it leads: the address clients reach it at.
 	Name string
-	// Prefix is the election's key prefix (DefaultPrefix when empty).
+	// Prefix is the election's key prefix (DefaultPrefix when empty; see CheckPrefix): queens
+	// under one prefix elect one leader, and elections under different prefixes share an etcd
+	// without seeing each other.
 	Prefix string
 	// TTL is the lease's time to live: how long etcd keeps a silent leader's key (DefaultTTL
 	// when zero; whole seconds, at least 2).
 	TTL time.Duration
-	// TLS, if set, is used to reach etcd.
-	TLS    *tls.Config
-	Logger *zap.Logger
+	// TLS, if set, is used to reach etcd (a client certificate in it is etcd's client-cert auth).
+	TLS *tls.Config
+	// Username and Password, if set, authenticate to etcd (etcd's user auth).
+	Username, Password string
+	Logger             *zap.Logger
 }
 
 // Defaults.
@@ -61,7 +67,9 @@ type Elector struct {
 	leader atomic.Pointer[string] // the leader's Name as last observed
 }
 
-// New connects to etcd (lazily: an unreachable etcd shows in Run, not here).
+// New connects to etcd: lazily (an unreachable etcd shows in Run, not here), except with a
+// username, which etcd's client authenticates at once (a wrong password or an unreachable etcd is
+// an error here, within the larger of 3 s and the TTL).
 func New(cfg Config) (*Elector, error) {
 	if len(cfg.Endpoints) == 0 {
 		return nil, errors.New("election: no etcd endpoint")
@@ -71,6 +79,13 @@ func New(cfg Config) (*Elector, error) {
 	}
 	if cfg.Prefix == "" {
 		cfg.Prefix = DefaultPrefix
+	}
+	var err error
+	if cfg.Prefix, err = CheckPrefix(cfg.Prefix); err != nil {
+		return nil, fmt.Errorf("election: %w", err)
+	}
+	if (cfg.Username == "") != (cfg.Password == "") {
+		return nil, errors.New("election: an etcd username needs a password and a password a username")
 	}
 	if cfg.TTL == 0 {
 		cfg.TTL = DefaultTTL
@@ -82,12 +97,16 @@ func New(cfg Config) (*Elector, error) {
 		cfg.Logger = zap.NewNop()
 	}
 	cli, err := clientv3.New(clientv3.Config{
-		Endpoints:   cfg.Endpoints,
-		DialTimeout: 3 * time.Second,
+		Endpoints: cfg.Endpoints,
+		// With a username the client authenticates here, at once (a bcrypt check and a raft
+		// round on etcd's side): an etcd that cannot answer within this bound stops the start.
+		DialTimeout: max(3*time.Second, cfg.TTL),
 		// A dead etcd connection is noticed well within a TTL; the lease deadline covers the rest.
 		DialKeepAliveTime:    cfg.TTL / 3,
 		DialKeepAliveTimeout: cfg.TTL / 3,
 		TLS:                  cfg.TLS,
+		Username:             cfg.Username,
+		Password:             cfg.Password,
 		// etcd's client warns at every retry; the elector logs what matters itself.
 		Logger: cfg.Logger.Named("etcd").WithOptions(zap.IncreaseLevel(zap.ErrorLevel)),
 	})
@@ -96,6 +115,29 @@ func New(cfg Config) (*Elector, error) {
 	}
 	return &Elector{cfg: cfg, cli: cli, log: cfg.Logger}, nil
 }
+
+// CheckPrefix checks an election key prefix and returns it ending in "/". It must start with "/"
+// and hold no empty segment ("//"): etcd's election keys are the prefix, "/" and a lease ID, and
+// a candidate waits for every older key under its keys' prefix, so two elections must never have
+// one's key prefix start the other's. With a trailing "/" and no "//" that cannot happen: "/a/"
+// and "/a/b/" make keys under "/a//" and "/a/b//".
+func CheckPrefix(p string) (string, error) {
+	switch {
+	case !strings.HasPrefix(p, "/"):
+		return "", fmt.Errorf("key prefix %q: want an absolute etcd key path such as %s", p, DefaultPrefix)
+	case strings.Contains(p, "//"):
+		return "", fmt.Errorf("key prefix %q: an empty segment (//) would let this election's keys fall under another's", p)
+	case strings.IndexFunc(p, func(r rune) bool { return unicode.IsSpace(r) || !unicode.IsPrint(r) }) >= 0:
+		return "", fmt.Errorf("key prefix %q: spaces and control characters are not allowed", p)
+	}
+	if !strings.HasSuffix(p, "/") {
+		p += "/"
+	}
+	return p, nil
+}
+
+// keyPrefix is the prefix of this election's keys, as concurrency.Election makes them.
+func (e *Elector) keyPrefix() string { return e.cfg.Prefix + "/" }
 
 // Close closes the etcd client; call it after Run has returned.
 func (e *Elector) Close() error { return e.cli.Close() }
@@ -222,7 +264,7 @@ func (e *Elector) once(ctx context.Context, lead func(context.Context, *Term)) (
 	// Campaign returns nil once the keys before ours are gone, even when our own lease has
 	// expired meanwhile: lead only if our key is still there, on our lease, and first in line.
 	vctx, cancel := context.WithTimeout(lctx, e.cfg.TTL/3)
-	first, err := e.cli.Get(vctx, e.cfg.Prefix, clientv3.WithFirstCreate()...)
+	first, err := e.cli.Get(vctx, e.keyPrefix(), clientv3.WithFirstCreate()...)
 	cancel()
 	if err != nil {
 		return false, fmt.Errorf("checking the campaign's result: %w", err)
@@ -318,7 +360,7 @@ func (e *Elector) watchKey(ctx context.Context, end context.CancelCauseFunc, key
 func (e *Elector) observe(ctx context.Context) {
 	for attempt := 0; ctx.Err() == nil; attempt++ {
 		gctx, cancel := context.WithTimeout(ctx, e.cfg.TTL)
-		resp, err := e.cli.Get(gctx, e.cfg.Prefix, clientv3.WithFirstCreate()...)
+		resp, err := e.cli.Get(gctx, e.keyPrefix(), clientv3.WithFirstCreate()...)
 		cancel()
 		if err == nil {
 			attempt = 0
@@ -331,7 +373,7 @@ func (e *Elector) observe(ctx context.Context) {
 					zap.String("actor", "queen"), zap.String("action", "leader_observed"))
 			}
 			wctx, cancel := context.WithCancel(ctx)
-			wch := e.cli.Watch(clientv3.WithRequireLeader(wctx), e.cfg.Prefix, clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
+			wch := e.cli.Watch(clientv3.WithRequireLeader(wctx), e.keyPrefix(), clientv3.WithPrefix(), clientv3.WithRev(resp.Header.Revision+1))
 			_, ok := <-wch // any change may change the leader: look again
 			cancel()
 			if ok {

@@ -2,6 +2,7 @@ package election
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
@@ -47,6 +48,13 @@ func freePort(t *testing.T) int {
 
 func startEtcd(t *testing.T) *etcdServer {
 	t.Helper()
+	return startEtcdWith(t, "http", nil)
+}
+
+// startEtcdWith starts etcd serving clients on scheme (http or https) with the extra flags
+// given, and waits until a client with tlsCfg can read.
+func startEtcdWith(t *testing.T, scheme string, tlsCfg *tls.Config, extra ...string) *etcdServer {
+	t.Helper()
 	out, err := exec.Command("../../scripts/install-etcd.sh").Output()
 	if err != nil {
 		msg := fmt.Sprintf("etcd is not available and could not be installed (scripts/install-etcd.sh: %v)", err)
@@ -55,12 +63,13 @@ func startEtcd(t *testing.T) *etcdServer {
 		}
 		t.Skip(msg)
 	}
-	client := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+	client := fmt.Sprintf("%s://127.0.0.1:%d", scheme, freePort(t))
 	peer := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
 	e := &etcdServer{url: client, done: make(chan struct{})}
 	e.cmd = exec.Command(strings.TrimSpace(string(out)), "--name", "t", "--data-dir", filepath.Join(t.TempDir(), "etcd"),
 		"--listen-client-urls", client, "--advertise-client-urls", client,
 		"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer, "--initial-cluster", "t="+peer)
+	e.cmd.Args = append(e.cmd.Args, extra...)
 	if err := e.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -71,7 +80,7 @@ func startEtcd(t *testing.T) *etcdServer {
 		<-e.done
 	})
 	// Ready once a read succeeds; the client retries until then within the bound.
-	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{client}, DialTimeout: 10 * time.Second})
+	cli, err := clientv3.New(clientv3.Config{Endpoints: []string{client}, DialTimeout: 10 * time.Second, TLS: tlsCfg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +104,12 @@ type candidate struct {
 
 func runCandidate(t *testing.T, url, name string) *candidate {
 	t.Helper()
-	e, err := New(Config{Endpoints: []string{url}, Name: name, TTL: ttl})
+	return runCandidateWith(t, Config{Endpoints: []string{url}, Name: name, TTL: ttl})
+}
+
+func runCandidateWith(t *testing.T, cfg Config) *candidate {
+	t.Helper()
+	e, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
