@@ -324,7 +324,7 @@ func registerHAFlags(fs *flag.FlagSet, o *options) {
 	fs.StringVar(&o.etcdFlag, "etcd", "", "etcd client URLs, comma separated: run as one of several queens, leading when elected (default: alone)")
 	fs.DurationVar(&o.electionTTL, "election-ttl", election.DefaultTTL, "with --etcd: lease TTL; a leader that dies is replaced after about this long")
 	o.etcdOpts.register(fs)
-	fs.DurationVar(&o.takeoverGrace, "takeover-grace", 0, "with --etcd: after taking over, nothing turns STALE, expires or times out for this long (default: --stale-after + 5s, the longest reconnect backoff)")
+	fs.DurationVar(&o.takeoverGrace, "takeover-grace", 0, "with --etcd: after taking over, nothing turns STALE, expires or times out for this long (default: --stale-after + 5s)")
 }
 
 // checkHA checks the HA flags and fills in their defaults.
