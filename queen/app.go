@@ -20,7 +20,6 @@ import (
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/metrics"
-	"github.com/rbee-dev/rbee/internal/rpcclient"
 	"github.com/rbee-dev/rbee/internal/rpcserver"
 	"github.com/rbee-dev/rbee/queen/console"
 	"github.com/rbee-dev/rbee/queen/election"
@@ -327,6 +326,11 @@ func registerHAFlags(fs *flag.FlagSet, o *options) {
 	fs.DurationVar(&o.takeoverGrace, "takeover-grace", 0, "with --etcd: after taking over, nothing turns STALE, expires or times out for this long (default: --stale-after + 5s)")
 }
 
+// takeoverMargin is what the default takeover grace adds to --stale-after: heartbeat clients
+// reconnect within about an interval (rpcclient.ReconnectDelay), so this leaves room for a slow
+// reconnect on a loaded host and a first beat without making a dead worker's STALE wait long.
+const takeoverMargin = 5 * time.Second
+
 // checkHA checks the HA flags and fills in their defaults.
 func (o *options) checkHA() error {
 	if o.etcdFlag != "" {
@@ -347,7 +351,7 @@ func (o *options) checkHA() error {
 		return fmt.Errorf("--election-ttl %v: want whole seconds, at least 2s (etcd leases count in seconds)", o.electionTTL)
 	}
 	if o.takeoverGrace == 0 {
-		o.takeoverGrace = o.staleAfter + rpcclient.BackoffCap
+		o.takeoverGrace = o.staleAfter + takeoverMargin
 	}
 	if o.takeoverGrace < 0 {
 		return fmt.Errorf("--takeover-grace %v: want 0 (the default) or more", o.takeoverGrace)

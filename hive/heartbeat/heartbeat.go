@@ -25,8 +25,8 @@ import (
 type Config struct {
 	// Target is the queen's dial target (rpcclient.QueenTarget), and DialOptions go to
 	// grpc.NewClient after rpcclient.HeartbeatOptions (credentials, the queens' resolver). Every
-	// stream gets a connection of its own, dialled with the interval known then, so that a connect
-	// into a cut gives up within about an interval.
+	// stream gets a connection of its own, dialled with the interval known then, so that its
+	// connect resends SYNs at that interval (as a worker's does).
 	Target      string
 	DialOptions []grpc.DialOption
 	// Describe returns the hive's current descriptor.

@@ -32,12 +32,6 @@ func Options() []grpc.DialOption {
 	}
 }
 
-// Reconnect backoff of heartbeat streams (workers, hives): the same envelope as the connection's.
-const (
-	BackoffBase = 100 * time.Millisecond
-	BackoffCap  = 5 * time.Second
-)
-
 // Backoff returns the delay before reconnect attempt n (0-based): full jitter over an exponential
 // envelope from base, capped at limit, so that a fleet reconnecting to a restarted queen spreads
 // out instead of arriving in lockstep.
