@@ -128,7 +128,7 @@ func run(c config) error {
 	startQueen := func(i int) error {
 		p, err := launch(filepath.Join(c.bin, "queen"), "--listen", addrs[i], "--etcd", client,
 			"--election-ttl", c.ttl.String(), "--heartbeat-interval", c.interval.String(),
-			"--max-beats-per-second", "0", "--log-level", "warn")
+			"--max-beats-per-second", "0", "--log-level", "warn", "--http-listen", "off")
 		queens[i] = p
 		return err
 	}

@@ -87,7 +87,7 @@ type queenProc struct {
 }
 
 func startQueen(c config, addr string) (*queenProc, error) {
-	cmd := exec.Command(filepath.Join(c.bin, "queen"), "--listen", addr, "--max-beats-per-second", "0",
+	cmd := exec.Command(filepath.Join(c.bin, "queen"), "--listen", addr, "--http-listen", "off", "--max-beats-per-second", "0",
 		"--heartbeat-interval", c.interval.String(), "--log-level", "warn")
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
