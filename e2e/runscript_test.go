@@ -130,9 +130,10 @@ func TestRunScriptNeverOutlivesItsTerminal(t *testing.T) {
 	}
 	for _, how := range []string{"terminal closed", "ctrl-c through tee", "script killed", "group terminated"} {
 		t.Run(strings.ReplaceAll(how, " ", "_"), func(t *testing.T) {
-			queen, hive, hid := freeAddr(t), freeAddr(t), uniqueID("run")
+			queen, hive, http, hid := freeAddr(t), freeAddr(t), freeAddr(t), uniqueID("run")
 			cleanupWorkers(t, hid)
-			env := append(os.Environ(), "BIN="+binDir, "QUEEN="+queen, "HIVE="+hive, "HIVE_ID="+hid, "STATE="+t.TempDir())
+			// Its own HTTP port too: a make run (or any queen) on this machine holds the default.
+			env := append(os.Environ(), "BIN="+binDir, "QUEEN="+queen, "HIVE="+hive, "HTTP="+http, "HIVE_ID="+hid, "STATE="+t.TempDir())
 			var cmd *exec.Cmd
 			var out *output
 			var hangUp func()

@@ -5,6 +5,7 @@
 set -uo pipefail
 BIN=${BIN:-bin}
 QUEEN=${QUEEN:-127.0.0.1:7833}
+HTTP=${HTTP:-127.0.0.1:7834} # the OpenAI API and the web console
 HIVE=${HIVE:-127.0.0.1:7835}
 HIVE_ID=${HIVE_ID:-local}
 STATE=${STATE:-.state}
@@ -52,7 +53,7 @@ pdeath=()
 if command -v setpriv >/dev/null 2>&1; then
   pdeath=(setpriv --pdeathsig TERM --)
 fi
-setsid "${pdeath[@]}" "$BIN/queen" --listen "$QUEEN" --hive "$HIVE_ID=$HIVE" 2>&3 &
+setsid "${pdeath[@]}" "$BIN/queen" --listen "$QUEEN" --http-listen "$HTTP" --hive "$HIVE_ID=$HIVE" 2>&3 &
 queen=$!
 setsid "${pdeath[@]}" "$BIN/hive" --hive-id "$HIVE_ID" --listen "$HIVE" --queen "$QUEEN" --log-dir "$STATE/logs" --models "$CATALOG" 2>&3 &
 hive=$!
@@ -77,7 +78,7 @@ stop() {
 trap stop INT TERM HUP
 
 echo "queen on $QUEEN, hive '$HIVE_ID' on $HIVE serving the models in $CATALOG; worker logs in $STATE/logs. Ctrl-C stops both." >&2
-echo "web console: http://127.0.0.1:7834/ (the OpenAI API beside it under /v1/)" >&2
+echo "web console: http://$HTTP/ (the OpenAI API beside it under /v1/)" >&2
 # If either dies on its own, stop the other too.
 wait -n "$queen" "$hive"
 echo "the queen or the hive exited on its own (see its log above); stopping" >&2
