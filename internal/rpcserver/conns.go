@@ -1,43 +1,52 @@
 package rpcserver
 
 import (
-	"context"
 	"net"
 	"sync"
-
-	"google.golang.org/grpc/stats"
+	"sync/atomic"
+	"time"
 )
 
 // conns tracks every connection the server accepted, so that shutdown can close those gRPC
 // cannot: grpc-go's Stop and GracefulStop both wait for connections still in their handshake,
 // which a client that sends half a preface and holds can keep there for the whole connection
-// timeout. It learns that a connection finished its handshake from the stats handler's TagConn.
+// timeout.
+//
+// It learns that a connection finished its handshake from the connection itself: grpc-go bounds
+// the handshake (TLS, the HTTP/2 preface and the first SETTINGS frame) with a deadline on the
+// accepted connection, and clears it with SetDeadline(time.Time{}) once the handshake is over.
+// A gRPC stats handler would tell the same, but any stats handler makes grpc-go build stats
+// objects for every message (a third of what the queen allocated per heartbeat).
 type conns struct {
 	mu      sync.Mutex
-	open    map[string]*conn // local|remote address -> connection
+	open    map[*conn]struct{}
 	closing bool
 }
 
 type conn struct {
 	net.Conn
 	c           *conns
-	key         string
-	established bool
+	established atomic.Bool
 	once        sync.Once
+}
+
+// SetDeadline marks the connection established when the deadline is cleared: grpc-go does that
+// once the handshake is over (server.go, handleRawConn), and on no other occasion.
+func (c *conn) SetDeadline(t time.Time) error {
+	if t.IsZero() {
+		c.established.Store(true)
+	}
+	return c.Conn.SetDeadline(t)
 }
 
 func (c *conn) Close() error {
 	c.once.Do(func() {
 		c.c.mu.Lock()
-		if c.c.open[c.key] == c {
-			delete(c.c.open, c.key)
-		}
+		delete(c.c.open, c)
 		c.c.mu.Unlock()
 	})
 	return c.Conn.Close()
 }
-
-func connKey(local, remote net.Addr) string { return local.String() + "|" + remote.String() }
 
 type listener struct {
 	net.Listener
@@ -49,11 +58,11 @@ func (l *listener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &conn{Conn: nc, c: l.c, key: connKey(nc.LocalAddr(), nc.RemoteAddr())}
+	c := &conn{Conn: nc, c: l.c}
 	l.c.mu.Lock()
 	closing := l.c.closing
 	if !closing {
-		l.c.open[c.key] = c
+		l.c.open[c] = struct{}{}
 	}
 	l.c.mu.Unlock()
 	if closing {
@@ -69,8 +78,8 @@ func (cs *conns) closeHandshaking() {
 	cs.mu.Lock()
 	cs.closing = true
 	var cut []*conn
-	for _, c := range cs.open {
-		if !c.established {
+	for c := range cs.open {
+		if !c.established.Load() {
 			cut = append(cut, c)
 		}
 	}
@@ -85,7 +94,7 @@ func (cs *conns) closeAll() {
 	cs.mu.Lock()
 	cs.closing = true
 	cut := make([]*conn, 0, len(cs.open))
-	for _, c := range cs.open {
+	for c := range cs.open {
 		cut = append(cut, c)
 	}
 	cs.mu.Unlock()
@@ -93,21 +102,3 @@ func (cs *conns) closeAll() {
 		_ = c.Close()
 	}
 }
-
-// handshakes is a stats.Handler that marks a connection established once gRPC has set up its
-// transport (TagConn runs then, with the connection's addresses).
-type handshakes struct{ c *conns }
-
-func (h handshakes) TagConn(ctx context.Context, info *stats.ConnTagInfo) context.Context {
-	if info.LocalAddr != nil && info.RemoteAddr != nil {
-		h.c.mu.Lock()
-		if c := h.c.open[connKey(info.LocalAddr, info.RemoteAddr)]; c != nil {
-			c.established = true
-		}
-		h.c.mu.Unlock()
-	}
-	return ctx
-}
-func (handshakes) HandleConn(context.Context, stats.ConnStats)                     {}
-func (handshakes) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
-func (handshakes) HandleRPC(context.Context, stats.RPCStats)                       {}

@@ -67,6 +67,9 @@ type Server struct {
 	// connections that are already open (grpc-go's GOAWAY only reaches them once every
 	// connection has finished its handshake).
 	draining atomic.Bool
+	// handshakesCut, if set (tests), is called once shutdown has closed the connections still in
+	// their handshake.
+	handshakesCut func()
 }
 
 // minPingInterval is the most frequent keepalive ping the servers permit; clients ping every
@@ -179,7 +182,7 @@ func New(o Options) *Server {
 		narrate.Logger(ctx).Error("panic in handler", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 		return status.Error(codes.Internal, "internal error")
 	})
-	s := &Server{Health: health.NewServer(), log: log, timeout: timeout, metrics: o.Metrics, conns: &conns{open: map[string]*conn{}}}
+	s := &Server{Health: health.NewServer(), log: log, timeout: timeout, metrics: o.Metrics, conns: &conns{open: map[*conn]struct{}{}}}
 	unary := []grpc.UnaryServerInterceptor{s.refuseWhileDraining}
 	stream := []grpc.StreamServerInterceptor{s.refuseStreamsWhileDraining}
 	if o.Metrics != nil {
@@ -228,7 +231,6 @@ func New(o Options) *Server {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: minPingInterval, PermitWithoutStream: true}),
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: time.Minute, Timeout: 20 * time.Second}),
 		grpc.ConnectionTimeout(HandshakeTimeout),
-		grpc.StatsHandler(handshakes{s.conns}),
 	}, o.ServerOptions...)
 	s.GRPC = grpc.NewServer(opts...)
 	healthpb.RegisterHealthServer(s.GRPC, s.Health)
@@ -283,6 +285,9 @@ func (s *Server) Serve(ctx context.Context, lis net.Listener, drain func()) erro
 	stopped := make(chan struct{})
 	go func() { s.GRPC.GracefulStop(); close(stopped) }()
 	s.conns.closeHandshaking()
+	if s.handshakesCut != nil {
+		s.handshakesCut()
+	}
 	select {
 	case <-stopped:
 	case <-time.After(s.timeout):

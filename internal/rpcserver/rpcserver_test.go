@@ -2,8 +2,15 @@ package rpcserver
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"errors"
 	"io"
+	"math/big"
 	"net"
 	"strings"
 	"sync/atomic"
@@ -15,6 +22,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
@@ -285,4 +293,92 @@ func TestUnmeteredStreamsKeepAuthRecoveryAndLogging(t *testing.T) {
 	if !codesSeen["Unauthenticated"] || !codesSeen["OK"] || !codesSeen["Internal"] {
 		t.Errorf("finished-call lines with job ids for codes %v, want Unauthenticated, OK and Internal", codesSeen)
 	}
+}
+
+// TestShutdownLetsCallsOnOpenConnectionsFinish: a connection past its handshake is not taken for
+// one still in it: a call in progress when shutdown cuts the handshaking connections finishes and
+// gets its answer, over plain TCP and over TLS (where the server cannot read the HTTP/2 preface on
+// the connection it accepted).
+func TestShutdownLetsCallsOnOpenConnectionsFinish(t *testing.T) {
+	cert := selfSigned(t)
+	for _, tc := range []struct {
+		name   string
+		server []grpc.ServerOption
+		client grpc.DialOption
+	}{
+		{"plain", nil, grpc.WithTransportCredentials(insecure.NewCredentials())},
+		{"tls", []grpc.ServerOption{grpc.Creds(credentials.NewServerTLSFromCert(&cert))},
+			grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: certPool(t, cert), ServerName: "localhost"}))},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := New(Options{Logger: zap.NewNop(), ShutdownTimeout: 20 * time.Second, ServerOptions: tc.server})
+			cut := make(chan struct{})
+			s.handshakesCut = func() { close(cut) }
+			started := make(chan struct{})
+			s.GRPC.RegisterService(testService(func(context.Context) (any, error) {
+				close(started)
+				<-cut // answer only once shutdown has cut the connections it found in their handshake
+				return &emptypb.Empty{}, nil
+			}), struct{}{})
+			lis, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			defer cancel()
+			done := make(chan error, 1)
+			go func() { done <- s.Serve(ctx, lis, nil) }()
+			conn, err := grpc.NewClient(lis.Addr().String(), tc.client)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			callErr := make(chan error, 1)
+			go func() {
+				callErr <- conn.Invoke(context.Background(), "/test.Svc/Call", &emptypb.Empty{}, &emptypb.Empty{})
+			}()
+			<-started
+			cancel()
+			select {
+			case err := <-callErr:
+				if err != nil {
+					t.Fatalf("a call in progress at shutdown failed: %v; want its answer", err)
+				}
+			case <-time.After(15 * time.Second):
+				t.Fatal("the call in progress got no answer")
+			}
+			if err := <-done; err != nil {
+				t.Fatalf("Serve = %v", err)
+			}
+		})
+	}
+}
+
+// selfSigned makes a certificate for localhost.
+func selfSigned(t *testing.T) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "localhost"},
+		DNSNames: []string{"localhost"}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, BasicConstraintsValid: true, IsCA: true,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+func certPool(t *testing.T, c tls.Certificate) *x509.CertPool {
+	t.Helper()
+	leaf, err := x509.ParseCertificate(c.Certificate[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := x509.NewCertPool()
+	p.AddCert(leaf)
+	return p
 }
