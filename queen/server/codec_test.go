@@ -1,6 +1,7 @@
 package server
 
 import (
+	"strings"
 	"testing"
 
 	"google.golang.org/grpc/encoding"
@@ -52,5 +53,52 @@ func TestCodecReuseDecodesLikeAFreshMessage(t *testing.T) {
 	// Bad input is refused as by the plain codec.
 	if err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer([]byte{0x0a, 0x05, 0x0a})}, reused); err == nil {
 		t.Fatal("a truncated message was accepted")
+	}
+}
+
+// A heartbeat stream's beatMsg holds what a fresh decode of each beat gives; a beat byte for byte
+// equal to the one before is recognised as such (and not decoded again), any other is decoded, a
+// bad one is refused and forgotten, and a beat too large to keep is decoded every time.
+func TestCodecSkipsOnlyRepeatedBeats(t *testing.T) {
+	enc := func(m proto.Message) []byte {
+		b, err := proto.Marshal(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	ready := enc(&rbeev1.WorkerHeartbeatRequest{Worker: &rbeev1.Worker{WorkerId: "w1", HiveId: "h1", Model: "m", Device: "cpu", Pid: 4, State: rbeev1.WorkerState_WORKER_STATE_READY}})
+	busy := enc(&rbeev1.WorkerHeartbeatRequest{Worker: &rbeev1.Worker{WorkerId: "w1", HiveId: "h1", Model: "m", Device: "cpu", Pid: 4, State: rbeev1.WorkerState_WORKER_STATE_BUSY}})
+	huge := enc(&rbeev1.WorkerHeartbeatRequest{Worker: &rbeev1.Worker{WorkerId: "w1", StatusMessage: strings.Repeat("x", maxKeptBeat)}})
+	bad := []byte{0x0a, 0x05, 0x0a}
+	c := codec{encoding.GetCodecV2("proto")}
+	m := &beatMsg{req: new(rbeev1.WorkerHeartbeatRequest)}
+	for i, step := range []struct {
+		b          []byte
+		same, fail bool
+	}{
+		{b: ready}, {b: ready, same: true}, {b: ready, same: true}, {b: busy}, {b: busy, same: true}, {b: ready},
+		{b: bad, fail: true}, {b: ready}, {b: ready, same: true}, {b: huge}, {b: huge}, {b: ready}, {b: ready, same: true},
+	} {
+		err := c.Unmarshal(mem.BufferSlice{mem.SliceBuffer(append([]byte(nil), step.b...))}, m)
+		if step.fail {
+			if err == nil {
+				t.Fatalf("step %d: a truncated beat was accepted", i)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("step %d: %v", i, err)
+		}
+		if m.same != step.same {
+			t.Fatalf("step %d: same = %v, want %v", i, m.same, step.same)
+		}
+		fresh := new(rbeev1.WorkerHeartbeatRequest)
+		if err := proto.Unmarshal(step.b, fresh); err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(m.req, fresh) {
+			t.Fatalf("step %d: holds %v, a fresh decode gives %v", i, m.req, fresh)
+		}
 	}
 }

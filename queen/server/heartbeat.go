@@ -200,10 +200,13 @@ func workerFromProtoSince(p *rbeev1.Worker, prev *registry.Worker) (registry.Wor
 // WorkerHeartbeat applies each beat to the registry and answers it with exactly one response.
 func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatServer) error {
 	ctx := stream.Context()
-	first, err := stream.Recv()
-	if err != nil {
+	// Each beat is decoded into the previous one's message, or not at all when it is the same
+	// (see ServerCodec): hold no other reference to msg.req across beats.
+	msg := &beatMsg{req: new(rbeev1.WorkerHeartbeatRequest)}
+	if err := stream.RecvMsg(msg); err != nil {
 		return q.recvEnd(ctx, err)
 	}
+	first := msg.req
 	w, err := workerFromProto(first.GetWorker())
 	if err != nil {
 		return invalid(err)
@@ -222,19 +225,17 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 	if err := resp.Encode(stream, &rbeev1.WorkerHeartbeatResponse{QueenId: q.cfg.QueenID, Interval: durationpb.New(q.cfg.Interval)}); err != nil {
 		return status.Errorf(codes.Internal, "encoding the heartbeat answer: %v", err)
 	}
-	// Each beat is decoded into the previous one's message (see ServerCodec): hold no other
-	// reference to it across beats.
-	reuse := first
 	recv := func() (*rbeev1.WorkerHeartbeatRequest, error) {
-		if err := stream.RecvMsg(reuse); err != nil {
+		if err := stream.RecvMsg(msg); err != nil {
 			return nil, err
 		}
-		return reuse, nil
+		return msg.req, nil
 	}
 	return serveBeats(q, ctx, "worker", id, first, recv, func() error { return stream.SendMsg(&resp) },
 		func(req *rbeev1.WorkerHeartbeatRequest, isFirst bool, now time.Time) error {
-			if !isFirst {
-				// A worker sends the same descriptor beat after beat: check only what changed.
+			// A beat equal to the last one, byte for byte, was checked with it: w is still the
+			// whole descriptor it carries. Otherwise check only what changed.
+			if !isFirst && !msg.same {
 				if w, err = workerFromProtoSince(req.GetWorker(), &w); err != nil {
 					return invalid(err)
 				}
@@ -302,7 +303,7 @@ func (q *Queen) HiveHeartbeat(stream rbeev1.HeartbeatService_HiveHeartbeatServer
 // it still spoke for id.
 func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *Req,
 	recv func() (*Req, error), answer func() error, beat func(req *Req, isFirst bool, now time.Time) error, closed func()) error {
-	key := kind + "/" + id
+	key, what := kind+"/"+id, kind+" "+id
 	stop := q.draining()
 	s := q.attach(key)
 	defer func() {
@@ -314,7 +315,7 @@ func serveBeats[Req any](q *Queen, ctx context.Context, kind, id string, first *
 	req, isFirst := first, true
 	first = nil
 	for {
-		if err := q.endStatus(s, stop, kind+" "+id); err != nil {
+		if err := q.endStatus(s, stop, what); err != nil {
 			return err
 		}
 		now := time.Now()
