@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -24,7 +25,26 @@ import (
 	"github.com/rbee-dev/rbee/queen/server"
 )
 
-func main() { os.Exit(run(os.Args[1:])) }
+func main() {
+	setGCPercent(os.LookupEnv)
+	os.Exit(run(os.Args[1:]))
+}
+
+// defaultGCPercent is the queen's GOGC unless the environment sets GOGC. Most of a queen's memory
+// is goroutine stacks, one per heartbeat stream (8 KB each), and Go's collector lets the heap grow
+// by GOGC percent of the live heap and the stacks together before it collects: at Go's default of
+// 100, 10,000 workers leave room for about 120 MB of garbage, more than the live heap and stacks
+// hold. At 50 the queen needs about 40 MB less at 10,000 workers, for a few more collections (the
+// beats allocate little).
+const defaultGCPercent = 50
+
+// setGCPercent applies defaultGCPercent when GOGC is not in the environment (lookup is
+// os.LookupEnv): an operator's GOGC, off included, wins.
+func setGCPercent(lookup func(string) (string, bool)) {
+	if _, set := lookup("GOGC"); !set {
+		debug.SetGCPercent(defaultGCPercent)
+	}
+}
 
 // hiveFlags collects repeatable --hive ID=HOST:PORT flags.
 type hiveFlags []staticHive

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"runtime/debug"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -43,4 +44,18 @@ func TestShutdownWaitsForStartTimeoutCleanup(t *testing.T) {
 			t.Fatal("Run returned before the clean-up finished")
 		}
 	})
+}
+
+// The queen collects at GOGC=50 unless the operator's environment sets GOGC.
+func TestGCPercentDefaultAndOverride(t *testing.T) {
+	prev := debug.SetGCPercent(100)
+	defer debug.SetGCPercent(prev)
+	setGCPercent(func(string) (string, bool) { return "", false })
+	if got := debug.SetGCPercent(100); got != defaultGCPercent {
+		t.Fatalf("without GOGC in the environment the queen runs at GOGC=%d, want %d", got, defaultGCPercent)
+	}
+	setGCPercent(func(k string) (string, bool) { return "100", k == "GOGC" })
+	if got := debug.SetGCPercent(100); got != 100 {
+		t.Fatalf("with GOGC=100 in the environment the queen runs at GOGC=%d, want 100", got)
+	}
 }
