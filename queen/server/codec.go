@@ -25,6 +25,28 @@ func ServerCodec() grpc.ServerOption {
 
 type codec struct{ encoding.CodecV2 }
 
+// Marshal is the protobuf codec's, except for a ListWorkersResponse: the workers ListWorkers
+// encoded (the message's unknown bytes, see ListWorkers) go on the wire as they are, without the
+// copy proto.Marshal would make, and back to listBufs once written. The response must not be read
+// after: it no longer holds its workers.
+func (c codec) Marshal(v any) (mem.BufferSlice, error) {
+	resp, ok := v.(*rbeev1.ListWorkersResponse)
+	if !ok {
+		return c.CodecV2.Marshal(v)
+	}
+	m := resp.ProtoReflect()
+	raw := []byte(m.GetUnknown())
+	if len(raw) == 0 {
+		return c.CodecV2.Marshal(v)
+	}
+	m.SetUnknown(nil)
+	head, err := proto.Marshal(resp) // the page token
+	if err != nil {
+		return nil, err
+	}
+	return mem.BufferSlice{mem.SliceBuffer(head), mem.NewBuffer(&raw, listBufs)}, nil
+}
+
 // beatMsg is what a worker's heartbeat stream receives each beat into.
 type beatMsg struct {
 	req *rbeev1.WorkerHeartbeatRequest

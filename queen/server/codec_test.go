@@ -1,8 +1,10 @@
 package server
 
 import (
+	"bytes"
 	"strings"
 	"testing"
+	"time"
 
 	"google.golang.org/grpc/encoding"
 	"google.golang.org/grpc/mem"
@@ -11,6 +13,7 @@ import (
 	"google.golang.org/protobuf/types/known/timestamppb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/queen/registry"
 )
 
 // Decoding beat after beat into the same message gives exactly what a fresh decode gives: no field
@@ -99,6 +102,39 @@ func TestCodecSkipsOnlyRepeatedBeats(t *testing.T) {
 		}
 		if !proto.Equal(m.req, fresh) {
 			t.Fatalf("step %d: holds %v, a fresh decode gives %v", i, m.req, fresh)
+		}
+	}
+}
+
+// A ListWorkersResponse goes on the wire as proto.Marshal would write it, page token and workers,
+// while its workers' bytes are not copied; one without workers is marshaled as usual.
+func TestCodecMarshalsListResponsesAsProto(t *testing.T) {
+	reg := registry.New(registry.Config{})
+	for i := range 30 {
+		if _, err := reg.Beat(fullWorker(t, i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	q := New(Config{Registry: reg, QueenID: "q", Interval: time.Second})
+	c := codec{encoding.GetCodecV2("proto")}
+	for _, req := range []*rbeev1.ListWorkersRequest{{PageSize: 7}, {PageSize: 100}, {HiveId: "no-such-hive"}} {
+		for range 3 { // again, with buffers the previous calls gave back
+			resp, err := q.ListWorkers(t.Context(), req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want, err := proto.Marshal(resp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := c.Marshal(resp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if b := got.Materialize(); !bytes.Equal(b, want) {
+				t.Fatalf("%v: the codec wrote %d bytes unlike proto.Marshal's %d", req, len(b), len(want))
+			}
+			got.Free()
 		}
 	}
 }

@@ -53,14 +53,44 @@ func (q *Queen) ListWorkers(_ context.Context, req *rbeev1.ListWorkersRequest) (
 			return nil, invalid(&validate.Error{Field: "page_token", Rule: err.Error()})
 		}
 	}
-	ws, more := q.reg.Page(f, after, size)
+	page, _ := pages.Get().(*[]registry.Worker)
+	if page == nil {
+		page = new([]registry.Worker)
+	}
+	ws, more := q.reg.AppendPage((*page)[:0], f, after, size)
 	resp := &rbeev1.ListWorkersResponse{}
 	if more {
 		resp.NextPageToken = pageToken(ws[len(ws)-1].ID, f)
 	}
 	resp.ProtoReflect().SetUnknown(q.listCache.encode(ws, q.reg.Len()))
+	clear(ws) // hold no worker's strings until the next call
+	*page = ws[:0]
+	pages.Put(page)
 	return resp, nil
 }
+
+// pages and listBufs keep ListWorkers' page of workers and its encoding from one call to the next
+// (ServerCodec gives the encoding back once it is on the wire): a page of 10,000 workers is 2 MB of
+// workers and 750 KB of encoding, and at 10,000 connected workers every collection that garbage
+// brings on scans 10,000 goroutine stacks.
+var (
+	pages    sync.Pool // *[]registry.Worker
+	listBufs = &bufPool{}
+)
+
+// bufPool is a mem.BufferPool of byte slices of any size.
+type bufPool struct{ p sync.Pool }
+
+func (bp *bufPool) Get(n int) *[]byte {
+	if b, _ := bp.p.Get().(*[]byte); b != nil && cap(*b) >= n {
+		*b = (*b)[:n]
+		return b
+	}
+	b := make([]byte, n)
+	return &b
+}
+
+func (bp *bufPool) Put(b *[]byte) { bp.p.Put(b) }
 
 func listFilter(req *rbeev1.ListWorkersRequest) (registry.Filter, error) {
 	var f registry.Filter
@@ -173,7 +203,7 @@ func (c *encodingCache) encode(ws []registry.Worker, fleet int) protoreflect.Raw
 		}
 		if out == nil {
 			// Workers encode to similar sizes: size the buffer once from the first.
-			out = make([]byte, 0, len(ws)*(n+8))
+			out = (*listBufs.Get(len(ws) * (n + 8)))[:0]
 		}
 		out = protowire.AppendTag(out, 1, protowire.BytesType)
 		out = protowire.AppendVarint(out, uint64(n))
