@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"fmt"
 	"io"
 	"math/big"
 	"net"
@@ -269,7 +270,15 @@ func TestUnmeteredStreamsKeepAuthRecoveryAndLogging(t *testing.T) {
 		if err := st.SendMsg(&emptypb.Empty{}); err != nil && !errors.Is(err, io.EOF) {
 			return err
 		}
-		return st.RecvMsg(&emptypb.Empty{}) // io.EOF from SendMsg: the status comes here
+		if err := st.RecvMsg(&emptypb.Empty{}); err != nil { // io.EOF from SendMsg: the status comes here
+			return err
+		}
+		// The end of the stream: its status is written after the handler and the interceptor that
+		// logs "finished call" have returned, so the line checked below is in by then.
+		if err := st.RecvMsg(&emptypb.Empty{}); !errors.Is(err, io.EOF) {
+			return fmt.Errorf("after the answer: %v, want the end of the stream", err)
+		}
+		return nil
 	}
 	if err := call(t.Context()); status.Code(err) != codes.Unauthenticated {
 		t.Fatalf("without the token: %v, want UNAUTHENTICATED", err)
