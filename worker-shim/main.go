@@ -16,8 +16,8 @@ import (
 	"time"
 
 	"github.com/rbee-dev/rbee/internal/logging"
-	"github.com/rbee-dev/rbee/internal/validate"
 	"github.com/rbee-dev/rbee/internal/version"
+	"github.com/rbee-dev/rbee/worker/contract"
 	"go.uber.org/zap"
 )
 
@@ -31,13 +31,9 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// envWorkerID is the hive's identity marker; the server inherits it.
-const envWorkerID = "RBEE_WORKER_ID"
-
 // config is the parsed command line.
 type config struct {
-	workerID, hiveID, model, device, queen string
-	port                                   int
+	contract.Args
 
 	health           string
 	loadTimeout      time.Duration
@@ -67,12 +63,7 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	fs := flag.NewFlagSet("worker-shim", flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
-	fs.StringVar(&c.workerID, "worker-id", "", "worker id (required; must equal $"+envWorkerID+" when that is set)")
-	fs.StringVar(&c.hiveID, "hive-id", "", "id of the hive that started this worker (required)")
-	fs.StringVar(&c.model, "model", "", "model the server serves (required)")
-	fs.StringVar(&c.device, "device", "cpu", "device the server runs on")
-	fs.IntVar(&c.port, "port", 0, "port the server binds (required)")
-	fs.StringVar(&c.queen, "queen", "127.0.0.1:7833", "queen address (host:port) to send heartbeats to")
+	c.Register(fs, "port the server binds (required)")
 	fs.StringVar(&c.health, "health", "/health", "HTTP path whose 200 means the server is ready")
 	fs.DurationVar(&c.loadTimeout, "load-timeout", 10*time.Minute, "longest the server may take to answer health with 200; then it is stopped")
 	fs.DurationVar(&c.unhealthyTimeout, "unhealthy-timeout", 30*time.Second, "longest a ready server may fail health; then it is stopped")
@@ -98,8 +89,6 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	switch {
 	case len(c.cmd) == 0:
 		return c, errors.New("no server command: give it after --, e.g. -- /usr/bin/llama-server --port 9100")
-	case c.port < 1 || c.port > 65535:
-		return c, fmt.Errorf("--port %d: want 1 to 65535", c.port)
 	case c.health == "" || c.health[0] != '/':
 		return c, fmt.Errorf("--health %q: want an HTTP path such as /health", c.health)
 	case c.loadTimeout <= 0 || c.unhealthyTimeout <= 0 || c.grace < 0:
@@ -109,22 +98,8 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	case c.concurrency > 1<<16:
 		return c, fmt.Errorf("--concurrency %d: at most 65536", c.concurrency)
 	}
-	if err := validate.ID("--worker-id", c.workerID); err != nil {
-		return c, err
-	}
-	if err := validate.ID("--hive-id", c.hiveID); err != nil {
-		return c, err
-	}
-	if err := validate.Model("--model", c.model); err != nil {
-		return c, err
-	}
-	if err := validate.Address("--queen", c.queen); err != nil {
-		return c, err
-	}
-	if env, ok := os.LookupEnv(envWorkerID); ok && env != c.workerID {
-		return c, fmt.Errorf("$%s=%q does not match --worker-id %q", envWorkerID, env, c.workerID)
-	}
-	return c, nil
+	// The server binds --port itself and the shim reports for it: every argument is required.
+	return c, c.Check(contract.Rules{})
 }
 
 // run is the whole program; it returns the exit status (the server's, once it ran).
@@ -145,7 +120,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "worker-shim: %v\n", err)
 		return 2
 	}
-	log := base.With(zap.String("worker_id", cfg.workerID))
+	log := base.With(zap.String("worker_id", cfg.WorkerID))
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush
 	return supervise(cfg, log, stderr)
 }

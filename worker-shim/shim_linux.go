@@ -20,19 +20,17 @@ import (
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/procstat"
+	"github.com/rbee-dev/rbee/worker/contract"
 	"github.com/rbee-dev/rbee/worker/heartbeat"
 )
 
 const (
 	actor = "worker"
-	// envWorkerHost is the host the server binds and the worker's address (hive --worker-host).
-	envWorkerHost = "RBEE_WORKER_HOST"
 	// Bounds on the last words to the queen, so that a silent queen cannot hold up an exit.
 	stoppingBeatTimeout = time.Second
 	streamCloseTimeout  = 300 * time.Millisecond
@@ -98,14 +96,11 @@ func supervise(cfg config, log *zap.Logger, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "worker-shim: own start time: %v\n", err)
 		return 1
 	}
-	host := os.Getenv(envWorkerHost)
-	address := host // where other machines reach the server; an unspecified host says nothing
-	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
-		address = ""
-	}
+	host := contract.Host() // the server binds it (hive --worker-host); other machines reach it there
+	address := contract.ReportedAddress(host)
 	desc := &descriptor{base: &rbeev1.Worker{
-		WorkerId: cfg.workerID, HiveId: cfg.hiveID, Model: cfg.model, Device: cfg.device, Pid: int32(pid),
-		Port: uint32(cfg.port), ProcessStartTime: startTime, Address: address, Concurrency: uint32(cfg.concurrency),
+		WorkerId: cfg.WorkerID, HiveId: cfg.HiveID, Model: cfg.Model, Device: cfg.Device, Pid: int32(pid),
+		Port: uint32(cfg.Port), ProcessStartTime: startTime, Address: address, Concurrency: uint32(cfg.concurrency),
 	}, state: rbeev1.WorkerState_WORKER_STATE_STARTING}
 
 	srv := exec.Command(cfg.cmd[0], cfg.cmd[1:]...)
@@ -119,19 +114,19 @@ func supervise(cfg config, log *zap.Logger, stderr io.Writer) int {
 		return 127
 	}
 	serverPID := srv.Process.Pid
-	narrate.Event(ctx, actor, "worker_server_started", fmt.Sprintf("server %s started (PID %d) for model %q", cfg.cmd[0], serverPID, cfg.model),
-		zap.Int("shim_pid", pid), zap.Int("server_pid", serverPID), zap.Strings("cmd", cfg.cmd), zap.Int("port", cfg.port))
+	narrate.Event(ctx, actor, "worker_server_started", fmt.Sprintf("server %s started (PID %d) for model %q", cfg.cmd[0], serverPID, cfg.Model),
+		zap.Int("shim_pid", pid), zap.Int("server_pid", serverPID), zap.Strings("cmd", cfg.cmd), zap.Int("port", cfg.Port))
 
 	exited := make(chan unix.WaitStatus, 1)
 	go reap(chld, serverPID, exited)
 
-	dial, err := dialOptions()
+	dial, err := heartbeat.DialOptionsFromEnv()
 	if err != nil {
 		fmt.Fprintf(stderr, "worker-shim: credentials for the queen: %v\n", err)
 		srv.Process.Signal(syscall.SIGKILL)
 		return exitStatus(<-exited)
 	}
-	hb := heartbeat.New(heartbeat.Config{Queen: cfg.queen, DialOptions: dial, Descriptor: desc.worker, Logger: log})
+	hb := heartbeat.New(heartbeat.Config{Queen: cfg.Queen, DialOptions: dial, Descriptor: desc.worker, Logger: log})
 	var wg sync.WaitGroup
 	hbCtx, hbCancel := context.WithCancel(ctx)
 	wg.Go(func() { hb.Run(hbCtx) })
@@ -142,7 +137,7 @@ func supervise(cfg config, log *zap.Logger, stderr io.Writer) int {
 	checks := make(chan check)
 	probeCtx, probeCancel := context.WithCancel(ctx)
 	defer probeCancel()
-	wg.Go(func() { probe(probeCtx, cfg, healthURL(host, cfg.port, cfg.health), &ready, checks) })
+	wg.Go(func() { probe(probeCtx, cfg, healthURL(host, cfg.Port, cfg.health), &ready, checks) })
 
 	loadTimer := time.NewTimer(cfg.loadTimeout)
 	defer loadTimer.Stop()
@@ -422,15 +417,4 @@ func killOrphans(self int) {
 		}
 		unix.Close(fd)
 	}
-}
-
-// dialOptions: the hive hands the shim its own token and the cluster's TLS files in the
-// environment, never on the command line, exactly as for any worker.
-func dialOptions() ([]grpc.DialOption, error) {
-	creds, err := auth.TLSFromEnv().DialOption()
-	if err != nil {
-		return nil, err
-	}
-	// The heartbeat client adds its own connect and keepalive settings (rpcclient.HeartbeatOptions).
-	return append([]grpc.DialOption{creds}, auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
 }

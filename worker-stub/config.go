@@ -5,21 +5,15 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"os"
 	"time"
-)
 
-// envWorkerID is the hive's identity marker for a worker process; when set it must match
-// --worker-id.
-const envWorkerID = "RBEE_WORKER_ID"
+	"github.com/rbee-dev/rbee/worker/contract"
+)
 
 // config holds the parsed command line.
 type config struct {
-	workerID, hiveID, model, device string
-	port                            uint
-	queen                           string
-	host                            string
+	contract.Args
+	host string
 	// address is what the worker reports as Worker.address: the host it was told to bind
 	// ($RBEE_WORKER_HOST or --host), "" for the default loopback or an unspecified host.
 	address string
@@ -48,12 +42,7 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	// The flag package's own printing is silenced: help goes to stdout, errors to the caller.
 	fs.SetOutput(io.Discard)
 	fs.Usage = func() {}
-	fs.StringVar(&c.workerID, "worker-id", "", "worker id (required; must equal $"+envWorkerID+" when that is set)")
-	fs.StringVar(&c.hiveID, "hive-id", "", "id of the hive that started this worker")
-	fs.StringVar(&c.model, "model", "", "model the worker serves")
-	fs.StringVar(&c.device, "device", "cpu", "device the worker runs on")
-	fs.UintVar(&c.port, "port", 0, "port to listen on when no socket is inherited (0: any free port)")
-	fs.StringVar(&c.queen, "queen", "127.0.0.1:7833", "queen address (host:port) to send heartbeats to")
+	c.Register(fs, "port to listen on when no socket is inherited (0: any free port)")
 	fs.StringVar(&c.host, "host", "127.0.0.1", "host to listen on when no socket is inherited (LISTEN_FDS)")
 	fs.BoolVar(&c.ignoreSIGTERM, "ignore-sigterm", false, "test knob: log SIGTERM and keep running")
 	fs.IntVar(&c.spawnChildren, "spawn-children", 0, "test knob: fork N children that sleep until killed, one of them in a new session")
@@ -81,10 +70,6 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	switch {
 	case fs.NArg() > 0:
 		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
-	case c.workerID == "" && !c.openai.enabled:
-		return c, fmt.Errorf("--worker-id is required")
-	case c.port > 65535:
-		return c, fmt.Errorf("--port %d is out of range", c.port)
 	case c.spawnChildren < 0 || c.spawnChildren > maxChildren:
 		return c, fmt.Errorf("--spawn-children must be in 0..%d", maxChildren)
 	case c.exitCode < 0 || c.exitCode > 255:
@@ -95,20 +80,22 @@ func parseFlags(args []string, stdout io.Writer) (config, error) {
 	if err := c.openai.check(fs, &c); err != nil {
 		return c, err
 	}
+	// A stand-in for a server that knows nothing of rbee (--openai) never heartbeats, so it
+	// needs no identity; its supervisor (worker-shim) reports for it.
+	if err := c.Check(contract.Rules{AnyPort: true, Anonymous: c.openai.enabled}); err != nil {
+		return c, err
+	}
 	if !c.openai.enabled {
 		hostSet := false
 		fs.Visit(func(f *flag.Flag) { hostSet = hostSet || f.Name == "host" })
 		// The hive hands the host the socket is bound on (its --worker-host); a worker reports it
 		// so that other machines know where to reach its port.
-		if h := os.Getenv(envWorkerHost); h != "" && !hostSet {
+		if h := contract.Host(); h != "" && !hostSet {
 			c.host, hostSet = h, true
 		}
-		if ip := net.ParseIP(c.host); hostSet && (ip == nil || !ip.IsUnspecified()) {
-			c.address = c.host
+		if hostSet {
+			c.address = contract.ReportedAddress(c.host)
 		}
-	}
-	if env, ok := os.LookupEnv(envWorkerID); ok && env != c.workerID && (c.workerID != "" || !c.openai.enabled) {
-		return c, fmt.Errorf("$%s=%q does not match --worker-id %q", envWorkerID, env, c.workerID)
 	}
 	return c, nil
 }

@@ -500,7 +500,9 @@ func TestCommandLine(t *testing.T) {
 		{name: "version", args: []string{"--version"}, wantOut: "worker-stub "},
 		{name: "help", args: []string{"--help"}, wantOut: "--worker-id"},
 		{name: "no worker id", args: []string{"--queen", "127.0.0.1:1"}, wantCode: 2, wantOut: "--worker-id is required"},
-		{name: "env mismatch", args: []string{"--worker-id", "a"}, env: "b", wantCode: 2, wantOut: "RBEE_WORKER_ID"},
+		{name: "env mismatch", args: []string{"--worker-id", "a", "--hive-id", "h", "--model", "m"}, env: "b", wantCode: 2, wantOut: "RBEE_WORKER_ID"},
+		{name: "no model", args: []string{"--worker-id", "a", "--hive-id", "h"}, wantCode: 2, wantOut: "--model is required"},
+		{name: "bad port", args: []string{"--worker-id", "a", "--hive-id", "h", "--model", "m", "--port", "70000"}, wantCode: 2, wantOut: "--port 70000"},
 		{name: "unknown flag", args: []string{"--worker-id", "a", "--bogus"}, wantCode: 2, wantOut: "bogus"},
 	}
 	for _, tt := range tests {

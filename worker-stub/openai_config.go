@@ -4,13 +4,10 @@ import (
 	"flag"
 	"fmt"
 	"math"
-	"os"
 	"time"
-)
 
-// envWorkerHost is the host a worker binds its port on, set by the hive from its --worker-host
-// flag; unset or empty means loopback.
-const envWorkerHost = "RBEE_WORKER_HOST"
+	"github.com/rbee-dev/rbee/worker/contract"
+)
 
 // Bounds on the OpenAI mode's numbers: a stand-in for tests and benchmarks, not a server to abuse.
 const (
@@ -42,7 +39,7 @@ var openaiFlags = []string{"load-time", "tokens-per-second", "max-tokens", "conc
 
 // register adds the OpenAI mode's flags to fs.
 func (o *openaiConfig) register(fs *flag.FlagSet) {
-	fs.BoolVar(&o.enabled, "openai", false, "imitate an OpenAI-compatible inference server (llama-server, vLLM): bind --port on $"+envWorkerHost+" (default 127.0.0.1), serve /health, /v1/*, /metrics; no heartbeat, --worker-id optional")
+	fs.BoolVar(&o.enabled, "openai", false, "imitate an OpenAI-compatible inference server (llama-server, vLLM): bind --port on $"+contract.EnvWorkerHost+" (default 127.0.0.1), serve /health, /v1/*, /metrics; no heartbeat, --worker-id optional")
 	fs.DurationVar(&o.loadTime, "load-time", 0, "OpenAI mode: /health answers 503 \"Loading model\" this long, then 200")
 	fs.Float64Var(&o.tokensPerSecond, "tokens-per-second", 0, "OpenAI mode: generation speed per request (0: no delay)")
 	fs.IntVar(&o.maxTokens, "max-tokens", 16, "OpenAI mode: tokens generated when a request names no max_tokens")
@@ -84,7 +81,7 @@ func (o *openaiConfig) check(fs *flag.FlagSet, c *config) error {
 	}
 	// A real server started from a catalog binds the host the hive hands it; --host on the
 	// command line still wins.
-	if h := os.Getenv(envWorkerHost); h != "" && !set["host"] {
+	if h := contract.Host(); h != "" && !set["host"] {
 		c.host = h
 	}
 	return nil

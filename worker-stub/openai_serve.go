@@ -29,7 +29,7 @@ func serveOpenAI(cfg config, log *zap.Logger, stderr io.Writer) int {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
 	defer signal.Stop(sigs)
 
-	lis, err := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.FormatUint(uint64(cfg.port), 10)))
+	lis, err := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.Port)))
 	if err != nil {
 		log.Error("listen failed", zap.Error(err))
 		fmt.Fprintf(stderr, "worker-stub: listen: %v\n", err)
@@ -37,12 +37,12 @@ func serveOpenAI(cfg config, log *zap.Logger, stderr io.Writer) int {
 	}
 	addr := lis.Addr().String()
 	narrate.Event(ctx, actor, "worker_start", "OpenAI-compatible server starting; loading the model",
-		zap.Int("pid", os.Getpid()), zap.String("addr", addr), zap.String("model", cfg.model),
+		zap.Int("pid", os.Getpid()), zap.String("addr", addr), zap.String("model", cfg.Model),
 		zap.Duration("load_time", o.loadTime), zap.Float64("tokens_per_second", o.tokensPerSecond),
 		zap.Int("concurrency", o.concurrency), zap.String("version", version.Version()))
 
 	if cfg.spawnChildren > 0 {
-		pids, err := spawnChildren(cfg.spawnChildren, cfg.workerID)
+		pids, err := spawnChildren(cfg.spawnChildren, cfg.WorkerID)
 		if err != nil {
 			lis.Close()
 			log.Error("spawning children failed", zap.Error(err))
@@ -61,7 +61,7 @@ func serveOpenAI(cfg config, log *zap.Logger, stderr io.Writer) int {
 	// Requests derive their context from cutCtx: cancelling it stops every generation at once.
 	cutCtx, cut := context.WithCancel(context.Background())
 	defer cut()
-	api := newStubServer(cutCtx, o, cfg.model, log, func(tokens int) {
+	api := newStubServer(cutCtx, o, cfg.Model, log, func(tokens int) {
 		crash("worker_exit_injected", fmt.Sprintf("injected failure: dying after %d tokens of a request (--die-mid-stream-after), exit status %d", tokens, cfg.exitCode))
 	})
 

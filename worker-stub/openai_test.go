@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/rbee-dev/rbee/internal/procstat"
+	"github.com/rbee-dev/rbee/worker/contract"
 )
 
 // logOutput collects a process's output and lets a test wait for a line.
@@ -919,9 +920,9 @@ func TestOpenAIDrainTimeoutCuts(t *testing.T) {
 // TestOpenAIWorkerHost: the host comes from RBEE_WORKER_HOST; the marker RBEE_WORKER_ID the
 // server inherits from its supervisor needs no --worker-id.
 func TestOpenAIWorkerHost(t *testing.T) {
-	s := startOpenAI(t, []string{envWorkerHost + "=127.0.0.2", envWorkerID + "=w-inherited"})
+	s := startOpenAI(t, []string{contract.EnvWorkerHost + "=127.0.0.2", contract.EnvWorkerID + "=w-inherited"})
 	if host, _, _ := net.SplitHostPort(s.addr); host != "127.0.0.2" {
-		t.Fatalf("listening on %s; want host 127.0.0.2 from $%s", s.addr, envWorkerHost)
+		t.Fatalf("listening on %s; want host 127.0.0.2 from $%s", s.addr, contract.EnvWorkerHost)
 	}
 	s.out.awaitAction(t, "worker_ready", 1)
 	if code, _ := s.do(t, http.MethodGet, "/health", ""); code != http.StatusOK {

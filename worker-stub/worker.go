@@ -17,7 +17,6 @@ import (
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 	"github.com/rbee-dev/rbee/internal/activation"
-	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/logging"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/procstat"
@@ -59,7 +58,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	// Every line names the worker, so that one grep follows it through hive and queen logs too.
-	log := base.With(zap.String("worker_id", cfg.workerID))
+	log := base.With(zap.String("worker_id", cfg.WorkerID))
 	defer log.Sync() //nolint:errcheck // nothing to do about a failed flush of stdout
 	if cfg.openai.enabled {
 		return serveOpenAI(cfg, log, stderr)
@@ -97,17 +96,6 @@ func (d *descriptorSource) descriptor() *rbeev1.Worker {
 	return w
 }
 
-// dialOptions is the one place that decides how the worker reaches the queen. The hive hands the
-// worker its own token and the cluster's TLS files in the environment, never on the command line.
-func dialOptions() ([]grpc.DialOption, error) {
-	creds, err := auth.TLSFromEnv().DialOption()
-	if err != nil {
-		return nil, err
-	}
-	// The heartbeat client adds its own connect and keepalive settings (rpcclient.HeartbeatOptions).
-	return append([]grpc.DialOption{creds}, auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
-}
-
 // listen returns the socket inherited from the hive (LISTEN_FDS=1 on fd 3) or, without one, a new
 // socket on host:port.
 func listen(cfg config) (net.Listener, bool, error) {
@@ -117,7 +105,7 @@ func listen(cfg config) (net.Listener, bool, error) {
 	}
 	switch len(ls) {
 	case 0:
-		l, err := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.FormatUint(uint64(cfg.port), 10)))
+		l, err := net.Listen("tcp", net.JoinHostPort(cfg.host, strconv.Itoa(cfg.Port)))
 		return l, false, err
 	case 1:
 		return ls[0], true, nil
@@ -150,18 +138,18 @@ func serve(cfg config, log *zap.Logger) error {
 	port := lis.Addr().(*net.TCPAddr).Port
 
 	desc := &descriptorSource{base: &rbeev1.Worker{
-		WorkerId: cfg.workerID, HiveId: cfg.hiveID, Model: cfg.model, Device: cfg.device,
+		WorkerId: cfg.WorkerID, HiveId: cfg.HiveID, Model: cfg.Model, Device: cfg.Device,
 		Pid: int32(pid), Port: uint32(port), ProcessStartTime: startTime, Address: cfg.address,
 	}}
 	desc.set(rbeev1.WorkerState_WORKER_STATE_STARTING)
 
 	narrate.Event(ctx, actor, "worker_start", "worker starting",
 		zap.Int("pid", pid), zap.Uint64("process_start_time", startTime), zap.String("addr", lis.Addr().String()),
-		zap.Bool("inherited_socket", inherited), zap.String("queen", cfg.queen), zap.String("model", cfg.model),
-		zap.String("hive_id", cfg.hiveID), zap.String("version", version.Version()))
+		zap.Bool("inherited_socket", inherited), zap.String("queen", cfg.Queen), zap.String("model", cfg.Model),
+		zap.String("hive_id", cfg.HiveID), zap.String("version", version.Version()))
 
 	if cfg.spawnChildren > 0 {
-		pids, err := spawnChildren(cfg.spawnChildren, cfg.workerID)
+		pids, err := spawnChildren(cfg.spawnChildren, cfg.WorkerID)
 		if err != nil {
 			lis.Close()
 			return err
@@ -179,14 +167,14 @@ func serve(cfg config, log *zap.Logger) error {
 
 	var hb *heartbeat.Client
 	if !cfg.noHeartbeat {
-		dial, err := dialOptions()
+		dial, err := heartbeat.DialOptionsFromEnv()
 		if err != nil {
 			srv.Stop()
 			wg.Wait()
 			return fmt.Errorf("credentials for the queen: %w", err)
 		}
 		hb = heartbeat.New(heartbeat.Config{
-			Queen:       cfg.queen,
+			Queen:       cfg.Queen,
 			DialOptions: dial,
 			Descriptor:  desc.descriptor,
 			Logger:      log,

@@ -25,13 +25,14 @@ import (
 
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/procstat"
+	"github.com/rbee-dev/rbee/worker/contract"
 )
 
 // Environment variables of the worker contract and of the trampoline.
 const (
-	envWorkerID      = "RBEE_WORKER_ID"
+	envWorkerID      = contract.EnvWorkerID
 	envHiveID        = "RBEE_HIVE_ID"
-	envWorkerHost    = "RBEE_WORKER_HOST" // the host the worker's port is bound on and reported at
+	envWorkerHost    = contract.EnvWorkerHost // the host the worker's port is bound on and reported at
 	envJobID         = "RBEE_JOB_ID"
 	envTrampoline    = "RBEE_TRAMPOLINE_EXEC" // set: this process is a trampoline; value: the worker binary
 	envTrampolineLog = "RBEE_TRAMPOLINE_LOG"  // the log file the trampoline opens for the worker
@@ -345,9 +346,8 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 		defer func() { unix.Close(cgFD) }()
 	}
 
-	args := []string{binary,
-		"--worker-id", s.WorkerID, "--hive-id", hiveID, "--model", s.Model, "--device", s.Device,
-		"--port", strconv.Itoa(port), "--queen", s.QueenAddress}
+	args := contract.Args{WorkerID: s.WorkerID, HiveID: hiveID, Model: s.Model, Device: s.Device, Port: port,
+		Queen: s.QueenAddress}.Argv(binary)
 	if s.Extra != nil {
 		more, env := s.Extra(port)
 		args = append(args, more...)

@@ -8,11 +8,13 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"sync"
 	"time"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/internal/narrate"
 	"github.com/rbee-dev/rbee/internal/rpcclient"
 	"github.com/rbee-dev/rbee/internal/validate"
@@ -62,6 +64,18 @@ type Config struct {
 	// SilentBeats is how many intervals the oldest unanswered beat may wait before the queen is
 	// taken for gone (DefaultSilentBeats when zero).
 	SilentBeats int
+}
+
+// DialOptionsFromEnv returns Config.DialOptions for a worker started by a hive: the hive hands the
+// worker its own token ($RBEE_WORKER_TOKEN) and the cluster's TLS files in the environment, never
+// on the command line.
+func DialOptionsFromEnv() ([]grpc.DialOption, error) {
+	creds, err := auth.TLSFromEnv().DialOption()
+	if err != nil {
+		return nil, err
+	}
+	// The client adds its own connect and keepalive settings (rpcclient.HeartbeatOptions).
+	return append([]grpc.DialOption{creds}, auth.Bearer(os.Getenv(auth.EnvWorkerToken))...), nil
 }
 
 // Client keeps the worker's heartbeat stream. Create it with New, start Run in a goroutine, and
