@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
 	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
@@ -31,9 +32,11 @@ const (
 //
 // A worker's encoding is cached and reused while the worker is unchanged but for its heartbeat
 // time, which is appended by hand: at 10,000 workers the conversion to protobuf and its encoding
-// were most of the call. The page goes into the response as its encoded field 1, which is what
-// proto.Marshal would have written; the gRPC client decodes it into workers as usual.
-func (q *Queen) ListWorkers(_ context.Context, req *rbeev1.ListWorkersRequest) (*rbeev1.ListWorkersResponse, error) {
+// were most of the call. On the wire the page goes into the response as its encoded field 1, which
+// is what proto.Marshal would have written; the gRPC client decodes it into workers as usual. An
+// in-process caller (no gRPC call of this method in ctx) gets Workers filled instead: it would
+// otherwise see an empty list.
+func (q *Queen) ListWorkers(ctx context.Context, req *rbeev1.ListWorkersRequest) (*rbeev1.ListWorkersResponse, error) {
 	f, err := listFilter(req)
 	if err != nil {
 		return nil, invalid(err)
@@ -62,7 +65,16 @@ func (q *Queen) ListWorkers(_ context.Context, req *rbeev1.ListWorkersRequest) (
 	if more {
 		resp.NextPageToken = pageToken(ws[len(ws)-1].ID, f)
 	}
-	resp.ProtoReflect().SetUnknown(q.listCache.encode(ws, q.reg.Len()))
+	if m, ok := grpc.Method(ctx); ok && m == rbeev1.QueenService_ListWorkers_FullMethodName {
+		// gRPC marshals this very response: ServerCodec (or any protobuf codec) writes the
+		// unknown field as it stands.
+		resp.ProtoReflect().SetUnknown(q.listCache.encode(ws, q.reg.Len()))
+	} else {
+		resp.Workers = make([]*rbeev1.Worker, len(ws))
+		for i, w := range ws {
+			resp.Workers[i] = workerToProto(w)
+		}
+	}
 	clear(ws) // hold no worker's strings until the next call
 	*page = ws[:0]
 	pages.Put(page)

@@ -198,3 +198,30 @@ func TestListWorkersPageSizeBounds(t *testing.T) {
 		}
 	}
 }
+
+// A caller in the queen's own process (no gRPC call in between) gets the same workers as a gRPC
+// client: the pre-encoded page is for the wire only, and an empty Workers would read as an empty
+// fleet.
+func TestListWorkersInProcessAndOverTheWireAgree(t *testing.T) {
+	e := newEnv(t, Config{})
+	for i := range 5 {
+		w := fullWorker(t, i)
+		w.HiveID, w.State, w.Reported = "h1", registry.StateReady, registry.StateReady
+		if _, err := e.reg.Beat(w); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, req := range []*rbeev1.ListWorkersRequest{{}, {PageSize: 2}, {HiveId: "h1", State: rbeev1.WorkerState_WORKER_STATE_READY}} {
+		local, err := e.q.ListWorkers(t.Context(), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wire, err := e.queen.ListWorkers(t.Context(), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(local.GetWorkers()) == 0 || !proto.Equal(local, wire) {
+			t.Fatalf("ListWorkers(%v) in process:\n%v\nover gRPC:\n%v\nwant the same, not empty", req, local, wire)
+		}
+	}
+}
