@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"io"
+	"net"
 	"net/http"
 	"strconv"
 	"strings"
@@ -52,82 +53,98 @@ func listWorkers(t *testing.T, c rbeev1.QueenServiceClient) []*rbeev1.Worker {
 	return ws.GetWorkers()
 }
 
-// loggedFor reports whether the queen logged action for worker id.
-func loggedFor(q *proc, action, id string) bool {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	for _, l := range q.lines {
-		if l["action"] == action && l["worker_id"] == id {
-			return true
-		}
+// chatsServed returns how many chat requests worker w's server (worker-stub --openai) has received.
+func chatsServed(t *testing.T, w *rbeev1.Worker) float64 {
+	t.Helper()
+	n, ok := value(scrape(t, net.JoinHostPort("127.0.0.1", strconv.Itoa(int(w.GetPort())))), "rbee_stub_requests_total", map[string]string{"endpoint": "chat"})
+	if !ok {
+		t.Fatalf("worker %s's server has no rbee_stub_requests_total{endpoint=\"chat\"}", w.GetWorkerId())
 	}
-	return false
+	return n
 }
 
-// A worker an operator deletes drains: the router sends it nothing new from the moment the delete
-// starts, the stream in flight finishes within the grace (worker-stub drains on SIGTERM, which
-// the shim forwards), and a request arriving meanwhile starts another worker.
+// A worker an operator deletes drains: from the moment the delete starts the router sends it no
+// new request, while the stream in flight on it finishes, and a request arriving meanwhile starts
+// another worker. The worker's hive is frozen (SIGSTOP) while the delete starts, so the worker gets
+// no SIGTERM, reports READY and would serve: only the queen's drain keeps requests off it, not the
+// worker's STOPPING, which comes later (and fast, which is why a test without the freeze could not
+// tell a drain from none).
 func TestDeletedWorkerDrains(t *testing.T) {
-	hid := uniqueID("drain")
-	cleanupWorkers(t, hid)
+	h1id, h2id := uniqueID("drain1"), uniqueID("drain2")
 	q, addr, api := startQueenHTTP(t, "--scale-up-after", "0")
 	models := catalogFile(t, `models:
   demo:
     cmd: ["${SERVER}", "--port", "${PORT}", "--tokens-per-second", "10", "--drain-timeout", "30s"]
 `)
-	h, _ := startHive(t, addr, hid, "--models", models)
+	h1, _ := startHive(t, addr, h1id, "--models", models)
+	h2, _ := startHive(t, addr, h2id, "--models", models)
+	hives := map[string]*proc{h1id: h1, h2id: h2}
 	c, _ := dial(t, addr)
 	url := api + "/v1/chat/completions"
 
-	// 30 tokens at 10 a second: in flight for about 3s. It starts the model's first worker.
-	stream, closeStream := openStream(t, url, 30)
+	// 60 tokens at 10 a second: in flight for about 6s on the model's first worker, A.
+	stream, closeStream := openStream(t, url, 60)
 	defer closeStream()
 	ws := listWorkers(t, c)
 	if len(ws) != 1 {
 		t.Fatalf("%d workers, want the one started for the stream", len(ws))
 	}
-	a := ws[0].GetWorkerId()
-	cleanupMarked(t, a)
+	a := ws[0]
+	cleanupMarked(t, a.GetWorkerId())
 
+	// A's hive stops running, by PID: the delete passes the queen's drain, then waits on the hive.
+	hivePID := hives[a.GetHiveId()].cmd.Process.Pid
+	if err := unix.Kill(hivePID, unix.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	resumed := false
+	resume := func() {
+		if !resumed {
+			resumed = true
+			_ = unix.Kill(hivePID, unix.SIGCONT)
+		}
+	}
+	t.Cleanup(resume) // before the hive's own stop, which needs it running
 	type result struct {
 		r   *rbeev1.DeleteWorkerResponse
 		err error
 	}
 	deleted := make(chan result, 1)
 	go func() {
-		r, err := c.DeleteWorker(ctxT(t, 60*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: a, GracePeriod: durationpbNew(20 * time.Second)})
+		r, err := c.DeleteWorker(ctxT(t, 60*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: a.GetWorkerId(), GracePeriod: durationpbNew(20 * time.Second)})
 		deleted <- result{r, err}
 	}()
-	// The hive's SIGTERM is on its way: from here the worker's server takes no new connection.
-	sig := h.await("SIGTERM to "+a, func(l map[string]any) bool { return l["action"] == "worker_delete_sigterm" && l["worker_id"] == a })
-	// The queen took it out of routing first. (Two processes' logs reach the test in any order:
-	// compare their clocks, the same machine's.)
-	drain := q.await("router_drain of "+a, func(l map[string]any) bool { return l["action"] == "router_drain" && l["worker_id"] == a })
-	td, err1 := time.Parse(time.RFC3339Nano, drain["time"].(string))
-	ts, err2 := time.Parse(time.RFC3339Nano, sig["time"].(string))
-	if err1 != nil || err2 != nil || td.After(ts) {
-		t.Errorf("the queen drained worker %s at %v, after its hive's SIGTERM at %v (%v, %v)", a, td, ts, err1, err2)
-	}
+	q.await("router_drain of "+a.GetWorkerId(), func(l map[string]any) bool {
+		return l["action"] == "router_drain" && l["worker_id"] == a.GetWorkerId()
+	})
 
-	// A request during the drain goes elsewhere: a new worker, started for it.
+	// A request during the drain goes to a new worker, B, started for it; A, still READY and
+	// serving its stream, gets none.
 	if resp, b := postJSON(t, ctxT(t, 60*time.Second), url, `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`); resp.StatusCode != 200 {
 		t.Fatalf("request during the drain: %d %s", resp.StatusCode, b)
 	}
-	if loggedFor(q, "router_retry", a) || loggedFor(q, "router_worker_failed", a) {
-		t.Fatalf("a request was sent to draining worker %s", a)
-	}
-	var b string
+	var b *rbeev1.Worker
 	for _, w := range listWorkers(t, c) {
-		if w.GetWorkerId() != a {
-			b = w.GetWorkerId()
-			cleanupMarked(t, b)
+		switch {
+		case w.GetWorkerId() == a.GetWorkerId() && w.GetState() != rbeev1.WorkerState_WORKER_STATE_READY:
+			t.Fatalf("worker %s is %v while its hive is stopped; the test needs it READY (not yet signalled)", w.GetWorkerId(), w.GetState())
+		case w.GetWorkerId() != a.GetWorkerId():
+			b = w
+			cleanupMarked(t, b.GetWorkerId())
 		}
 	}
-	if b == "" {
+	if n := chatsServed(t, a); n != 1 {
+		t.Fatalf("worker %s, being deleted, received %v chat requests; want 1 (the stream in flight), none new", a.GetWorkerId(), n)
+	}
+	if b == nil {
 		t.Fatal("no other worker after a request during the drain")
 	}
+	if n := chatsServed(t, b); n != 1 {
+		t.Fatalf("worker %s, started during the drain, received %v chat requests; want the 1 sent meanwhile", b.GetWorkerId(), n)
+	}
 
-	// The stream in flight finishes whole.
+	// The hive runs again and stops A; the stream in flight finishes whole, within the grace.
+	resume()
 	rest, err := io.ReadAll(stream)
 	if err != nil || !strings.Contains(string(rest), "data: [DONE]") || strings.Contains(string(rest), `"error"`) {
 		t.Fatalf("the stream in flight during the drain: %q, %v; want it whole, ending in [DONE]", rest, err)
@@ -139,7 +156,7 @@ func TestDeletedWorkerDrains(t *testing.T) {
 	if o := res.r.GetOutcome(); o != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {
 		t.Fatalf("delete outcome %v, want EXITED (drained within the grace)", o)
 	}
-	nothingLeft(t, a)
+	nothingLeft(t, a.GetWorkerId())
 }
 
 // A hive dying with workers mid-request. Workers outlive their hive by design (the shim beats to
