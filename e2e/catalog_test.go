@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/http"
 	"os"
@@ -15,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/durationpb"
 
 	rbeev1 "github.com/rbee-dev/rbee/gen/rbee/v1"
 )
@@ -75,6 +77,53 @@ func cleanupMarked(t *testing.T, ids ...string) {
 	})
 }
 
+// catalogRig is one hive serving a catalog (see catalogFile) to a queen, and the id of the one
+// worker a test spawns from it, whose processes are killed by PID when the test ends, whatever
+// happens.
+type catalogRig struct {
+	t        *testing.T
+	q        rbeev1.QueenServiceClient
+	queen    string // the queen's address
+	hive     *proc
+	hiveID   string
+	hiveAddr string
+	models   string // the catalog file
+	wid      string // the worker's id
+}
+
+// newCatalogRig starts a hive (id prefix-...) serving catalog to the queen at queen.
+func newCatalogRig(t *testing.T, queen, prefix, catalog string, hiveArgs ...string) *catalogRig {
+	t.Helper()
+	r := &catalogRig{t: t, queen: queen, hiveID: uniqueID(prefix), models: catalogFile(t, catalog), wid: uniqueID("w")}
+	cleanupMarked(t, r.wid)
+	r.hive, r.hiveAddr = startHive(t, queen, r.hiveID, append([]string{"--models", r.models}, hiveArgs...)...)
+	r.q, _ = dial(t, queen)
+	return r
+}
+
+// spawnReady asks the queen for the rig's worker, of model, and waits until it is READY.
+func (r *catalogRig) spawnReady(ctx context.Context, model string) (*rbeev1.Worker, error) {
+	resp, err := r.q.SpawnWorker(ctx, &rbeev1.SpawnWorkerRequest{Model: model, WorkerId: r.wid, WaitReady: true})
+	return resp.GetWorker(), err
+}
+
+// deleteWorker deletes the rig's worker (grace nil: the catalog's) and fails the test unless the
+// outcome is want.
+func (r *catalogRig) deleteWorker(ctx context.Context, grace *durationpb.Duration, want rbeev1.DeleteOutcome) {
+	r.t.Helper()
+	d, err := r.q.DeleteWorker(ctx, &rbeev1.DeleteWorkerRequest{WorkerId: r.wid, GracePeriod: grace})
+	if err != nil || d.GetOutcome() != want {
+		r.t.Fatalf("DeleteWorker(%s) = %v, %v; want %v", r.wid, d, err, want)
+	}
+}
+
+// replaceHive starts a hive in place of the rig's, which is gone: same id, address and catalog.
+func (r *catalogRig) replaceHive() {
+	r.t.Helper()
+	r.hive = start(r.t, "hive", "--listen", r.hiveAddr, "--hive-id", r.hiveID, "--queen", r.queen, "--log-dir", r.t.TempDir(), "--models", r.models)
+	r.hive.awaitAction("hive_registered")
+}
+
 // awaitGone waits, bounded, until pid has exited (polling /proc: the test is not its parent).
 func awaitGone(t *testing.T, pid int, within time.Duration) {
 	t.Helper()
@@ -116,10 +165,9 @@ func serverOf(t *testing.T, shim int) int {
 // catalog's environment; the hive's catalog is visible in ListHives; delete leaves nothing.
 func TestCatalogSpawnReadyDelete(t *testing.T) {
 	_, addr := startQueen(t)
-	hid := uniqueID("cat")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	// A host other than the default: the server binds it (${HOST}), the shim polls it there
+	// and reports it as the worker's address.
+	r := newCatalogRig(t, addr, "cat", `models:
   tiny:
     cmd: ["${SERVER}", "--port", "${PORT}", "--host", "${HOST}", "--load-time", "300ms"]
     env: {FAKE_TAG: "${MODEL}@${DEVICE}"}
@@ -128,14 +176,11 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
   gpu-only:
     cmd: ["${SERVER}", "--port", "${PORT}"]
     devices: ["cuda:0"]
-`)
-	// A host other than the default: the server binds it (${HOST}), the shim polls it there
-	// and reports it as the worker's address.
-	_, hiveAddr := startHive(t, addr, hid, "--models", models, "--worker-host", "127.0.0.2")
-	q, _ := dial(t, addr)
+`, "--worker-host", "127.0.0.2")
+	q, hid, wid := r.q, r.hiveID, r.wid
 
 	// The hive itself refuses what its catalog does not allow, whoever asks.
-	hc := hiveClient(t, hiveAddr)
+	hc := hiveClient(t, r.hiveAddr)
 	for _, tc := range []struct{ model, device, want string }{
 		{"llama-70b", "cpu", `model "llama-70b" is not in hive ` + hid + `'s catalog`},
 		{"gpu-only", "cpu", `model "gpu-only" may not run on cpu`},
@@ -166,11 +211,10 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 	}
 
 	t0 := time.Now()
-	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "tiny", WorkerId: wid, WaitReady: true})
+	w, err := r.spawnReady(ctxT(t, 30*time.Second), "tiny")
 	if err != nil {
 		t.Fatal(err)
 	}
-	w := r.GetWorker()
 	if w.GetState() != rbeev1.WorkerState_WORKER_STATE_READY || w.GetConcurrency() != 4 || w.GetAddress() != "127.0.0.2" {
 		t.Fatalf("worker = %v, want READY with concurrency 4 at 127.0.0.2", w)
 	}
@@ -207,10 +251,8 @@ func TestCatalogSpawnReadyDelete(t *testing.T) {
 		t.Errorf("spawn of a cuda-only model on cpu = %v, want FAILED_PRECONDITION naming the devices", err)
 	}
 
-	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid})
-	if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {
-		t.Fatalf("DeleteWorker = %v, %v; want EXITED (the shim forwards SIGTERM and exits with the server)", d, err)
-	}
+	// The shim forwards SIGTERM and exits with the server.
+	r.deleteWorker(ctxT(t, 30*time.Second), nil, rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED)
 	nothingLeft(t, wid)
 }
 
@@ -235,78 +277,60 @@ func TestCatalogBadFileStopsHive(t *testing.T) {
 // fails with the reason.
 func TestShimLoadTimeout(t *testing.T) {
 	_, addr := startQueen(t)
-	hid := uniqueID("lt")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	r := newCatalogRig(t, addr, "lt", `models:
   stuck:
     cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "1h", "--ignore-sigterm"]
     load_timeout: 1s
     grace: 300ms
 `)
-	startHive(t, addr, hid, "--models", models)
-	q, _ := dial(t, addr)
 	t0 := time.Now()
-	_, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "stuck", WorkerId: wid, WaitReady: true})
+	_, err := r.spawnReady(ctxT(t, 30*time.Second), "stuck")
 	if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "load_timeout 1s") || !strings.Contains(err.Error(), "503") {
 		t.Fatalf("SpawnWorker = %v; want ABORTED naming load_timeout and the last health answer", err)
 	}
 	if took := time.Since(t0); took > 10*time.Second {
 		t.Errorf("took %v; the load timeout is 1s and the grace 300ms", took)
 	}
-	nothingLeft(t, wid)
+	nothingLeft(t, r.wid)
 }
 
 // A server that exits while loading fails the spawn at once with its status and its last output.
 func TestShimServerExitsDuringLoad(t *testing.T) {
 	_, addr := startQueen(t)
-	hid := uniqueID("ex")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	r := newCatalogRig(t, addr, "ex", `models:
   oom:
     cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "200ms", "--fail-load", "ggml_cuda_init: CUDA out of memory", "--exit-code", "3"]
 `)
-	startHive(t, addr, hid, "--models", models)
-	q, _ := dial(t, addr)
-	_, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "oom", WorkerId: wid, WaitReady: true})
+	_, err := r.spawnReady(ctxT(t, 30*time.Second), "oom")
 	if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "exit status 3") || !strings.Contains(err.Error(), "CUDA out of memory") {
 		t.Fatalf("SpawnWorker = %v; want ABORTED with exit status 3 and the server's output", err)
 	}
-	nothingLeft(t, wid)
+	nothingLeft(t, r.wid)
 }
 
 // A server that ignores SIGTERM and forks children (one in a session of its own): delete kills
 // the lot.
 func TestShimDeleteForkingStubbornServer(t *testing.T) {
 	_, addr := startQueen(t)
-	hid := uniqueID("fk")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	r := newCatalogRig(t, addr, "fk", `models:
   stubborn:
     cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--spawn-children", "2"]
 `)
-	startHive(t, addr, hid, "--models", models)
-	q, _ := dial(t, addr)
-	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "stubborn", WorkerId: wid, WaitReady: true})
+	w, err := r.spawnReady(ctxT(t, 30*time.Second), "stubborn")
 	if err != nil {
 		t.Fatal(err)
 	}
-	pids := slices.DeleteFunc(markedProcs(wid), func(p int) bool { return p == int(r.GetWorker().GetPid()) })
+	pids := slices.DeleteFunc(markedProcs(r.wid), func(p int) bool { return p == int(w.GetPid()) })
 	if len(pids) != 3 {
 		t.Fatalf("server and children = %v, want 3 PIDs", pids)
 	}
-	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid, GracePeriod: durationpbNew(300 * time.Millisecond)})
-	if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_KILLED {
-		t.Fatalf("DeleteWorker = %v, %v; want KILLED", d, err)
-	}
+	r.deleteWorker(ctxT(t, 30*time.Second), durationpbNew(300*time.Millisecond), rbeev1.DeleteOutcome_DELETE_OUTCOME_KILLED)
 	for _, p := range pids {
 		if alive(p) {
 			t.Errorf("PID %d of the server's tree alive after delete", p)
 		}
 	}
-	nothingLeft(t, wid)
+	nothingLeft(t, r.wid)
 }
 
 // SIGKILL of the shim takes the server with it through Pdeathsig alone: the hive is killed
@@ -315,43 +339,34 @@ func TestShimDeleteForkingStubbornServer(t *testing.T) {
 // the worker's cgroup, where there are cgroups).
 func TestShimKilledTakesServer(t *testing.T) {
 	_, addr := startQueen(t)
-	hid := uniqueID("sk")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	r := newCatalogRig(t, addr, "sk", `models:
   tiny:
     cmd: ["${SERVER}", "--port", "${PORT}", "--ignore-sigterm", "--spawn-children", "2"]
 `)
-	h1, hiveAddr := startHive(t, addr, hid, "--models", models)
-	cgroups := h1.awaitAction("hive_start") != nil && h1.await("process manager", func(m map[string]any) bool {
+	cgroups := r.hive.await("process manager", func(m map[string]any) bool {
 		return m["msg"] == "process manager ready"
 	})["cgroups"] == true
-	q, _ := dial(t, addr)
-	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "tiny", WorkerId: wid, WaitReady: true})
+	w, err := r.spawnReady(ctxT(t, 30*time.Second), "tiny")
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := serverOf(t, int(r.GetWorker().GetPid()))
-	h1.stop(syscall.SIGKILL, 10*time.Second)
+	srv := serverOf(t, int(w.GetPid()))
+	r.hive.stop(syscall.SIGKILL, 10*time.Second)
 	if !alive(srv) {
 		t.Fatal("the server died with the hive")
 	}
-	if err := unix.Kill(int(r.GetWorker().GetPid()), syscall.SIGKILL); err != nil {
+	if err := unix.Kill(int(w.GetPid()), syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 	awaitGone(t, srv, 5*time.Second)
 
-	h2 := start(t, "hive", "--listen", hiveAddr, "--hive-id", hid, "--queen", addr, "--log-dir", t.TempDir(), "--models", models)
-	h2.awaitAction("hive_registered")
-	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid})
-	if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_ALREADY_EXITED {
-		t.Fatalf("DeleteWorker of the killed shim = %v, %v; want ALREADY_EXITED", d, err)
-	}
+	r.replaceHive()
+	r.deleteWorker(ctxT(t, 30*time.Second), nil, rbeev1.DeleteOutcome_DELETE_OUTCOME_ALREADY_EXITED)
 	if !cgroups {
 		t.Log("no writable cgroup v2 here: the server's children outlive it (see the README's limits)")
 		return
 	}
-	nothingLeft(t, wid)
+	nothingLeft(t, r.wid)
 }
 
 // A ready server whose health starts failing (here after it answered one request, as a server
@@ -359,26 +374,22 @@ func TestShimKilledTakesServer(t *testing.T) {
 // passes, its exit reported like any other.
 func TestShimUnhealthyThenStopped(t *testing.T) {
 	_, addr := startQueen(t)
-	hid := uniqueID("uh")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	r := newCatalogRig(t, addr, "uh", `models:
   flaky:
     cmd: ["${SERVER}", "--port", "${PORT}", "--unhealthy-after", "1"]
     unhealthy_timeout: 1s
-`)
-	startHive(t, addr, hid, "--models", models, "--grace", "500ms")
-	q, _ := dial(t, addr)
-	w, err := q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{HiveId: hid})
+`, "--grace", "500ms")
+	wid := r.wid
+	w, err := r.q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{HiveId: r.hiveID})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "flaky", WorkerId: wid, WaitReady: true})
+	ready, err := r.spawnReady(ctxT(t, 30*time.Second), "flaky")
 	if err != nil {
 		t.Fatal(err)
 	}
 	body := `{"model":"flaky","prompt":"hi","max_tokens":1}`
-	resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/v1/completions", r.GetWorker().GetPort()), "application/json", strings.NewReader(body))
+	resp, err := http.Post(fmt.Sprintf("http://127.0.0.1:%d/v1/completions", ready.GetPort()), "application/json", strings.NewReader(body))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -400,51 +411,38 @@ func TestShimUnhealthyThenStopped(t *testing.T) {
 // hive deletes it by the same proof; nothing is left.
 func TestShimSurvivesHiveKillDuringLoad(t *testing.T) {
 	_, addr := startQueen(t)
-	hid := uniqueID("hl")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	r := newCatalogRig(t, addr, "hl", `models:
   slow:
     cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "1500ms"]
 `)
-	h1, hiveAddr := startHive(t, addr, hid, "--models", models)
-	q, _ := dial(t, addr)
-	w, err := q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{HiveId: hid})
+	w, err := r.q.WatchWorkers(ctxT(t, 30*time.Second), &rbeev1.WatchWorkersRequest{HiveId: r.hiveID})
 	if err != nil {
 		t.Fatal(err)
 	}
-	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "slow", WorkerId: wid})
+	spawned, err := r.q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "slow", WorkerId: r.wid})
 	if err != nil {
 		t.Fatal(err)
 	}
-	h1.stop(syscall.SIGKILL, 10*time.Second)
-	ev := watchUntil(t, w, "READY", isState(wid, rbeev1.WorkerState_WORKER_STATE_READY))
-	if ev.GetWorker().GetPid() != r.GetWorker().GetPid() {
-		t.Fatalf("READY worker has PID %d, spawned as %d", ev.GetWorker().GetPid(), r.GetWorker().GetPid())
+	r.hive.stop(syscall.SIGKILL, 10*time.Second)
+	ev := watchUntil(t, w, "READY", isState(r.wid, rbeev1.WorkerState_WORKER_STATE_READY))
+	if ev.GetWorker().GetPid() != spawned.GetWorker().GetPid() {
+		t.Fatalf("READY worker has PID %d, spawned as %d", ev.GetWorker().GetPid(), spawned.GetWorker().GetPid())
 	}
-	h2 := start(t, "hive", "--listen", hiveAddr, "--hive-id", hid, "--queen", addr, "--log-dir", t.TempDir(), "--models", models)
-	h2.awaitAction("hive_registered")
-	d, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid})
-	if err != nil || d.GetOutcome() != rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED {
-		t.Fatalf("DeleteWorker through the new hive = %v, %v; want EXITED", d, err)
-	}
-	nothingLeft(t, wid)
+	r.replaceHive()
+	r.deleteWorker(ctxT(t, 30*time.Second), nil, rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED)
+	nothingLeft(t, r.wid)
 }
 
 // A queen restarted while a served model is READY relearns it from the shim's heartbeats, same PID.
 func TestShimQueenRestart(t *testing.T) {
 	q1, addr := startQueen(t, "--heartbeat-interval", "200ms")
-	hid := uniqueID("qr")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	r := newCatalogRig(t, addr, "qr", `models:
   tiny:
     cmd: ["${SERVER}", "--port", "${PORT}"]
     concurrency: 2
 `)
-	hive, _ := startHive(t, addr, hid, "--models", models)
-	q, _ := dial(t, addr)
-	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "tiny", WorkerId: wid, WaitReady: true})
+	q, wid := r.q, r.wid
+	spawned, err := r.spawnReady(ctxT(t, 30*time.Second), "tiny")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -456,21 +454,19 @@ func TestShimQueenRestart(t *testing.T) {
 	}
 	ev := watchUntil(t, w, "worker relearned READY", isState(wid, rbeev1.WorkerState_WORKER_STATE_READY))
 	got := ev.GetWorker()
-	if got.GetPid() != r.GetWorker().GetPid() || got.GetProcessStartTime() != r.GetWorker().GetProcessStartTime() ||
+	if got.GetPid() != spawned.GetPid() || got.GetProcessStartTime() != spawned.GetProcessStartTime() ||
 		got.GetConcurrency() != 2 || got.GetModel() != "tiny" {
-		t.Fatalf("relearned %v; want PID %d, concurrency 2, model tiny", got, r.GetWorker().GetPid())
+		t.Fatalf("relearned %v; want PID %d, concurrency 2, model tiny", got, spawned.GetPid())
 	}
 	// The new queen learns the hive and its catalog too, and can delete the worker.
-	hive.await("registration with the new queen", func(m map[string]any) bool {
+	r.hive.await("registration with the new queen", func(m map[string]any) bool {
 		return m["action"] == "hive_registered" && m["queen_id"] == newID
 	})
 	hs, err := q.ListHives(ctxT(t, 5*time.Second), &rbeev1.ListHivesRequest{})
 	if err != nil || len(hs.GetHives()) != 1 || len(hs.GetHives()[0].GetModels()) != 1 {
 		t.Fatalf("ListHives on the new queen = %v, %v; want the hive with its one model", hs, err)
 	}
-	if _, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid}); err != nil {
-		t.Fatal(err)
-	}
+	r.deleteWorker(ctxT(t, 30*time.Second), nil, rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED)
 	nothingLeft(t, wid)
 }
 
@@ -479,20 +475,15 @@ func TestShimQueenRestart(t *testing.T) {
 func TestShimWithClusterToken(t *testing.T) {
 	tf := tokenFile(t)
 	_, addr := startQueen(t, "--token-file", tf)
-	hid := uniqueID("tk")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	r := newCatalogRig(t, addr, "tk", `models:
   tiny:
     cmd: ["${SERVER}", "--port", "${PORT}"]
-`)
-	startHive(t, addr, hid, "--token-file", tf, "--models", models)
-	q, _ := dial(t, addr)
-	r, err := q.SpawnWorker(withToken(t, testToken), &rbeev1.SpawnWorkerRequest{Model: "tiny", WorkerId: wid, WaitReady: true})
+`, "--token-file", tf)
+	w, err := r.spawnReady(withToken(t, testToken), "tiny")
 	if err != nil {
 		t.Fatalf("SpawnWorker: %v (the shim must beat with its worker token)", err)
 	}
-	shim := int(r.GetWorker().GetPid())
+	shim := int(w.GetPid())
 	senv, _ := os.ReadFile("/proc/" + strconv.Itoa(shim) + "/environ")
 	if !strings.Contains(string(senv), "RBEE_WORKER_TOKEN=") {
 		t.Fatal("the shim was not handed its worker token")
@@ -501,32 +492,23 @@ func TestShimWithClusterToken(t *testing.T) {
 	if strings.Contains(string(env), "RBEE_WORKER_TOKEN=") || strings.Contains(string(env), testToken) {
 		t.Fatal("the server inherited a token")
 	}
-	if _, err := q.DeleteWorker(withToken(t, testToken), &rbeev1.DeleteWorkerRequest{WorkerId: wid}); err != nil {
-		t.Fatal(err)
-	}
-	nothingLeft(t, wid)
+	r.deleteWorker(withToken(t, testToken), nil, rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED)
+	nothingLeft(t, r.wid)
 }
 
 // A model whose catalog allows a long load is waited for past the queen's --start-timeout: its
 // load_timeout is the bound, not the queen's default.
 func TestCatalogLoadOutlastsStartTimeout(t *testing.T) {
 	_, addr := startQueen(t, "--start-timeout", "1s")
-	hid := uniqueID("lo")
-	wid := uniqueID("w")
-	cleanupMarked(t, wid)
-	models := catalogFile(t, `models:
+	r := newCatalogRig(t, addr, "lo", `models:
   slow:
     cmd: ["${SERVER}", "--port", "${PORT}", "--load-time", "2500ms"]
     load_timeout: 1m
 `)
-	startHive(t, addr, hid, "--models", models)
-	q, _ := dial(t, addr)
-	r, err := q.SpawnWorker(ctxT(t, 30*time.Second), &rbeev1.SpawnWorkerRequest{Model: "slow", WorkerId: wid, WaitReady: true})
-	if err != nil || r.GetWorker().GetState() != rbeev1.WorkerState_WORKER_STATE_READY {
-		t.Fatalf("SpawnWorker of a model loading 2.5s with --start-timeout 1s = %v, %v; want READY", r, err)
+	w, err := r.spawnReady(ctxT(t, 30*time.Second), "slow")
+	if err != nil || w.GetState() != rbeev1.WorkerState_WORKER_STATE_READY {
+		t.Fatalf("SpawnWorker of a model loading 2.5s with --start-timeout 1s = %v, %v; want READY", w, err)
 	}
-	if _, err := q.DeleteWorker(ctxT(t, 30*time.Second), &rbeev1.DeleteWorkerRequest{WorkerId: wid}); err != nil {
-		t.Fatal(err)
-	}
-	nothingLeft(t, wid)
+	r.deleteWorker(ctxT(t, 30*time.Second), nil, rbeev1.DeleteOutcome_DELETE_OUTCOME_EXITED)
+	nothingLeft(t, r.wid)
 }

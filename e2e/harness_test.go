@@ -71,9 +71,14 @@ type proc struct {
 // (SIGTERM, then SIGKILL) when the test ends, and its log is printed if the test failed.
 func start(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
-	p := &proc{t: t, name: name, done: make(chan struct{})}
+	return startCmd(t, name, exec.Command(filepath.Join(binDir, name), args...))
+}
+
+// startCmd is start for a prepared command (another program, another namespace).
+func startCmd(t *testing.T, name string, cmd *exec.Cmd) *proc {
+	t.Helper()
+	p := &proc{t: t, name: name, done: make(chan struct{}), cmd: cmd}
 	p.cond = sync.NewCond(&p.mu)
-	p.cmd = exec.Command(filepath.Join(binDir, name), args...)
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

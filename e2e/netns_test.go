@@ -9,9 +9,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -163,31 +161,6 @@ func (h *host) arpRetrans(d time.Duration) {
 func (h *host) start(name string, args ...string) *proc {
 	h.f.t.Helper()
 	return startCmd(h.f.t, name, exec.Command("ip", append([]string{"netns", "exec", h.ns, filepath.Join(binDir, name)}, args...)...))
-}
-
-// startCmd is start for a prepared command.
-func startCmd(t *testing.T, name string, cmd *exec.Cmd) *proc {
-	t.Helper()
-	p := &proc{t: t, name: name, done: make(chan struct{}), cmd: cmd}
-	p.cond = sync.NewCond(&p.mu)
-	stderr, err := p.cmd.StderrPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatalf("start %s: %v", name, err)
-	}
-	go p.read(stderr)
-	go func() { _ = p.cmd.Wait(); close(p.done) }()
-	t.Cleanup(func() {
-		p.stop(syscall.SIGTERM, 10*time.Second)
-		if t.Failed() {
-			p.mu.Lock()
-			t.Logf("--- %s log:\n%s", name, p.raw.String())
-			p.mu.Unlock()
-		}
-	})
-	return p
 }
 
 // dialFrom returns a QueenService client whose connections are made from inside the host's
