@@ -53,6 +53,41 @@ func listWorkers(t *testing.T, c rbeev1.QueenServiceClient) []*rbeev1.Worker {
 	return ws.GetWorkers()
 }
 
+// streamingFleet is a queen with its OpenAI API and two hives serving the model "demo" of a
+// catalog, and a chat stream in flight on the one worker that stream started.
+type streamingFleet struct {
+	q      *proc
+	c      rbeev1.QueenServiceClient
+	url    string // the queen's chat completions
+	hives  map[string]*proc
+	w      *rbeev1.Worker // the worker serving the stream
+	stream *bufio.Reader
+	// closeStream ends the stream early; it is also called when the test ends.
+	closeStream func()
+}
+
+// newStreamingFleet starts the fleet (hive ids prefix1-..., prefix2-...) and a stream of tokens.
+func newStreamingFleet(t *testing.T, prefix, catalog string, tokens int) *streamingFleet {
+	t.Helper()
+	f := &streamingFleet{hives: map[string]*proc{}}
+	q, addr, api := startQueenHTTP(t, "--scale-up-after", "0")
+	f.q, f.url = q, api+"/v1/chat/completions"
+	models := catalogFile(t, catalog)
+	for _, id := range []string{uniqueID(prefix + "1"), uniqueID(prefix + "2")} {
+		f.hives[id], _ = startHive(t, addr, id, "--models", models)
+	}
+	f.c, _ = dial(t, addr)
+	f.stream, f.closeStream = openStream(t, f.url, tokens)
+	t.Cleanup(f.closeStream)
+	ws := listWorkers(t, f.c)
+	if len(ws) != 1 {
+		t.Fatalf("%d workers, want the one started for the stream", len(ws))
+	}
+	f.w = ws[0]
+	cleanupMarked(t, f.w.GetWorkerId())
+	return f
+}
+
 // chatsServed returns how many chat requests worker w's server (worker-stub --openai) has received.
 func chatsServed(t *testing.T, w *rbeev1.Worker) float64 {
 	t.Helper()
@@ -70,30 +105,15 @@ func chatsServed(t *testing.T, w *rbeev1.Worker) float64 {
 // worker's STOPPING, which comes later (and fast, which is why a test without the freeze could not
 // tell a drain from none).
 func TestDeletedWorkerDrains(t *testing.T) {
-	h1id, h2id := uniqueID("drain1"), uniqueID("drain2")
-	q, addr, api := startQueenHTTP(t, "--scale-up-after", "0")
-	models := catalogFile(t, `models:
+	// 60 tokens at 10 a second: in flight for about 6s on the model's first worker, A.
+	f := newStreamingFleet(t, "drain", `models:
   demo:
     cmd: ["${SERVER}", "--port", "${PORT}", "--tokens-per-second", "10", "--drain-timeout", "30s"]
-`)
-	h1, _ := startHive(t, addr, h1id, "--models", models)
-	h2, _ := startHive(t, addr, h2id, "--models", models)
-	hives := map[string]*proc{h1id: h1, h2id: h2}
-	c, _ := dial(t, addr)
-	url := api + "/v1/chat/completions"
-
-	// 60 tokens at 10 a second: in flight for about 6s on the model's first worker, A.
-	stream, closeStream := openStream(t, url, 60)
-	defer closeStream()
-	ws := listWorkers(t, c)
-	if len(ws) != 1 {
-		t.Fatalf("%d workers, want the one started for the stream", len(ws))
-	}
-	a := ws[0]
-	cleanupMarked(t, a.GetWorkerId())
+`, 60)
+	q, c, url, a := f.q, f.c, f.url, f.w
 
 	// A's hive stops running, by PID: the delete passes the queen's drain, then waits on the hive.
-	hivePID := hives[a.GetHiveId()].cmd.Process.Pid
+	hivePID := f.hives[a.GetHiveId()].cmd.Process.Pid
 	if err := unix.Kill(hivePID, unix.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
@@ -145,7 +165,7 @@ func TestDeletedWorkerDrains(t *testing.T) {
 
 	// The hive runs again and stops A; the stream in flight finishes whole, within the grace.
 	resume()
-	rest, err := io.ReadAll(stream)
+	rest, err := io.ReadAll(f.stream)
 	if err != nil || !strings.Contains(string(rest), "data: [DONE]") || strings.Contains(string(rest), `"error"`) {
 		t.Fatalf("the stream in flight during the drain: %q, %v; want it whole, ending in [DONE]", rest, err)
 	}
@@ -165,28 +185,12 @@ func TestDeletedWorkerDrains(t *testing.T) {
 // stream ends with an error event and the next request is served by another worker, started on
 // the hive still alive.
 func TestHiveDyingWithWorkersMidRequest(t *testing.T) {
-	h1id, h2id := uniqueID("hdie1"), uniqueID("hdie2")
-	cleanupWorkers(t, h1id, h2id)
-	_, addr, api := startQueenHTTP(t, "--scale-up-after", "0")
-	models := catalogFile(t, `models:
+	f := newStreamingFleet(t, "hdie", `models:
   demo:
     cmd: ["${SERVER}", "--port", "${PORT}", "--tokens-per-second", "10"]
-`)
-	h1, _ := startHive(t, addr, h1id, "--models", models)
-	h2, _ := startHive(t, addr, h2id, "--models", models)
-	hives := map[string]*proc{h1id: h1, h2id: h2}
-	c, _ := dial(t, addr)
-	url := api + "/v1/chat/completions"
-
-	stream, closeStream := openStream(t, url, 20)
-	defer closeStream()
-	ws := listWorkers(t, c)
-	if len(ws) != 1 {
-		t.Fatalf("%d workers, want the one started for the stream", len(ws))
-	}
-	w := ws[0]
-	cleanupMarked(t, w.GetWorkerId())
-	dead := hives[w.GetHiveId()]
+`, 20)
+	c, url, w, stream, closeStream := f.c, f.url, f.w, f.stream, f.closeStream
+	dead := f.hives[w.GetHiveId()]
 	if err := dead.cmd.Process.Signal(syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
@@ -229,9 +233,11 @@ func TestHiveDyingWithWorkersMidRequest(t *testing.T) {
 	if resp, b := postJSON(t, ctxT(t, 60*time.Second), url, `{"model":"demo","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`); resp.StatusCode != 200 {
 		t.Fatalf("request after the worker died: %d %s", resp.StatusCode, b)
 	}
-	live := h1id
-	if w.GetHiveId() == h1id {
-		live = h2id
+	var live string
+	for id := range f.hives {
+		if id != w.GetHiveId() {
+			live = id
+		}
 	}
 	found := false
 	for _, o := range listWorkers(t, c) {
