@@ -5,7 +5,6 @@ package main
 // with generous timeouts that only bound a failure.
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -16,7 +15,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -164,33 +162,15 @@ func (q *fakeQueen) beatIn(t *testing.T, s rbeev1.WorkerState) *rbeev1.Worker {
 type stub struct {
 	cmd    *exec.Cmd
 	pid    int
-	out    *syncBuffer
+	out    *logOutput
 	exited chan struct{} // closed once Wait returned; cmd.ProcessState is set then
-}
-
-// syncBuffer collects a process's output; exec's copying goroutine and the test share it.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // startStub runs cmd (the stub, possibly behind a shell wrapper) and kills it by PID when the test
 // ends. The output is logged when the test fails.
 func startStub(t *testing.T, cmd *exec.Cmd) *stub {
 	t.Helper()
-	s := &stub{cmd: cmd, out: &syncBuffer{}, exited: make(chan struct{})}
+	s := &stub{cmd: cmd, out: newLogOutput(), exited: make(chan struct{})}
 	cmd.Stdout, cmd.Stderr = s.out, s.out
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("start worker-stub: %v", err)

@@ -101,10 +101,7 @@ func (o *logOutput) awaitText(t *testing.T, s string) {
 
 // oaStub is one worker-stub running in OpenAI mode.
 type oaStub struct {
-	cmd    *exec.Cmd
-	pid    int
-	out    *logOutput
-	exited chan struct{}
+	*stub
 	addr   string // host:port it listens on
 	url    string
 	client *http.Client
@@ -126,40 +123,11 @@ func launch(t *testing.T, env []string, args ...string) *oaStub {
 	t.Helper()
 	cmd := exec.Command(stubBin, args...)
 	cmd.Env = append(os.Environ(), env...)
-	s := &oaStub{cmd: cmd, out: newLogOutput(), exited: make(chan struct{})}
-	cmd.Stdout, cmd.Stderr = s.out, s.out
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start worker-stub: %v", err)
-	}
-	s.pid = cmd.Process.Pid
-	go func() {
-		cmd.Wait()
-		close(s.exited)
-	}()
 	// No keep-alive: no idle connection outlives a test (goleak), and every request is a new
 	// connection as a health checker's would be.
 	tr := &http.Transport{DisableKeepAlives: true}
-	s.client = &http.Client{Transport: tr}
-	t.Cleanup(func() {
-		syscall.Kill(s.pid, syscall.SIGKILL) // by PID; harmless once it has exited and been waited for
-		<-s.exited
-		tr.CloseIdleConnections()
-		if t.Failed() {
-			t.Logf("worker-stub output:\n%s", s.out.String())
-		}
-	})
-	return s
-}
-
-func (s *oaStub) wait(t *testing.T) *os.ProcessState {
-	t.Helper()
-	select {
-	case <-s.exited:
-		return s.cmd.ProcessState
-	case <-time.After(waitFor):
-		t.Fatalf("worker-stub %d did not exit within %s", s.pid, waitFor)
-		return nil
-	}
+	t.Cleanup(tr.CloseIdleConnections) // after the stub is gone (clean-ups run last first)
+	return &oaStub{stub: startStub(t, cmd), client: &http.Client{Transport: tr}}
 }
 
 func (s *oaStub) signal(t *testing.T, sig syscall.Signal) {
