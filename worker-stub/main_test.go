@@ -411,14 +411,6 @@ func TestSpawnChildren(t *testing.T) {
 		t.Fatal(err)
 	}
 	children := childrenOf(t, s.pid)
-	for _, c := range children {
-		t.Cleanup(func() {
-			// By PID, and only while it is still the worker's child (a reused PID is not ours).
-			if st, err := procstat.Read(c.PID); err == nil && st.StartTime == c.StartTime {
-				syscall.Kill(c.PID, syscall.SIGKILL)
-			}
-		})
-	}
 	if len(children) != 2 {
 		t.Fatalf("worker %d has %d children %v; want 2", s.pid, len(children), children)
 	}
@@ -436,7 +428,7 @@ func TestSpawnChildren(t *testing.T) {
 	}
 }
 
-// childrenOf lists the processes whose parent is pid.
+// childrenOf lists the processes whose parent is pid, and kills them when the test ends.
 func childrenOf(t *testing.T, pid int) []procstat.Stat {
 	t.Helper()
 	entries, err := os.ReadDir("/proc")
@@ -451,6 +443,12 @@ func childrenOf(t *testing.T, pid int) []procstat.Stat {
 		}
 		if st, err := procstat.Read(p); err == nil && st.PPID == pid {
 			out = append(out, st)
+			t.Cleanup(func() {
+				// By PID, and only while it is still the same process (a reused PID is not ours).
+				if now, err := procstat.Read(st.PID); err == nil && now.StartTime == st.StartTime {
+					syscall.Kill(st.PID, syscall.SIGKILL)
+				}
+			})
 		}
 	}
 	return out
