@@ -359,6 +359,9 @@ func TestShimKilledTakesServer(t *testing.T) {
 		t.Fatal(err)
 	}
 	awaitGone(t, srv, 5*time.Second)
+	// The server goes when the shim's main thread does; the shim's other threads may still be
+	// exiting, and a hive that finds them signals the shim and reports EXITED.
+	awaitGone(t, int(w.GetPid()), 5*time.Second)
 
 	r.replaceHive()
 	r.deleteWorker(ctxT(t, 30*time.Second), nil, rbeev1.DeleteOutcome_DELETE_OUTCOME_ALREADY_EXITED)
