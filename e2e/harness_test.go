@@ -36,7 +36,8 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binDir = dir
-	build := exec.Command("go", "build", "-o", dir+"/", "../queen", "../hive", "../worker-stub", "../worker-shim")
+	// The tags of make build, so that what is tested is what ships.
+	build := exec.Command("go", "build", "-tags", "grpcnotrace", "-o", dir+"/", "../queen", "../hive", "../worker-stub", "../worker-shim")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "building binaries:", err)
