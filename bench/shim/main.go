@@ -166,14 +166,27 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 		}
 		pids = append(pids, int(r.GetWorker().GetPid()))
 	}
-	var rss, anon, pss []float64
+	med := func(v []float64) float64 { slices.Sort(v); return v[len(v)/2] }
+	// The memory just after READY, and again at the end of the idle window: a Go process's heap
+	// grows with its garbage until the garbage collector's goal, so the second is the one that lasts.
+	mem := func(when string) error {
+		var rss, anon, pss []float64
+		for _, p := range pids {
+			m, err := memory(p)
+			if err != nil {
+				return err
+			}
+			rss, anon, pss = append(rss, m["Rss:"]), append(anon, m["Anonymous:"]), append(pss, m["Pss:"])
+		}
+		fmt.Printf("  shim memory %s, median of %d idle READY workers: RSS %.1f MB, of which private (anonymous) %.1f MB; PSS %.1f MB\n",
+			when, len(rss), med(rss), med(anon), med(pss))
+		return nil
+	}
+	if err := mem("when READY"); err != nil {
+		return err
+	}
 	ticks0 := 0
 	for _, p := range pids {
-		m, err := memory(p)
-		if err != nil {
-			return err
-		}
-		rss, anon, pss = append(rss, m["Rss:"]), append(anon, m["Anonymous:"]), append(pss, m["Pss:"])
 		t, _ := cpuTicks(p)
 		ticks0 += t
 	}
@@ -183,11 +196,11 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 		t, _ := cpuTicks(p)
 		ticks1 += t
 	}
-	med := func(v []float64) float64 { slices.Sort(v); return v[len(v)/2] }
 	const hz = 100 // USER_HZ on Linux
 	cpu := float64(ticks1-ticks0) / hz / idleFor.Seconds() / float64(len(pids)) * 100
-	fmt.Printf("  shim memory, median of %d idle READY workers: RSS %.1f MB, of which private (anonymous) %.1f MB; PSS %.1f MB\n",
-		len(rss), med(rss), med(anon), med(pss))
+	if err := mem(fmt.Sprintf("after %v idle", idleFor)); err != nil {
+		return err
+	}
 	fmt.Printf("  shim CPU while idle (health check every 1s, heartbeat every 1s): %.3f%% of one core each, over %v\n", cpu, idleFor)
 	for i := range pids {
 		if _, err := q.DeleteWorker(ctx, &rbeev1.DeleteWorkerRequest{WorkerId: fmt.Sprintf("idle%d", i)}); err != nil {
