@@ -62,7 +62,7 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 		return err
 	}
 	queenAddr := loopback.FreeAddr()
-	queen, err := startProc(filepath.Join(bin, "queen"), "--listen", queenAddr, "--log-level", "warn")
+	queen, err := startProc(filepath.Join(bin, "queen"), "--listen", queenAddr, "--http-listen", "off", "--log-level", "warn")
 	if err != nil {
 		return err
 	}
