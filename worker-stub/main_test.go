@@ -263,13 +263,21 @@ func TestLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	q.beatIn(t, rbeev1.WorkerState_WORKER_STATE_STOPPING)
-	select {
-	case e := <-q.ended:
-		if e.err != nil {
-			t.Errorf("heartbeat stream ended with %v; want a clean close", e.err)
+	// The stream that carried STOPPING ends with the worker's clean close. A stream before it may
+	// have ended with an error: on a loaded machine the fake queen's 50 ms interval can go
+	// unanswered for three intervals, and the worker then rightly starts a new stream.
+	deadline := time.After(waitFor)
+	for clean := false; !clean; {
+		select {
+		case e := <-q.ended:
+			if e.err == nil {
+				clean = true
+			} else {
+				t.Logf("an earlier heartbeat stream ended with %v", e.err)
+			}
+		case <-deadline:
+			t.Fatal("heartbeat stream not closed cleanly after SIGTERM")
 		}
-	case <-time.After(waitFor):
-		t.Fatal("heartbeat stream not closed after SIGTERM")
 	}
 	if st := s.wait(t); st.ExitCode() != 0 {
 		t.Fatalf("exit after SIGTERM: %v; want status 0", st)
