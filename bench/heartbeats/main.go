@@ -52,6 +52,7 @@ type config struct {
 	queenPID       int
 	watchers       int
 	flip           bool
+	queenMetrics   string
 }
 
 func main() {
@@ -67,6 +68,7 @@ func main() {
 	flag.DurationVar(&c.interval, "interval", time.Second, "with -bin: the queen's --heartbeat-interval")
 	flag.IntVar(&c.queenPID, "queen-pid", 0, "with -queen: the queen's PID, to read its CPU and RSS")
 	flag.IntVar(&c.watchers, "watchers", 0, "also open this many WatchWorkers streams (64 per connection) and never read them")
+	flag.StringVar(&c.queenMetrics, "queen-metrics", "", "with -bin: the queen's --metrics-listen, to profile it at /debug/pprof during the run")
 	flag.BoolVar(&c.flip, "flip", false, "workers alternate READY and BUSY, so every beat is a change watchers are sent")
 	flag.Parse()
 	if c.workers < 1 || c.workers > 50000 || c.conns < 1 || c.conns > c.workers || c.duration <= 0 || c.duration > 10*time.Minute ||
@@ -87,8 +89,12 @@ type queenProc struct {
 }
 
 func startQueen(c config, addr string) (*queenProc, error) {
-	cmd := exec.Command(filepath.Join(c.bin, "queen"), "--listen", addr, "--http-listen", "off", "--max-beats-per-second", "0",
-		"--heartbeat-interval", c.interval.String(), "--log-level", "warn")
+	args := []string{"--listen", addr, "--http-listen", "off", "--max-beats-per-second", "0",
+		"--heartbeat-interval", c.interval.String(), "--log-level", "warn"}
+	if c.queenMetrics != "" {
+		args = append(args, "--metrics-listen", c.queenMetrics)
+	}
+	cmd := exec.Command(filepath.Join(c.bin, "queen"), args...)
 	cmd.Stderr = os.Stderr
 	if err := cmd.Start(); err != nil {
 		return nil, err
