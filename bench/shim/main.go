@@ -62,17 +62,17 @@ func run(bin string, n int, load time.Duration, idle int, idleFor time.Duration)
 		return err
 	}
 	queenAddr := loopback.FreeAddr()
-	queen, err := startProc(filepath.Join(bin, "queen"), "--listen", queenAddr, "--http-listen", "off", "--log-level", "warn")
+	queen, err := loopback.Start(filepath.Join(bin, "queen"), "--listen", queenAddr, "--http-listen", "off", "--log-level", "warn")
 	if err != nil {
 		return err
 	}
-	defer stopProc(queen)
-	hive, err := startProc(filepath.Join(bin, "hive"), "--listen", loopback.FreeAddr(), "--hive-id", "bench", "--queen", queenAddr,
+	defer loopback.Stop(queen)
+	hive, err := loopback.Start(filepath.Join(bin, "hive"), "--listen", loopback.FreeAddr(), "--hive-id", "bench", "--queen", queenAddr,
 		"--models", catalog, "--log-dir", filepath.Join(dir, "logs"), "--log-level", "warn")
 	if err != nil {
 		return err
 	}
-	defer stopProc(hive)
+	defer loopback.Stop(hive)
 	conn, err := grpc.NewClient(queenAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		return err
@@ -321,31 +321,10 @@ func report(name string, ds []time.Duration) {
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
 
-func startProc(path string, args ...string) (*exec.Cmd, error) {
-	cmd := exec.Command(path, args...)
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s: %w", path, err)
-	}
-	return cmd, nil
-}
-
 func abs(p string) string {
 	a, err := filepath.Abs(p)
 	if err != nil {
 		return p
 	}
 	return a
-}
-
-func stopProc(cmd *exec.Cmd) {
-	cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(10 * time.Second):
-		cmd.Process.Kill()
-		<-done
-	}
 }
