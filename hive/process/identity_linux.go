@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -62,6 +63,9 @@ func (m *Manager) prove(t Target) (p proven, gone bool, err error) {
 		return p, false, errf(KindNotWorker, nil, "pid %d is not a worker: it is the hive itself", pid)
 	case pid == os.Getppid():
 		return p, false, errf(KindNotWorker, nil, "pid %d is not a worker: it is the hive's parent", pid)
+	}
+	if p, gone, ok := m.proveOwnChild(t); ok {
+		return p, gone, nil
 	}
 	fd, err := unix.PidfdOpen(pid, 0)
 	switch {
@@ -163,6 +167,61 @@ func (m *Manager) prove(t Target) (p proven, gone bool, err error) {
 	}
 	ok = true
 	return p, false, nil
+}
+
+// proveOwnChild is proof 1 without reading /proc: t names a child of this Manager, by worker id,
+// PID and start time (or none), that its reaper has not yet seen exit. Until the reaper has (it
+// sets reaping under m.mu before wait(2) collects the child), the PID cannot have been freed and
+// reused, so a pidfd opened under the lock is that child's. Its cgroup is still checked to be the
+// one it was spawned into. ok is false when any of this does not hold: prove's general path then
+// decides, with the refusals it gives.
+func (m *Manager) proveOwnChild(t Target) (p proven, gone, ok bool) {
+	m.mu.Lock()
+	c := m.children[t.PID]
+	if c == nil || c.reaping || c.workerID == "" || c.workerID != t.WorkerID || c.startTime == 0 ||
+		(t.StartTime != 0 && t.StartTime != c.startTime) {
+		m.mu.Unlock()
+		return p, false, false
+	}
+	fd, err := unix.PidfdOpen(t.PID, 0)
+	m.mu.Unlock()
+	if err != nil {
+		return p, false, false
+	}
+	if exited(fd) {
+		unix.Close(fd) // a zombie, to be collected by its reaper: gone
+		return p, true, true
+	}
+	if c.cgroup != "" && !m.inCgroup(fd, t.PID, c) {
+		unix.Close(fd)
+		return p, false, false
+	}
+	return proven{pid: t.PID, pidfd: fd, startTime: c.startTime, cgroup: c.cgroup}, false, true
+}
+
+// inCgroup says whether child c, whose pidfd is fd, is still in the cgroup it was spawned into:
+// by the cgroup id PIDFD_GET_INFO gives (Linux 6.13), else by /proc/PID/cgroup.
+func (m *Manager) inCgroup(fd, pid int, c *child) bool {
+	if c.cgroupIno != 0 {
+		info := unix.PidfdInfo{Mask: unix.PIDFD_INFO_CGROUPID}
+		_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), unix.PIDFD_GET_INFO, uintptr(unsafe.Pointer(&info)))
+		if errno == 0 && info.Mask&unix.PIDFD_INFO_CGROUPID != 0 {
+			return info.Cgroupid == c.cgroupIno
+		}
+	}
+	cg, err := ownCgroup(pid)
+	return err == nil && m.cg2mount+cg == c.cgroup
+}
+
+// awaitExit blocks until child pidfd has exited, without collecting it (waitid WNOWAIT). It returns
+// at once if the kernel cannot wait on a pidfd (before Linux 5.4).
+func awaitExit(pidfd int) {
+	var info unix.Siginfo
+	for {
+		if err := unix.Waitid(unix.P_PIDFD, pidfd, &info, unix.WEXITED|unix.WNOWAIT, nil); err != unix.EINTR {
+			return
+		}
+	}
 }
 
 // execWindow bounds how long readEnviron waits out an exec in progress. An exec takes

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/rbee-dev/rbee/internal/procstat"
 	"net"
 	"os"
 	"os/exec"
@@ -1136,5 +1137,29 @@ func TestCgroupParentMadeAgain(t *testing.T) {
 		if err := os.Remove(filepath.Dir(s.Cgroup)); err != nil {
 			t.Fatalf("remove the hive's cgroup after spawn %d: %v", i, err)
 		}
+	}
+}
+
+// TestSpawnStartTime checks that the start time Spawn returns is the one /proc/PID/stat gives, also
+// once Spawn derives it from the clock instead of reading /proc (startTimeOf), so that a Delete
+// with it is never refused as a reused PID.
+func TestSpawnStartTime(t *testing.T) {
+	mode := CgroupOff
+	if _, ok := findCgroup2(); ok {
+		mode = CgroupAuto
+	}
+	h := newHarness(t, mode, nil)
+	for i := 0; i < 12; i++ {
+		s := h.spawn("st" + strconv.Itoa(i))
+		got, err := procstat.StartTime(s.PID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.StartTime != got {
+			t.Fatalf("Spawn %d: start time %d, /proc says %d", i, s.StartTime, got)
+		}
+	}
+	if n := h.m.tickMatches.Load(); n != trustTicks {
+		t.Fatalf("after 12 Spawns, %d matched the derived start time, want %d: the derivation was not used", n, trustTicks)
 	}
 }
