@@ -63,6 +63,7 @@ type Manager struct {
 	givenMu sync.Mutex
 	given   map[int]time.Time
 	pending atomic.Int64 // Spawns between the max-workers check and a countable process
+	baseEnv []string     // hiveEnv, read once
 	// tickMatches counts Spawns whose start time read from /proc matched the one startTimeOf
 	// derived from the clock; -1 once one did not (then /proc is always read).
 	tickMatches atomic.Int32
@@ -140,6 +141,7 @@ func New(cfg Config) (*Manager, error) {
 		flights:     make(map[target]*flight),
 		stop:        make(chan struct{}),
 		zygoteReady: make(chan struct{}, 1),
+		baseEnv:     hiveEnv(),
 	}
 	if err := m.setListenHost(cfg.ListenHost); err != nil {
 		return nil, err
@@ -290,8 +292,10 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 			return Spawned{}, errf(KindExhausted, nil, "max workers %d reached (%d live)", m.cfg.MaxWorkers, live)
 		}
 	}
-	narrate.Event(ctx, "hive", "worker_spawn_start", fmt.Sprintf("Spawning worker %s for model %q on %s", s.WorkerID, s.Model, s.Device),
-		zap.String("worker_id", s.WorkerID), zap.String("model", s.Model), zap.String("device", s.Device))
+	if narrate.On(ctx) {
+		narrate.Event(ctx, "hive", "worker_spawn_start", fmt.Sprintf("Spawning worker %s for model %q on %s", s.WorkerID, s.Model, s.Device),
+			zap.String("worker_id", s.WorkerID), zap.String("model", s.Model), zap.String("device", s.Device))
+	}
 
 	lis, port, err := m.listen(noHandoff)
 	if err != nil {
@@ -374,7 +378,7 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 			return Spawned{}, errf(KindInvalid, nil, "the model's command line or environment contains a NUL byte (entry %d)", i)
 		}
 	}
-	env := workerEnv(s, hiveID, m.cfg.ListenHost, !noHandoff)
+	env := workerEnv(m.baseEnv, s, hiveID, m.cfg.ListenHost, !noHandoff)
 	cmd := &exec.Cmd{Stdin: m.devnull, Stdout: m.devnull, Stderr: m.devnull, ExtraFiles: inherit, SysProcAttr: attr}
 	if errW != nil {
 		cmd.Stderr = errW // until the trampoline has the log
@@ -466,9 +470,11 @@ func (m *Manager) Spawn(ctx context.Context, s SpawnSpec) (Spawned, error) {
 	m.reapers.Add(1)
 	go m.reap(wait, pid, c, errR)
 
-	narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", s.WorkerID, pid, port),
-		zap.String("worker_id", s.WorkerID), zap.Int("pid", pid), zap.Int("port", port),
-		zap.Uint64("start_time", startTime), zap.String("cgroup", cgDir))
+	if narrate.On(ctx) {
+		narrate.Event(ctx, "hive", "worker_spawned", fmt.Sprintf("Worker %s spawned (PID %d, port %d)", s.WorkerID, pid, port),
+			zap.String("worker_id", s.WorkerID), zap.Int("pid", pid), zap.Int("port", port),
+			zap.Uint64("start_time", startTime), zap.String("cgroup", cgDir))
+	}
 	return Spawned{PID: pid, Port: port, StartTime: startTime, Cgroup: cgDir}, nil
 }
 
@@ -520,56 +526,67 @@ func (m *Manager) startTimeOf(pid int, before, after int64) (uint64, error) {
 	return st, nil
 }
 
-// workerEnv is the hive's environment plus the spec's extras plus the contract variables, which
-// always win: a caller cannot hand a worker another worker's identity marker.
-func workerEnv(s SpawnSpec, hiveID, host string, handoff bool) []string {
-	reserved := func(kv string) bool {
-		k, _, _ := strings.Cut(kv, "=")
-		switch k {
-		case envWorkerID, envHiveID, envWorkerHost, envTrampoline, envTrampolineLog, envSpare, envListenFDs, envListenPID, envListenName:
-			return true
-		}
-		return false
+// reservedEnv says whether kv sets a variable of the worker contract or the trampoline, which only
+// the hive sets.
+func reservedEnv(kv string) bool {
+	k, _, _ := strings.Cut(kv, "=")
+	switch k {
+	case envWorkerID, envHiveID, envWorkerHost, envTrampoline, envTrampolineLog, envSpare, envListenFDs, envListenPID, envListenName:
+		return true
 	}
-	// The hive's own credentials stay with the hive: a worker gets only what the spec hands it
-	// (its own token), never the cluster token the hive may have been started with.
-	secret := func(kv string) bool {
-		return strings.HasPrefix(kv, "RBEE_TOKEN=") || strings.HasPrefix(kv, "RBEE_WORKER_TOKEN=") || strings.HasPrefix(kv, "RBEE_TLS_")
-	}
-	env := make([]string, 0, len(os.Environ())+len(s.Env)+5)
-	for _, kv := range os.Environ() {
-		if !reserved(kv) && !secret(kv) {
-			env = append(env, kv)
-		}
-	}
-	for _, kv := range s.Env {
-		if !reserved(kv) {
-			env = append(env, kv)
-		}
-	}
-	env = append(env, envWorkerID+"="+s.WorkerID, envHiveID+"="+hiveID, envWorkerHost+"="+host)
-	if handoff {
-		env = append(env, envListenFDs+"=1", envListenName+"=rbee")
-	}
-	if s.JobID != "" {
-		env = append(env, envJobID+"="+s.JobID)
-	}
-	return dedupEnv(env)
+	return false
 }
 
-// dedupEnv keeps the last entry of each variable, as os/exec does before an exec: the zygote
-// passes the list on as it is, and a program reading the first of two entries would see
-// the hive's value instead of the spec's.
-func dedupEnv(env []string) []string {
-	last := make(map[string]int, len(env))
-	for i, kv := range env {
-		k, _, _ := strings.Cut(kv, "=")
-		last[k] = i
+// hiveEnv is what workers inherit of the hive's own environment, read once by New: its
+// credentials stay with the hive (a worker gets only what the spec hands it, its own token, never
+// the cluster token the hive may have been started with), and the contract's variables are the
+// hive's to set.
+func hiveEnv() []string {
+	var env []string
+	for _, kv := range os.Environ() {
+		secret := strings.HasPrefix(kv, "RBEE_TOKEN=") || strings.HasPrefix(kv, "RBEE_WORKER_TOKEN=") || strings.HasPrefix(kv, "RBEE_TLS_")
+		if !secret && !reservedEnv(kv) {
+			env = append(env, kv)
+		}
 	}
-	out := env[:0:0]
-	for i, kv := range env {
-		k, _, _ := strings.Cut(kv, "=")
-		if last[k] == i {
+	return mergeEnv(nil, env)
+}
+
+// workerEnv is base (hiveEnv) plus the spec's extras plus the contract variables, which always
+// win: a caller cannot hand a worker another worker's identity marker.
+func workerEnv(base []string, s SpawnSpec, hiveID, host string, handoff bool) []string {
+	extra := make([]string, 0, len(s.Env)+6)
+	for _, kv := range s.Env {
+		if !reservedEnv(kv) {
+			extra = append(extra, kv)
+		}
+	}
+	extra = append(extra, envWorkerID+"="+s.WorkerID, envHiveID+"="+hiveID, envWorkerHost+"="+host)
+	if handoff {
+		extra = append(extra, envListenFDs+"=1", envListenName+"=rbee")
+	}
+	if s.JobID != "" {
+		extra = append(extra, envJobID+"="+s.JobID)
+	}
+	return mergeEnv(base, extra)
+}
+
+// mergeEnv returns base without the variables extra sets, then extra, keeping only the last entry
+// of each variable. base has one entry per variable; extra is short (a spec's environment), so
+// this compares keys instead of building a map for every Spawn.
+func mergeEnv(base, extra []string) []string {
+	keys := make([]string, len(extra))
+	for i, kv := range extra {
+		keys[i], _, _ = strings.Cut(kv, "=")
+	}
+	out := make([]string, 0, len(base)+len(extra))
+	for _, kv := range base {
+		if k, _, _ := strings.Cut(kv, "="); !slices.Contains(keys, k) {
+			out = append(out, kv)
+		}
+	}
+	for i, kv := range extra {
+		if !slices.Contains(keys[i+1:], keys[i]) {
 			out = append(out, kv)
 		}
 	}

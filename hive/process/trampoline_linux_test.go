@@ -79,11 +79,11 @@ func awaitZygote(t testing.TB, m *Manager) *zygote {
 func TestTrampolineHandsOver(t *testing.T) {
 	forTrampolines(t, func(t *testing.T, tm trampolineMode) {
 		for _, noHandoff := range []bool{false, true} {
+			// The hive's own value of a variable the spec sets too must not win.
+			t.Setenv("FAKE_LINES", "7")
 			h := newHarness(t, CgroupOff, func(c *Config) { c.NoHandoff = noHandoff; tm.edit(c) })
 			id := "tr" + strconv.FormatBool(noHandoff)
 			check := expectPath(t, h.m, tm)
-			// The hive's own value of a variable the spec sets too must not win.
-			t.Setenv("FAKE_LINES", "7")
 			s, r, _ := h.spawnReady(id, "FAKE_LINES=3")
 			check(s.PID)
 			if noHandoff {

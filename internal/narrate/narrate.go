@@ -6,6 +6,7 @@ import (
 	"context"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 type loggerKey struct{}
@@ -21,6 +22,11 @@ func Logger(ctx context.Context) *zap.Logger {
 		return l
 	}
 	return zap.L()
+}
+
+// On says whether Event would write a line: callers skip building a message nobody reads.
+func On(ctx context.Context) bool {
+	return Logger(ctx).Core().Enabled(zapcore.InfoLevel)
 }
 
 // Event logs one lifecycle step at info level with the actor (queen, hive, worker) and action
