@@ -73,10 +73,17 @@ func incoming(ctx context.Context) string {
 // response header.
 func UnaryServerInterceptor(base *zap.Logger) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-		id := incoming(ctx)
-		_ = grpc.SetHeader(ctx, metadata.Pairs(MetadataKey, id))
-		return handler(With(ctx, base, id), req)
+		return handler(Unary(ctx, base), req)
 	}
+}
+
+// Unary is UnaryServerInterceptor's work for an interceptor that composes it with others: it
+// returns the unary call's context with its job id and logger, and answers the id in the
+// response header.
+func Unary(ctx context.Context, base *zap.Logger) context.Context {
+	id := incoming(ctx)
+	_ = grpc.SetHeader(ctx, metadata.Pairs(MetadataKey, id))
+	return With(ctx, base, id)
 }
 
 // StreamServerInterceptor is UnaryServerInterceptor for streams.

@@ -25,6 +25,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/reflection"
 	"google.golang.org/grpc/status"
 
@@ -111,12 +112,38 @@ func (l *lightStream) intercept(srv any, ss grpc.ServerStream, info *grpc.Stream
 	return l.auth(srv, ss, info, handler)
 }
 
-// finish recovers a panic (INTERNAL "internal error" to the caller, the details in the log) and
-// logs the call's end the way the logging middleware does (level by code).
+// unaryCall is job id, panic recovery and the "finished call" line of every unary call, composed
+// in one function as lightStream is for heartbeats. The logging middleware built all of its
+// fields (peer address, formatted start time...) before each call whether or not its line would be
+// written: 11 of the hive's ~30 microseconds of interceptors in front of each Spawn and Delete.
+// Here the fields are built only for a line the logger's level lets through.
+type unaryCall struct{ log *zap.Logger }
+
+func (u *unaryCall) intercept(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (resp any, err error) {
+	ctx = jobid.Unary(ctx, u.log)
+	defer u.finish(ctx, info.FullMethod, time.Now(), &err)
+	return h(ctx, req)
+}
+
+// finish recovers a panic (recover works only when called by the deferred function itself) and
+// ends the call (endCall); health checks, which probes send every few seconds, are not logged.
+func (u *unaryCall) finish(ctx context.Context, method string, t0 time.Time, err *error) {
+	endCall(ctx, method, t0, err, recover(), !isHealth(method))
+}
+
 func (l *lightStream) finish(ctx context.Context, method string, t0 time.Time, err *error) {
-	if p := recover(); p != nil {
+	endCall(ctx, method, t0, err, recover(), true)
+}
+
+// endCall answers a panic p (INTERNAL "internal error" to the caller, the details in the log) and,
+// with logEnd, logs the call's end the way the logging middleware does (level by code).
+func endCall(ctx context.Context, method string, t0 time.Time, err *error, p any, logEnd bool) {
+	if p != nil {
 		narrate.Logger(ctx).Error("panic in handler", zap.Any("panic", p), zap.ByteString("stack", debug.Stack()))
 		*err = status.Error(codes.Internal, "internal error")
+	}
+	if !logEnd {
+		return
 	}
 	code := status.Code(*err)
 	lvl := zapcore.InfoLevel
@@ -131,6 +158,9 @@ func (l *lightStream) finish(ctx context.Context, method string, t0 time.Time, e
 	if ce := narrate.Logger(ctx).Check(lvl, "finished call"); ce != nil {
 		fields := []zap.Field{zap.String("grpc.method", method), zap.String("grpc.code", code.String()),
 			zap.Float64("grpc.time_ms", float64(time.Since(t0).Microseconds())/1000)}
+		if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+			fields = append(fields, zap.Stringer("peer.address", p.Addr))
+		}
 		if *err != nil {
 			fields = append(fields, zap.Error(*err))
 		}
@@ -193,9 +223,7 @@ func New(o Options) *Server {
 		stream = append(stream, selector.StreamServerInterceptor(o.Metrics.StreamServerInterceptor(), metered))
 	}
 	unary = append(append(unary,
-		jobid.UnaryServerInterceptor(log),
-		selector.UnaryServerInterceptor(logging.UnaryServerInterceptor(interceptorLogger(log), logOpts...), notHealth),
-		recovery.UnaryServerInterceptor(recoverOpt),
+		(&unaryCall{log: log}).intercept,
 		o.Auth.UnaryInterceptor(),
 	), o.Unary...)
 	stream = append(append(stream,

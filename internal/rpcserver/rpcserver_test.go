@@ -391,3 +391,52 @@ func certPool(t *testing.T, c tls.Certificate) *x509.CertPool {
 	p.AddCert(leaf)
 	return p
 }
+
+// TestUnaryCallsLogTheirEnd checks the "finished call" line of unary calls: its level follows the
+// code (a logger at warn level gets the failures only), it carries the job id, and health checks
+// write none.
+func TestUnaryCallsLogTheirEnd(t *testing.T) {
+	core, logs := observer.New(zap.WarnLevel)
+	fail := false
+	conn := serve(t, zap.New(core), func(context.Context) (any, error) {
+		if fail {
+			return nil, status.Error(codes.Internal, "broken")
+		}
+		return &emptypb.Empty{}, nil
+	})
+	if err := conn.Invoke(t.Context(), "/test.Svc/Call", &emptypb.Empty{}, &emptypb.Empty{}); err != nil {
+		t.Fatal(err)
+	}
+	fail = true
+	if err := conn.Invoke(t.Context(), "/test.Svc/Call", &emptypb.Empty{}, &emptypb.Empty{}); status.Code(err) != codes.Internal {
+		t.Fatalf("failing call: %v", err)
+	}
+	if _, err := healthpb.NewHealthClient(conn).Check(t.Context(), &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	ends := logs.FilterMessage("finished call").All()
+	if len(ends) != 1 {
+		t.Fatalf("%d finished-call lines at warn level, want 1 (the INTERNAL call's): %v", len(ends), logs.All())
+	}
+	f := ends[0].ContextMap()
+	if ends[0].Level != zap.ErrorLevel || f["grpc.method"] != "/test.Svc/Call" || f["grpc.code"] != "Internal" ||
+		f["job_id"] == nil || f["peer.address"] == nil || f["error"] == nil {
+		t.Fatalf("finished-call line %v %v", ends[0].Level, f)
+	}
+
+	// At info level every call but the health check has its line.
+	core, logs = observer.New(zap.InfoLevel)
+	fail = false
+	conn = serve(t, zap.New(core), func(context.Context) (any, error) { return &emptypb.Empty{}, nil })
+	for range 2 {
+		if err := conn.Invoke(t.Context(), "/test.Svc/Call", &emptypb.Empty{}, &emptypb.Empty{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := healthpb.NewHealthClient(conn).Check(t.Context(), &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatal(err)
+	}
+	if n := logs.FilterMessage("finished call").FilterField(zap.String("grpc.code", "OK")).Len(); n != 2 {
+		t.Fatalf("%d finished-call lines for 2 calls and a health check, want 2: %v", n, logs.All())
+	}
+}
