@@ -2,9 +2,12 @@ package process
 
 import (
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -13,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/rbee-dev/rbee/internal/procstat"
+	"github.com/rbee-dev/rbee/worker/contract"
 )
 
 // trampolineMode is how a test's workers are started.
@@ -307,6 +311,228 @@ func TestZygoteDiesDuringSpawn(t *testing.T) {
 		for id, s := range map[string]Spawned{"orphaned-request": res.s, "next": s2} {
 			if _, err := h.m.Delete(t.Context(), Target{WorkerID: id, PID: s.PID, StartTime: s.StartTime}, time.Second); err != nil {
 				t.Fatal(err)
+			}
+		}
+	})
+}
+
+// zygoteRegions is MAXREGIONS in trampoline/trampoline.c: how many children may share the
+// zygote's memory at once before it copies it instead.
+const zygoteRegions = 32
+
+// sharesMemory says whether processes a and b share their memory (kcmp KCMP_VM).
+func sharesMemory(t *testing.T, a, b int) bool {
+	t.Helper()
+	r, _, errno := unix.Syscall6(unix.SYS_KCMP, uintptr(a), uintptr(b), 1 /* KCMP_VM */, 0, 0, 0)
+	if errno == unix.ENOSYS {
+		t.Skip("no kcmp in this kernel")
+	}
+	if errno != 0 {
+		t.Fatalf("kcmp %d %d: %v", a, b, errno)
+	}
+	return r == 0
+}
+
+// TestZygoteRegionHeldUntilExec: a child of the zygote shares the zygote's memory and reads its
+// arguments and environment from there until it execs or exits, so no later request may be
+// received into that child's region before. Here each child is held before its exec (its log is
+// a FIFO, whose open waits for a reader): more of them than the zygote has regions, then every
+// other one let go and new requests sent while the rest still wait. Each worker must print its own
+// argument, environment and PID; an exec that fails (a missing binary) still exits 127 with the
+// reason in the log.
+func TestZygoteRegionHeldUntilExec(t *testing.T) {
+	if _, err := nativeTrampoline(); err != nil {
+		t.Skipf("no native trampoline: %v", err)
+	}
+	h := newHarness(t, CgroupOff, nil)
+	z := awaitZygote(t, h.m)
+	dir := t.TempDir()
+	var p [2]int
+	if err := unix.Pipe2(p[:], unix.O_CLOEXEC); err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(p[0])
+	defer unix.Close(p[1])
+	const missing = "/nonexistent/rbee-zygote-test-worker"
+	type held struct {
+		name, fifo, arg, env, bin string
+		pid                       int
+	}
+	start := func(name string, i int, bin string) held {
+		t.Helper()
+		w := held{name: name, fifo: filepath.Join(dir, name), bin: bin}
+		if err := unix.Mkfifo(w.fifo, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// Long and of a length of their own, so that another request's bytes cannot pass for them.
+		n := i * 397 % 3000
+		w.arg = name + ":" + strings.Repeat(string(rune('a'+i%26)), 500+n)
+		w.env = name + ":" + strings.Repeat("e"+name, 100+n/3)
+		msg, ok := zygoteMsg(w.fifo, bin, []string{"sh", "-c", `printf '%s\n' "$1" "$ZYG_TAG" "$LISTEN_PID" "$$"`, "sh", w.arg},
+			[]string{"ZYG_TAG=" + w.env, listenPIDSlot}, false, false)
+		if !ok {
+			t.Fatal("request too large")
+		}
+		pid, err := z.spawn(msg, p[1], -1, -1)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		w.pid = pid
+		t.Cleanup(func() { unix.Wait4(pid, nil, unix.WNOHANG, nil) }) // after watch's kill, if the test failed
+		watch(t, pid)
+		return w
+	}
+	// release opens the child's log for reading, which lets the child go on to exec, and checks
+	// what the worker printed there and its exit.
+	release := func(w held) {
+		t.Helper()
+		opened := make(chan *os.File, 1)
+		go func() {
+			f, _ := os.OpenFile(w.fifo, os.O_RDONLY, 0)
+			opened <- f
+		}()
+		var f *os.File
+		select {
+		case f = <-opened:
+		case <-time.After(10 * time.Second):
+			if fd, err := unix.Open(w.fifo, unix.O_WRONLY|unix.O_NONBLOCK, 0); err == nil {
+				unix.Close(fd) // lets the open above return
+			}
+			<-opened
+			t.Fatalf("%s (pid %d) never opened its log", w.name, w.pid)
+		}
+		defer f.Close()
+		f.SetReadDeadline(time.Now().Add(10 * time.Second))
+		out, err := io.ReadAll(f)
+		if err != nil {
+			t.Fatalf("%s: read its log: %v", w.name, err)
+		}
+		var st unix.WaitStatus
+		if _, err := unix.Wait4(w.pid, &st, 0, nil); err != nil {
+			t.Fatalf("%s: wait4 %d: %v", w.name, w.pid, err)
+		}
+		want, code := fmt.Sprintf("%s\n%s\n%d\n%d\n", w.arg, w.env, w.pid, w.pid), 0
+		if w.bin == missing {
+			want, code = "rbee hive trampoline: exec worker "+missing+": no such file or directory\n", 127
+		}
+		if string(out) != want || !st.Exited() || st.ExitStatus() != code {
+			t.Fatalf("%s (pid %d): log %.200q, status %v; want %.200q and exit code %d", w.name, w.pid, out, st, want, code)
+		}
+	}
+	// wantShared checks which of ws share the zygote's memory: the first n, not the rest.
+	wantShared := func(ws []held, n int) {
+		t.Helper()
+		for i, w := range ws {
+			if got := sharesMemory(t, z.pid, w.pid); got != (i < n) {
+				t.Fatalf("%s (%d of %d): shares the zygote's memory: %v, want %v", w.name, i, len(ws), got, i < n)
+			}
+		}
+	}
+
+	var first []held
+	for i := range zygoteRegions + 8 {
+		bin := "/bin/sh"
+		if i == 3 {
+			bin = missing
+		}
+		first = append(first, start(fmt.Sprintf("a%d", i), i, bin))
+	}
+	wantShared(first, zygoteRegions)
+	// Every other one execs (or, a3, fails and exits): their regions are free again, the others'
+	// are not.
+	var rest []held
+	for i, w := range first {
+		if i%2 == 1 {
+			release(w)
+		} else {
+			rest = append(rest, w)
+		}
+	}
+	var second []held
+	for i := range zygoteRegions/2 + 4 {
+		second = append(second, start(fmt.Sprintf("b%d", i), 100+i, "/bin/sh"))
+	}
+	wantShared(second, zygoteRegions/2)
+	for _, w := range slices.Backward(append(rest, second...)) {
+		release(w)
+	}
+}
+
+// TestZygoteManySpawns: Spawns sent back to back from several goroutines, each with long
+// arguments and environment of its own, while earlier workers are still on their way to exec;
+// every worker gets its own arguments, environment, LISTEN_PID and log.
+func TestZygoteManySpawns(t *testing.T) {
+	if _, err := nativeTrampoline(); err != nil {
+		t.Skipf("no native trampoline: %v", err)
+	}
+	script := filepath.Join(t.TempDir(), "worker.sh")
+	err := os.WriteFile(script, []byte("#!/bin/sh\nfor a in \"$@\"; do printf 'arg %s\\n' \"$a\"; done\n"+
+		"printf 'id %s\\nenv %s\\npid %s %s\\n' \"$RBEE_WORKER_ID\" \"$ZYG_TAG\" \"$$\" \"$LISTEN_PID\"\n"), 0o755)
+	if err != nil {
+		t.Fatal(err)
+	}
+	forModes(t, func(t *testing.T, mode CgroupMode) {
+		const n, senders = 200, 4
+		exits := make(chan Exit, n)
+		h := newHarness(t, mode, func(c *Config) { c.OnExit = func(e Exit) { exits <- e }; c.LogKeepExited = n })
+		awaitZygote(t, h.m)
+		before := h.m.zygoteSpawns.Load()
+		tags := func(i int) (arg, env string) {
+			c := string(rune('a' + i%26))
+			return fmt.Sprintf("arg%d:", i) + strings.Repeat(c, 300+i*41%3000), fmt.Sprintf("env%d:", i) + strings.Repeat(c+c, 100+i*67%2000)
+		}
+		spawned := make([]Spawned, n)
+		errs := make(chan error, senders)
+		for g := range senders {
+			go func() {
+				for i := g; i < n; i += senders {
+					arg, env := tags(i)
+					s, err := h.m.Spawn(t.Context(), SpawnSpec{WorkerID: "many" + strconv.Itoa(i), Model: "m", Device: "cpu",
+						QueenAddress: "127.0.0.1:1", Binary: script,
+						Extra: func(int) ([]string, []string) { return []string{arg}, []string{"ZYG_TAG=" + env} }})
+					if err != nil {
+						errs <- fmt.Errorf("Spawn %d: %w", i, err)
+						return
+					}
+					spawned[i] = s
+				}
+				errs <- nil
+			}()
+		}
+		for range senders {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := h.m.zygoteSpawns.Load() - before; got != n {
+			t.Fatalf("%d of %d Spawns through the zygote", got, n)
+		}
+		byPID := map[int]int{}
+		for i, s := range spawned {
+			byPID[s.PID] = i
+		}
+		for range n {
+			var e Exit
+			select {
+			case e = <-exits:
+			case <-time.After(30 * time.Second):
+				t.Fatal("workers still running after 30s")
+			}
+			i, ok := byPID[e.PID]
+			if !ok || e.ExitCode != 0 {
+				t.Fatalf("exit %+v: want one of the spawned workers, exit code 0", e)
+			}
+			s, id := spawned[i], "many"+strconv.Itoa(i)
+			arg, env := tags(i)
+			var want strings.Builder
+			for _, a := range append(contract.Args{WorkerID: id, HiveID: h.cfg.HiveID, Model: "m", Device: "cpu", Port: s.Port,
+				Queen: "127.0.0.1:1"}.Argv(script)[1:], arg) {
+				fmt.Fprintf(&want, "arg %s\n", a)
+			}
+			fmt.Fprintf(&want, "id %s\nenv %s\npid %d %d\n", id, env, s.PID, s.PID)
+			b, err := os.ReadFile(logOf(t, h.cfg.LogDir, id))
+			if err != nil || string(b) != want.String() {
+				t.Fatalf("worker %s (pid %d) log %.300q, %v; want %.300q", id, s.PID, b, err, want.String())
 			}
 		}
 	})
