@@ -190,7 +190,7 @@ func parsePopulated(b []byte) bool {
 // waitCgroupEmpty waits until cgroup.events says "populated 0". The kernel notifies changes of
 // that file with POLLPRI, so this sleeps in poll(2) and wakes on the change, not on a timer.
 func waitCgroupEmpty(dir string, timeout time.Duration) error {
-	fd, err := unix.Open(filepath.Join(dir, "cgroup.events"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	fd, err := openEvents(dir)
 	if err != nil {
 		if cgroupGone(err) {
 			return nil // already removed, so empty
@@ -198,6 +198,30 @@ func waitCgroupEmpty(dir string, timeout time.Duration) error {
 		return err
 	}
 	defer unix.Close(fd)
+	return waitEventsEmpty(fd, dir, timeout)
+}
+
+// openEvents opens dir's cgroup.events for eventsPopulated and waitEventsEmpty.
+func openEvents(dir string) (int, error) {
+	fd, err := unix.Open(filepath.Join(dir, "cgroup.events"), unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return -1, &os.PathError{Op: "open", Path: filepath.Join(dir, "cgroup.events"), Err: err}
+	}
+	return fd, nil
+}
+
+// eventsPopulated is cgroupPopulated through an open cgroup.events.
+func eventsPopulated(fd int) (bool, error) {
+	var buf [256]byte
+	n, err := unix.Pread(fd, buf[:], 0)
+	if err != nil {
+		return false, err
+	}
+	return parsePopulated(buf[:n]), nil
+}
+
+// waitEventsEmpty is waitCgroupEmpty through dir's open cgroup.events, fd.
+func waitEventsEmpty(fd int, dir string, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	buf := make([]byte, 256)
 	for {

@@ -813,6 +813,19 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 	finished := false
 	defer func() { m.tidy(p, strays, finished) }()
 
+	// The cgroup's events file, for killLeftovers, is opened once the first signal is on its way:
+	// the open (tens of microseconds here) overlaps with the worker's exit instead of following it.
+	events := -1
+	openEventsOnce := func() {
+		if p.cgroup != "" && events < 0 {
+			events, _ = openEvents(p.cgroup) // on failure killLeftovers opens it by path
+		}
+	}
+	defer func() {
+		if events >= 0 {
+			unix.Close(events)
+		}
+	}()
 	out := Killed
 	if grace > 0 {
 		narrate.Event(ctx, "hive", "worker_delete_sigterm", "Sending SIGTERM", append(fields, zap.Duration("grace", grace))...)
@@ -820,6 +833,7 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 			return OutcomeUnknown, errf(KindInternal, err, "SIGTERM pid %d", p.pid)
 		}
 		sendSignal(p.pidfd, unix.SIGCONT) // a stopped worker cannot act on SIGTERM until continued
+		openEventsOnce()
 		if waitExit(p.pidfd, grace) {
 			out = Exited
 		}
@@ -827,12 +841,13 @@ func (m *Manager) delete(ctx context.Context, t Target, grace time.Duration) (Ou
 	if out == Killed {
 		narrate.Event(ctx, "hive", "worker_delete_sigkill", "Sending SIGKILL", fields...)
 		m.killAll(p, strays)
+		openEventsOnce()
 		if !waitExit(p.pidfd, killWait) {
 			return OutcomeUnknown, errf(KindStuck, nil, "pid %d still alive %v after SIGKILL", p.pid, killWait)
 		}
 	}
 	// The worker is gone; anything it forked goes too, before the answer says so.
-	if err := m.killLeftovers(p, strays); err != nil {
+	if err := m.killLeftovers(p, strays, events); err != nil {
 		return OutcomeUnknown, err
 	}
 	finished = true
@@ -952,12 +967,24 @@ func (m *Manager) killAll(p proven, strays []proven) {
 }
 
 // killLeftovers removes what survives the worker's main process and waits, bounded, until it is
-// gone (tidy removes the empty cgroup afterwards).
-func (m *Manager) killLeftovers(p proven, strays []proven) error {
+// gone (tidy removes the empty cgroup afterwards). events is the cgroup's open cgroup.events, or
+// -1 to open it here.
+func (m *Manager) killLeftovers(p proven, strays []proven, events int) error {
 	if p.cgroup != "" {
+		if events < 0 {
+			fd, err := openEvents(p.cgroup)
+			if err != nil {
+				if cgroupGone(err) {
+					return nil
+				}
+				return errf(KindInternal, err, "read cgroup.events")
+			}
+			defer unix.Close(fd)
+			events = fd
+		}
 		// A cgroup that is gone was empty: rmdir succeeds only on an empty cgroup (another hive
 		// reaping the worker may have removed it; its files then read ENODEV).
-		populated, err := cgroupPopulated(p.cgroup)
+		populated, err := eventsPopulated(events)
 		if err != nil {
 			if cgroupGone(err) {
 				return nil
@@ -971,7 +998,7 @@ func (m *Manager) killLeftovers(p proven, strays []proven) error {
 				}
 				return errf(KindInternal, err, "cgroup.kill %s", p.cgroup)
 			}
-			if err := waitCgroupEmpty(p.cgroup, killWait); err != nil {
+			if err := waitEventsEmpty(events, p.cgroup, killWait); err != nil {
 				return err
 			}
 		}
