@@ -117,6 +117,13 @@ func TestDeletedWorkerDrains(t *testing.T) {
 	if err := unix.Kill(hivePID, unix.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
+	// kill(2) returns before every thread of the hive has stopped: until then a thread still running
+	// could take the delete. The hive is this test's child, so its parent hears when the stop is
+	// complete.
+	var info unix.Siginfo
+	if err := unix.Waitid(unix.P_PID, hivePID, &info, unix.WSTOPPED|unix.WNOWAIT, nil); err != nil {
+		t.Fatal(err)
+	}
 	resumed := false
 	resume := func() {
 		if !resumed {
