@@ -46,15 +46,25 @@ func TestShutdownWaitsForStartTimeoutCleanup(t *testing.T) {
 	})
 }
 
-// The queen collects at GOGC=50 unless the operator's environment sets GOGC.
+// The queen collects at GOGC=50 with a floor under the room for garbage unless the operator's
+// environment sets GOGC.
 func TestGCPercentDefaultAndOverride(t *testing.T) {
 	prev := debug.SetGCPercent(100)
 	defer debug.SetGCPercent(prev)
-	setGCPercent(func(string) (string, bool) { return "", false })
-	if got := debug.SetGCPercent(100); got != defaultGCPercent {
+	f := setGCPercent(func(string) (string, bool) { return "", false })
+	if f == nil {
+		t.Fatal("without GOGC in the environment the queen starts no floor under the collector's room")
+	}
+	got := debug.SetGCPercent(100)
+	f.Stop()
+	if got != defaultGCPercent {
 		t.Fatalf("without GOGC in the environment the queen runs at GOGC=%d, want %d", got, defaultGCPercent)
 	}
-	setGCPercent(func(k string) (string, bool) { return "100", k == "GOGC" })
+	debug.SetGCPercent(100)
+	if f := setGCPercent(func(k string) (string, bool) { return "100", k == "GOGC" }); f != nil {
+		f.Stop()
+		t.Fatal("with GOGC in the environment the queen still adjusts it")
+	}
 	if got := debug.SetGCPercent(100); got != 100 {
 		t.Fatalf("with GOGC=100 in the environment the queen runs at GOGC=%d, want 100", got)
 	}
