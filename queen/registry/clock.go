@@ -141,8 +141,16 @@ func (r *Registry) advance(now time.Time) (next time.Time, ok bool, removed []re
 
 // tickWorkerLocked handles e's deadline popping at now; ok reports a removal.
 func (r *Registry) tickWorkerLocked(e *workerEntry, now time.Time) (rm removal, ok bool) {
+	r.foldLocked(e)
 	due := r.workerDue(e)
 	if due.After(now) {
+		r.requeueLocked(&e.deadline, due)
+		return removal{}, false
+	}
+	// About to act: from here on beats go through the lock, and one that came without it since
+	// foldLocked counts.
+	r.closeFastLocked(e)
+	if due = r.workerDue(e); due.After(now) {
 		r.requeueLocked(&e.deadline, due)
 		return removal{}, false
 	}

@@ -5,14 +5,18 @@
 // Everything is guarded by one mutex with short critical sections. The registry never blocks
 // while holding it: callbacks run after it is released, and watchers are fed through their own
 // bounded queues, so a slow consumer can neither stall heartbeats nor miss a removal silently.
+// The one exception is a worker's beat that repeats its last one while nothing else touched the
+// worker: Rebeat records its time with one atomic operation on the worker's entry.
 package registry
 
 import (
 	"errors"
 	"fmt"
+	"math"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -138,6 +142,8 @@ var (
 type Registry struct {
 	cfg  Config
 	wake chan struct{} // tells Run that the earliest deadline moved earlier
+	// base is what workerEntry.fast counts from (New's time.Now, with its monotonic reading).
+	base time.Time
 
 	mu      sync.Mutex
 	rev     uint64
@@ -205,6 +211,59 @@ type workerEntry struct {
 	staleSince time.Time
 	deadline   item
 	waiters    []*waiter
+	// fast lets a repeated beat skip the lock (Rebeat). 0: closed; otherwise open, holding the
+	// time of the worker's latest beat (see fastTime), which may be later than w.LastHeartbeat
+	// (foldLocked brings it in). Only a beat under the lock opens it; any other
+	// change, the clock acting on the worker, its removal and a waiter close it (closeFastLocked),
+	// so that a beat without the lock never changes anything but the time of the last beat.
+	fast atomic.Int64
+	// fastGen counts the beats that opened fast: a Ticket from an earlier one no longer counts.
+	fastGen atomic.Uint64
+}
+
+// fastTime encodes t for workerEntry.fast: 1 + nanoseconds since r.base, by the monotonic clock
+// when both have its reading; 0 (cannot be told apart from closed) for a time before r.base.
+func (r *Registry) fastTime(t time.Time) int64 {
+	if d := t.Sub(r.base); d >= 0 && d < math.MaxInt64 {
+		return int64(d) + 1
+	}
+	return 0
+}
+
+// foldLocked brings the time of the latest lock-free beat into e.w.
+func (r *Registry) foldLocked(e *workerEntry) { r.foldFastLocked(e, e.fast.Load()) }
+
+// closeFastLocked sends e's next beat through the lock, and brings in the time of its last.
+func (r *Registry) closeFastLocked(e *workerEntry) { r.foldFastLocked(e, e.fast.Swap(0)) }
+
+func (r *Registry) foldFastLocked(e *workerEntry, v int64) {
+	if v <= 0 {
+		return
+	}
+	// The wall reading is r.base's plus the monotonic time since: the same as time.Now's unless
+	// the system's wall clock was set since r.base.
+	if t := r.base.Add(time.Duration(v - 1)); t.After(e.w.LastHeartbeat) {
+		e.w.LastHeartbeat = t
+	}
+}
+
+// openFastLocked lets e's next beats, if they repeat this one, go without the lock, unless
+// someone waits on e (Await is woken by every beat). It returns the ticket for Rebeat.
+func (r *Registry) openFastLocked(e *workerEntry, now time.Time) Ticket {
+	v := r.fastTime(now)
+	if len(e.waiters) > 0 || e.w.State == StateStale || v == 0 {
+		return Ticket{}
+	}
+	t := Ticket{e: e, gen: e.fastGen.Add(1)}
+	e.fast.Store(v)
+	return t
+}
+
+// Ticket is what a beat applied with BeatTicketAt gives for the same worker's next beats: while
+// they repeat that beat field for field, Rebeat records them without the registry's lock.
+type Ticket struct {
+	e   *workerEntry
+	gen uint64
 }
 
 // New returns an empty registry. Call Run to start its liveness clock.
@@ -212,6 +271,7 @@ func New(cfg Config) *Registry {
 	return &Registry{
 		cfg:     cfg.withDefaults(),
 		wake:    make(chan struct{}, 1),
+		base:    time.Now(),
 		workers: make(map[string]*workerEntry),
 		perHive: make(map[string]int),
 		hives:   make(map[string]*hiveEntry),
@@ -267,6 +327,7 @@ func (r *Registry) Started(id string, pid int32, port uint32, startTime uint64, 
 	if e == nil {
 		return r.notFoundLocked(id)
 	}
+	r.closeFastLocked(e)
 	old := e.w
 	e.w.PID, e.w.Port, e.w.ProcessStartTime, e.w.Address = pid, port, startTime, address
 	r.changedLocked(e, old)
@@ -280,7 +341,7 @@ func (r *Registry) Started(id string, pid int32, port uint32, startTime uint64, 
 //
 // A beat costs a map lookup and, only when the worker's deadline must move earlier (its first
 // beat, or leaving STALE), an O(log n) heap fix. Watchers hear of it only when something other
-// than LastHeartbeat changed.
+// than LastHeartbeat changed. A beat that repeats the last one can skip the lock: see Rebeat.
 func (r *Registry) Beat(in Worker) (Worker, error) { return r.BeatAt(in, time.Now()) }
 
 // BeatAt is Beat for a beat received at now (the caller may have read the clock already).
@@ -290,11 +351,61 @@ func (r *Registry) BeatAt(in Worker, now time.Time) (Worker, error) {
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	e, err := r.beatLocked(in, now)
+	if err != nil {
+		return Worker{}, err
+	}
+	return e.w, nil
+}
+
+// BeatTicketAt is BeatAt returning, instead of the worker, a ticket for Rebeat.
+func (r *Registry) BeatTicketAt(in Worker, now time.Time) (Ticket, error) {
+	if in.ID == "" {
+		return Ticket{}, fmt.Errorf("%w: empty worker id", ErrInvalid)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	e, err := r.beatLocked(in, now)
+	if err != nil {
+		return Ticket{}, err
+	}
+	return r.openFastLocked(e, now), nil
+}
+
+// Rebeat records, at now, a beat that repeats field for field the one that gave t (BeatTicketAt),
+// and every beat since, if nothing but beats touched the worker since then: it only moves the
+// worker's LastHeartbeat, as BeatAt would, without taking the registry's lock. It returns false
+// when that is not enough (the worker changed otherwise, turned STALE, was removed, another beat
+// went through the lock, or someone waits on it): apply the beat with BeatTicketAt then.
+func (r *Registry) Rebeat(t Ticket, now time.Time) bool {
+	e := t.e
+	if e == nil {
+		return false
+	}
+	d := r.fastTime(now)
+	if d == 0 {
+		return false
+	}
+	for {
+		v := e.fast.Load()
+		// Checked after loading fast: a beat through the lock closes fast before it counts a
+		// generation and opens it after, so an open fast read here is of t's generation or later.
+		if v <= 0 || e.fastGen.Load() != t.gen {
+			return false
+		}
+		if d <= v || e.fast.CompareAndSwap(v, d) {
+			return true // a later beat is recorded already, or this one is now
+		}
+	}
+}
+
+// beatLocked applies a beat (see Beat) and returns its entry.
+func (r *Registry) beatLocked(in Worker, now time.Time) (*workerEntry, error) {
 	e := r.workers[in.ID]
 	if (e == nil || e.w.PID != in.PID || e.w.ProcessStartTime != in.ProcessStartTime) && len(r.tombs) > 0 {
 		// Only beats that do not match the known process pay for this lookup.
 		if _, dead := r.tombs[Process{in.ID, in.PID, in.ProcessStartTime}]; dead {
-			return Worker{}, fmt.Errorf("worker %q, pid %d: %w", in.ID, in.PID, ErrGone)
+			return nil, fmt.Errorf("worker %q, pid %d: %w", in.ID, in.PID, ErrGone)
 		}
 	}
 	if e == nil {
@@ -305,8 +416,9 @@ func (r *Registry) BeatAt(in Worker, now time.Time) (Worker, error) {
 			w.Reported = in.State
 		}
 		w.State, w.LastHeartbeat, w.Created = w.Reported, now, now
-		return r.addLocked(w).w, nil
+		return r.addLocked(w), nil
 	}
+	r.closeFastLocked(e)
 	old := e.w
 	w := &e.w
 	if in.State.reportable() {
@@ -330,7 +442,7 @@ func (r *Registry) BeatAt(in Worker, now time.Time) (Worker, error) {
 	w.Concurrency, w.StatusMessage = in.Concurrency, in.StatusMessage
 	w.LastHeartbeat = now
 	r.changedLocked(e, old)
-	return e.w, nil
+	return e, nil
 }
 
 // effective is the state to show for what the worker last reported, with the router's load overlay.
@@ -355,6 +467,7 @@ func (r *Registry) SetLoad(id string, inFlight uint32, full bool) error {
 	if e.w.InFlight == inFlight && e.full == full {
 		return nil
 	}
+	r.closeFastLocked(e)
 	old := e.w
 	e.full, e.w.InFlight = full, inFlight
 	if e.w.State != StateStale {
@@ -379,6 +492,9 @@ func (r *Registry) StreamClosed(id string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e := r.workers[id]
+	if e != nil {
+		r.closeFastLocked(e)
+	}
 	switch {
 	case e == nil:
 	case e.w.Reported == StateStopping:
@@ -398,6 +514,7 @@ func (r *Registry) Get(id string) (Worker, bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if e := r.workers[id]; e != nil {
+		r.foldLocked(e)
 		return e.w, true
 	}
 	return Worker{}, false
@@ -410,6 +527,7 @@ func (r *Registry) GetOrLast(id string) (w Worker, removed, ok bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if e := r.workers[id]; e != nil {
+		r.foldLocked(e)
 		return e.w, false, true
 	}
 	if g, found := r.graves[id]; found {
@@ -429,6 +547,7 @@ func (r *Registry) listLocked(hiveID string) []Worker {
 	if hiveID == "" {
 		out := make([]Worker, len(r.order))
 		for i, e := range r.order {
+			r.foldLocked(e)
 			out[i] = e.w
 		}
 		return out
@@ -436,6 +555,7 @@ func (r *Registry) listLocked(hiveID string) []Worker {
 	out := make([]Worker, 0, r.perHive[hiveID])
 	for _, e := range r.order {
 		if e.w.HiveID == hiveID {
+			r.foldLocked(e)
 			out = append(out, e.w)
 		}
 	}
@@ -494,6 +614,7 @@ func (r *Registry) appendPageLocked(dst []Worker, f Filter, after string, limit 
 		if len(ws)-start == limit {
 			return ws, true
 		}
+		r.foldLocked(e)
 		ws = append(ws, e.w)
 	}
 	return ws, false
@@ -573,6 +694,7 @@ func (r *Registry) changedLocked(e *workerEntry, old Worker) {
 
 // removeLocked deletes e, publishes the removal and releases its waiters with cause.
 func (r *Registry) removeLocked(e *workerEntry, cause error) {
+	r.closeFastLocked(e)
 	delete(r.workers, e.w.ID)
 	if i, ok := slices.BinarySearchFunc(r.order, e.w.ID, cmpEntryID); ok {
 		r.order = slices.Delete(r.order, i, i+1)

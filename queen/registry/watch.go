@@ -375,6 +375,7 @@ func (r *Registry) Await(ctx context.Context, id string, cond func(Worker) bool)
 				return w, err
 			}
 			e.waiters = append(e.waiters, wt)
+			r.closeFastLocked(e) // every beat wakes a waiter: none may go around the lock
 		}
 		if wt.gone {
 			r.mu.Unlock()

@@ -231,10 +231,17 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 		}
 		return msg.req, nil
 	}
+	var ticket registry.Ticket
 	return serveBeats(q, ctx, "worker", id, first, recv, func() error { return stream.SendMsg(&resp) },
 		func(req *rbeev1.WorkerHeartbeatRequest, isFirst bool, now time.Time) error {
 			// A beat equal to the last one, byte for byte, was checked with it: w is still the
-			// whole descriptor it carries. Otherwise check only what changed.
+			// whole descriptor it carries, and unless something else touched the worker since,
+			// the registry need only note its time (Rebeat, without its lock). Otherwise check
+			// only what changed.
+			if !isFirst && msg.same && q.reg.Rebeat(ticket, now) {
+				q.metrics.workerBeats.Inc()
+				return nil
+			}
 			if !isFirst && !msg.same {
 				if w, err = workerFromProtoSince(req.GetWorker(), &w); err != nil {
 					return invalid(err)
@@ -243,7 +250,7 @@ func (q *Queen) WorkerHeartbeat(stream rbeev1.HeartbeatService_WorkerHeartbeatSe
 					return invalid(&validate.Error{Field: "worker.worker_id", Rule: fmt.Sprintf("%q on a stream opened by worker %q", w.ID, id)})
 				}
 			}
-			if _, err := q.reg.BeatAt(w, now); err != nil {
+			if ticket, err = q.reg.BeatTicketAt(w, now); err != nil {
 				return status.Errorf(codes.FailedPrecondition, "heartbeat refused: %v", err)
 			}
 			q.metrics.workerBeats.Inc()

@@ -458,3 +458,79 @@ func TestHiveClockReadingBoundsTheQueensCalls(t *testing.T) {
 		t.Fatalf("a negative clock reading: %v, want INVALID_ARGUMENT naming clock.reading", err)
 	}
 }
+
+// A worker's usual beat repeats the last one byte for byte: the queen then only notes its time,
+// which ListWorkers shows, and sends watchers nothing; a beat that changes anything is decoded,
+// checked and sent to watchers as before, also between runs of repeated beats.
+func TestRepeatedBeatsRefreshAndChangedBeatsAreSent(t *testing.T) {
+	e := newEnv(t, Config{})
+	watch, err := e.queen.WatchWorkers(t.Context(), &rbeev1.WatchWorkersRequest{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ev, err := watch.Recv(); err != nil || ev.GetType() != rbeev1.WatchEventType_WATCH_EVENT_TYPE_SYNCED {
+		t.Fatalf("watch start: %v, %v; want SYNCED", ev, err)
+	}
+	st, err := e.beats.WorkerHeartbeat(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	beat := func(req *rbeev1.WorkerHeartbeatRequest) {
+		t.Helper()
+		if err := st.Send(req); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := st.Recv(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	listed := func() *rbeev1.Worker {
+		t.Helper()
+		resp, err := e.queen.ListWorkers(t.Context(), &rbeev1.ListWorkersRequest{})
+		if err != nil || len(resp.GetWorkers()) != 1 {
+			t.Fatalf("ListWorkers: %v, %v; want the one worker", resp, err)
+		}
+		return resp.GetWorkers()[0]
+	}
+	event := func(typ rbeev1.WatchEventType, state rbeev1.WorkerState, msg string) {
+		t.Helper()
+		ev, err := watch.Recv()
+		if err != nil || ev.GetType() != typ || ev.GetWorker().GetState() != state || ev.GetWorker().GetStatusMessage() != msg {
+			t.Fatalf("watch: %v, %v; want %v of a %v worker saying %q", ev, err, typ, state, msg)
+		}
+	}
+	for i, step := range []struct {
+		state rbeev1.WorkerState
+		msg   string
+		typ   rbeev1.WatchEventType
+	}{
+		{rbeev1.WorkerState_WORKER_STATE_READY, "", rbeev1.WatchEventType_WATCH_EVENT_TYPE_ADDED},
+		{rbeev1.WorkerState_WORKER_STATE_BUSY, "serving", rbeev1.WatchEventType_WATCH_EVENT_TYPE_UPDATED},
+		{rbeev1.WorkerState_WORKER_STATE_READY, "", rbeev1.WatchEventType_WATCH_EVENT_TYPE_UPDATED},
+	} {
+		req := descriptor("rep", step.state)
+		req.Worker.StatusMessage = step.msg
+		beat(req)
+		event(step.typ, step.state, step.msg)
+		last := listed().GetLastHeartbeatTime().AsTime()
+		for j := range 3 {
+			beat(req)
+			w := listed()
+			if w.GetState() != step.state || w.GetStatusMessage() != step.msg {
+				t.Fatalf("step %d, repeat %d: listed %v", i, j, w)
+			}
+			if beatAt := w.GetLastHeartbeatTime().AsTime(); !beatAt.After(last) {
+				t.Fatalf("step %d, repeat %d: last heartbeat %v, not after the previous beat's %v", i, j, beatAt, last)
+			}
+			last = w.GetLastHeartbeatTime().AsTime()
+		}
+	}
+	if err := st.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err == nil {
+		t.Fatal("stream still open after CloseSend")
+	}
+	// The stream's end is a change: the next event, with none from the repeated beats before it.
+	event(rbeev1.WatchEventType_WATCH_EVENT_TYPE_UPDATED, rbeev1.WorkerState_WORKER_STATE_STALE, "")
+}
