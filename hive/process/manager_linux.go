@@ -572,8 +572,10 @@ func workerEnv(base []string, s SpawnSpec, hiveID, host string, handoff bool) []
 }
 
 // mergeEnv returns base without the variables extra sets, then extra, keeping only the last entry
-// of each variable. base has one entry per variable; extra is short (a spec's environment), so
-// this compares keys instead of building a map for every Spawn.
+// of each variable, as os/exec does before an exec: the zygote passes the list on as it is, and a
+// program reading the first of two entries would see the hive's value instead of the spec's. base
+// has one entry per variable; extra is short (a spec's environment), so this compares keys
+// instead of building a map for every Spawn.
 func mergeEnv(base, extra []string) []string {
 	keys := make([]string, len(extra))
 	for i, kv := range extra {
