@@ -346,30 +346,31 @@ func (r *Registry) Beat(in Worker) (Worker, error) { return r.BeatAt(in, time.No
 
 // BeatAt is Beat for a beat received at now (the caller may have read the clock already).
 func (r *Registry) BeatAt(in Worker, now time.Time) (Worker, error) {
-	if in.ID == "" {
-		return Worker{}, fmt.Errorf("%w: empty worker id", ErrInvalid)
-	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	e, err := r.beatLocked(in, now)
-	if err != nil {
-		return Worker{}, err
-	}
-	return e.w, nil
+	w, _, err := r.beat(in, now, false)
+	return w, err
 }
 
 // BeatTicketAt is BeatAt returning, instead of the worker, a ticket for Rebeat.
 func (r *Registry) BeatTicketAt(in Worker, now time.Time) (Ticket, error) {
+	_, t, err := r.beat(in, now, true)
+	return t, err
+}
+
+// beat is BeatAt, or with ticket BeatTicketAt.
+func (r *Registry) beat(in Worker, now time.Time, ticket bool) (Worker, Ticket, error) {
 	if in.ID == "" {
-		return Ticket{}, fmt.Errorf("%w: empty worker id", ErrInvalid)
+		return Worker{}, Ticket{}, fmt.Errorf("%w: empty worker id", ErrInvalid)
 	}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	e, err := r.beatLocked(in, now)
-	if err != nil {
-		return Ticket{}, err
+	switch {
+	case err != nil:
+		return Worker{}, Ticket{}, err
+	case ticket:
+		return Worker{}, r.openFastLocked(e, now), nil
 	}
-	return r.openFastLocked(e, now), nil
+	return e.w, Ticket{}, nil
 }
 
 // Rebeat records, at now, a beat that repeats field for field the one that gave t (BeatTicketAt),
