@@ -2,13 +2,13 @@ package main
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
 	"os"
 	"strings"
 
+	"github.com/rbee-dev/rbee/internal/auth"
 	"github.com/rbee-dev/rbee/queen/election"
 )
 
@@ -58,25 +58,10 @@ func (f *etcdFlags) check(urls []string) (etcdClient, error) {
 		if !allHTTPS(urls) {
 			return c, fmt.Errorf("--etcd %s: the etcd TLS flags need https:// URLs (etcd's client would send plaintext to an http:// one)", strings.Join(urls, ","))
 		}
-		c.tls = &tls.Config{MinVersion: tls.VersionTLS12}
-	}
-	if f.tlsCert != "" {
-		pair, err := tls.LoadX509KeyPair(f.tlsCert, f.tlsKey)
-		if err != nil {
-			return c, fmt.Errorf("--etcd-tls-cert %s, --etcd-tls-key %s: %w", f.tlsCert, f.tlsKey, err)
+		files := auth.TLSFiles{Cert: f.tlsCert, Key: f.tlsKey, CA: f.tlsCA, Flag: "--etcd-tls"}
+		if c.tls, err = files.ClientConfig(); err != nil {
+			return c, err
 		}
-		c.tls.Certificates = []tls.Certificate{pair}
-	}
-	if f.tlsCA != "" {
-		pem, err := os.ReadFile(f.tlsCA)
-		if err != nil {
-			return c, fmt.Errorf("--etcd-tls-ca: %w", err)
-		}
-		pool := x509.NewCertPool()
-		if !pool.AppendCertsFromPEM(pem) {
-			return c, fmt.Errorf("--etcd-tls-ca %s: no PEM certificate in it", f.tlsCA)
-		}
-		c.tls.RootCAs = pool
 	}
 	switch {
 	case f.username == "" && f.passwordFile != "":

@@ -1,6 +1,7 @@
 package auth
 
 import (
+	"cmp"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -20,7 +21,14 @@ const (
 )
 
 // TLSFiles names the PEM files of --tls-cert, --tls-key and --tls-ca.
-type TLSFiles struct{ Cert, Key, CA string }
+type TLSFiles struct {
+	Cert, Key, CA string
+	// Flag is what errors call the flags: their common prefix, "--tls" when empty
+	// ("--etcd-tls" names --etcd-tls-cert, --etcd-tls-key and --etcd-tls-ca).
+	Flag string
+}
+
+func (f TLSFiles) flag() string { return cmp.Or(f.Flag, "--tls") }
 
 // Enabled reports whether any TLS file is given.
 func (f TLSFiles) Enabled() bool { return f.Cert != "" || f.Key != "" || f.CA != "" }
@@ -28,11 +36,11 @@ func (f TLSFiles) Enabled() bool { return f.Cert != "" || f.Key != "" || f.CA !=
 func (f TLSFiles) pool() (*x509.CertPool, error) {
 	b, err := os.ReadFile(f.CA)
 	if err != nil {
-		return nil, fmt.Errorf("--tls-ca: %w", err)
+		return nil, fmt.Errorf("%s-ca: %w", f.flag(), err)
 	}
 	p := x509.NewCertPool()
 	if !p.AppendCertsFromPEM(b) {
-		return nil, fmt.Errorf("--tls-ca %s: no PEM certificate in it", f.CA)
+		return nil, fmt.Errorf("%s-ca %s: no PEM certificate in it", f.flag(), f.CA)
 	}
 	return p, nil
 }
@@ -42,11 +50,11 @@ func (f TLSFiles) pair() ([]tls.Certificate, error) {
 		return nil, nil
 	}
 	if f.Cert == "" || f.Key == "" {
-		return nil, errors.New("--tls-cert and --tls-key go together")
+		return nil, fmt.Errorf("%[1]s-cert and %[1]s-key go together", f.flag())
 	}
 	c, err := tls.LoadX509KeyPair(f.Cert, f.Key)
 	if err != nil {
-		return nil, fmt.Errorf("--tls-cert/--tls-key: %w", err)
+		return nil, fmt.Errorf("%[1]s-cert %[2]s, %[1]s-key %[3]s: %[4]w", f.flag(), f.Cert, f.Key, err)
 	}
 	return []tls.Certificate{c}, nil
 }
@@ -81,6 +89,16 @@ func (f TLSFiles) DialOption() (grpc.DialOption, error) {
 	if !f.Enabled() {
 		return grpc.WithTransportCredentials(insecure.NewCredentials()), nil
 	}
+	cfg, err := f.ClientConfig()
+	if err != nil {
+		return nil, err
+	}
+	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
+}
+
+// ClientConfig is a client's TLS configuration: the server verified against the CA (the system
+// roots without one), the certificate presented when given.
+func (f TLSFiles) ClientConfig() (*tls.Config, error) {
 	certs, err := f.pair()
 	if err != nil {
 		return nil, err
@@ -91,7 +109,7 @@ func (f TLSFiles) DialOption() (grpc.DialOption, error) {
 			return nil, err
 		}
 	}
-	return grpc.WithTransportCredentials(credentials.NewTLS(cfg)), nil
+	return cfg, nil
 }
 
 // Env returns the TLS files as the environment a worker reads them from.
